@@ -1,0 +1,114 @@
+"""Shims that let auto_LiRPA 0.3 (PyPI, 2022) run on torch 2.x and numpy 2.
+
+Each shim is applied once, before auto_LiRPA is imported, and is a no-op where
+the environment already provides what auto_LiRPA expects (older torch/numpy, or
+auto_LiRPA 0.7.x, which does not use these names at all).
+
+The three gaps:
+
+1. ``numpy.lib.arraysetops`` was removed in numpy 2; auto_LiRPA imports ``isin``
+   from it. We register a tiny module exposing ``numpy.isin``.
+2. ``torch.onnx.symbolic_helper._set_opset_version`` is gone in torch 2.x; we
+   provide one that sets the TorchScript exporter's opset global.
+3. ``torch._C.Node.__getitem__`` (attribute access ``node["value"]``) is gone;
+   we bind the exporter's ``_node_get`` helper in its place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import types
+import warnings
+from typing import Iterator
+
+_APPLIED = False
+
+
+def _shim_numpy_arraysetops() -> None:
+    import numpy
+
+    try:
+        importlib.import_module("numpy.lib.arraysetops")
+        return
+    except ImportError:
+        pass
+    module = types.ModuleType("numpy.lib.arraysetops")
+    module.isin = numpy.isin  # type: ignore[attr-defined]
+    module.in1d = getattr(numpy, "in1d", numpy.isin)  # type: ignore[attr-defined]
+    module.unique = numpy.unique  # type: ignore[attr-defined]
+    sys.modules["numpy.lib.arraysetops"] = module
+    numpy.lib.arraysetops = module  # type: ignore[attr-defined]
+
+
+def _exporter_module(name: str) -> types.ModuleType | None:
+    for path in (
+        f"torch.onnx._internal.torchscript_exporter.{name}",
+        f"torch.onnx._{name}",
+        f"torch.onnx.{name}",
+    ):
+        try:
+            return importlib.import_module(path)
+        except ImportError:
+            continue
+    return None
+
+
+def _shim_set_opset_version() -> None:
+    import torch.onnx.symbolic_helper as symbolic_helper
+
+    if hasattr(symbolic_helper, "_set_opset_version"):
+        return
+    globals_module = _exporter_module("_globals")
+
+    def _set_opset_version(opset_version: int) -> None:
+        if globals_module is not None and hasattr(globals_module, "GLOBALS"):
+            globals_module.GLOBALS.export_onnx_opset_version = opset_version
+
+    symbolic_helper._set_opset_version = _set_opset_version  # type: ignore[attr-defined]
+
+
+def _shim_node_getitem() -> None:
+    import torch
+
+    if hasattr(torch._C.Node, "__getitem__"):
+        return
+    helper = _exporter_module("symbolic_helper")
+    node_get = getattr(helper, "_node_get", None) if helper is not None else None
+    if node_get is None:
+        import torch.onnx.symbolic_helper as public_helper
+
+        node_get = getattr(public_helper, "_node_get", None)
+    if node_get is None:  # pragma: no cover - no known torch lacks both
+        return
+    torch._C.Node.__getitem__ = node_get  # type: ignore[attr-defined]
+
+
+def apply() -> None:
+    """Apply every shim (idempotent). Must run before ``import auto_LiRPA``."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _shim_numpy_arraysetops()
+    _shim_set_opset_version()
+    _shim_node_getitem()
+    _APPLIED = True
+
+
+@contextlib.contextmanager
+def quiet_import() -> Iterator[None]:
+    """Import auto_LiRPA without its side effects on global warning filters.
+
+    auto_LiRPA calls ``warnings.simplefilter("once")`` at import time, which
+    would re-enable torch's deprecation chatter for the whole process. We ignore
+    warnings raised while importing and keep the user's filters untouched.
+    """
+    original = warnings.simplefilter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter = lambda *args, **kwargs: None  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            warnings.simplefilter = original  # type: ignore[assignment]

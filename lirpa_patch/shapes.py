@@ -1,0 +1,207 @@
+"""Patch shapes as boolean masks.
+
+A :class:`PatchShape` is one or more *variants* (e.g. a horizontal and a vertical
+line), each a tight boolean mask ``(h, w)``. The attacker may use any variant at
+any position where it fits inside the image.
+
+Pixel-count rule (paper, Appendix A.2): for ``--patch HxW --shape S`` every shape
+gets the same number of pixels ``P = H * W`` as the H x W rectangle, where that
+is possible:
+
+==============  =================================================================
+square          the H x W block itself (a true square when H == W). Exact.
+line            1 x P (horizontal) and P x 1 (vertical); ``hline``/``vline`` keep
+                one orientation. Exact.
+parallelogram   H rows of W pixels, each row shifted one pixel further (right- and
+                left-leaning variants). Exact.
+rectangle       for H != W: H x W and W x H. For an n x n request: a x b and b x a
+                with a = ceil(n / 2), b = round(P / a) (halves round up). Exact
+                when a divides P (n even), otherwise within a/2 pixels, e.g.
+                5x5 -> 3x8 (24 pixels), 3x3 -> 2x5 (10 pixels). For n = 2 this is
+                1 x 4, the only non-square rectangle with four pixels.
+diamond         the L1 ball |dy| + |dx| <= r, which has 2r^2 + 2r + 1 pixels
+                (1, 5, 13, 25, 41, ...). r minimises the difference to P, ties go
+                to the larger diamond: 2x2 -> 5 pixels, 5x5 -> 25 (exact).
+==============  =================================================================
+
+The count actually used is ``PatchShape.pixel_count``; reports show it.
+A custom boolean mask (any 2-D array) is used as given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+
+SHAPE_NAMES: tuple[str, ...] = (
+    "square",
+    "rectangle",
+    "line",
+    "hline",
+    "vline",
+    "diamond",
+    "parallelogram",
+)
+"""Named shapes accepted by :func:`make_shape`."""
+
+TRANSFER_SHAPES: tuple[str, ...] = ("square", "rectangle", "line", "diamond", "parallelogram")
+"""The shapes of the paper's Table 5, in its order (``--shape all``)."""
+
+SizeLike = Union[int, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class PatchShape:
+    """A patch shape: tight boolean masks, one per variant.
+
+    Attributes:
+        name: ``"square"``, ``"diamond"``, ... or ``"custom"``.
+        variants: tuple of bool tensors ``(h_v, w_v)``, each with the same pixel count.
+        requested_pixels: the pixel count asked for (``H * W`` of ``--patch``).
+    """
+
+    name: str
+    variants: tuple[torch.Tensor, ...]
+    requested_pixels: int
+
+    @property
+    def pixel_count(self) -> int:
+        """Number of pixels the attacker controls (the count actually used)."""
+        return int(self.variants[0].sum())
+
+    @property
+    def exact(self) -> bool:
+        """Whether :attr:`pixel_count` equals the requested count."""
+        return self.pixel_count == self.requested_pixels
+
+    def describe(self) -> str:
+        """Human-readable summary, e.g. ``"line 1x4, 4x1 (4 px)"``."""
+        dims = ", ".join(f"{v.shape[0]}x{v.shape[1]}" for v in self.variants)
+        return f"{self.name} {dims} ({self.pixel_count} px)"
+
+
+def parse_size(size: SizeLike | str) -> tuple[int, int]:
+    """Parse ``2``, ``(2, 3)`` or ``"2x3"`` into ``(height, width)``."""
+    if isinstance(size, str):
+        parts = size.lower().replace("×", "x").split("x")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise UsageError(f"patch size {size!r} is not of the form HxW (e.g. 2x2)") from None
+        if len(values) == 1:
+            values = values * 2
+        if len(values) != 2:
+            raise UsageError(f"patch size {size!r} is not of the form HxW (e.g. 2x2)")
+        h, w = values
+    elif isinstance(size, int):
+        h = w = size
+    else:
+        h, w = (int(v) for v in size)
+    if h < 1 or w < 1:
+        raise UsageError(f"patch size must be positive, got {h}x{w}")
+    return h, w
+
+
+def _block(h: int, w: int) -> torch.Tensor:
+    return torch.ones(h, w, dtype=torch.bool)
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _rectangle(h: int, w: int) -> list[torch.Tensor]:
+    if h != w:
+        return [_block(h, w), _block(w, h)]
+    pixels = h * w
+    a = math.ceil(h / 2)
+    b = max(1, _round_half_up(pixels / a))
+    if a == b:
+        return [_block(a, b)]
+    return [_block(a, b), _block(b, a)]
+
+
+def _diamond(pixels: int) -> list[torch.Tensor]:
+    best_r, best_diff = 0, None
+    r = 0
+    while True:
+        count = 2 * r * r + 2 * r + 1
+        diff = abs(count - pixels)
+        if best_diff is None or diff <= best_diff:
+            best_r, best_diff = r, diff
+        if count > pixels:
+            break
+        r += 1
+    r = best_r
+    coords = torch.arange(-r, r + 1)
+    mask = coords.abs()[:, None] + coords.abs()[None, :] <= r
+    return [mask]
+
+
+def _parallelogram(h: int, w: int) -> list[torch.Tensor]:
+    rows = torch.arange(h)[:, None]
+    cols = torch.arange(w + h - 1)[None, :]
+    right = (cols >= rows) & (cols < rows + w)
+    if h == 1:
+        return [right]
+    left = right.flip(1)
+    return [right, left]
+
+
+def _custom(mask: torch.Tensor | np.ndarray) -> PatchShape:
+    m = torch.as_tensor(np.asarray(mask)).to(torch.bool)
+    if m.ndim != 2:
+        raise UsageError(f"a custom patch mask must be 2-D (h, w), got shape {tuple(m.shape)}")
+    if not bool(m.any()):
+        raise UsageError("a custom patch mask must select at least one pixel")
+    rows = torch.nonzero(m.any(1)).flatten()
+    cols = torch.nonzero(m.any(0)).flatten()
+    m = m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].clone()
+    return PatchShape("custom", (m,), int(m.sum()))
+
+
+def make_shape(shape: str | torch.Tensor | np.ndarray = "square", size: SizeLike | str = 2) -> PatchShape:
+    """Build a patch shape.
+
+    Args:
+        shape: a name from :data:`SHAPE_NAMES`, ``"rectangle:HxW"`` for an explicit
+            rectangle, or a 2-D boolean mask (then ``size`` is ignored).
+        size: the ``--patch`` size, ``n``, ``(h, w)`` or ``"HxW"``; sets the pixel count.
+
+    Returns:
+        The :class:`PatchShape`; see the module docstring for the pixel-count rules.
+    """
+    if not isinstance(shape, str):
+        return _custom(shape)
+    name = shape.strip().lower()
+    if name.startswith("rectangle:"):
+        h, w = parse_size(name.split(":", 1)[1])
+        return PatchShape("rectangle", tuple(_rectangle(h, w)) if h != w else (_block(h, w),), h * w)
+    h, w = parse_size(size)
+    pixels = h * w
+    if name == "square":
+        variants = [_block(h, w)]
+    elif name == "rectangle":
+        variants = _rectangle(h, w)
+    elif name == "line":
+        variants = [_block(1, pixels), _block(pixels, 1)] if pixels > 1 else [_block(1, 1)]
+    elif name == "hline":
+        variants = [_block(1, pixels)]
+    elif name == "vline":
+        variants = [_block(pixels, 1)]
+    elif name == "diamond":
+        variants = _diamond(pixels)
+    elif name == "parallelogram":
+        variants = _parallelogram(h, w)
+    else:
+        raise UsageError(
+            f"unknown patch shape {shape!r}; choose one of {', '.join(SHAPE_NAMES)}, "
+            "rectangle:HxW, or a mask file"
+        )
+    return PatchShape(name, tuple(variants), pixels)
