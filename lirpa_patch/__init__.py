@@ -26,6 +26,11 @@ with _compat.quiet_import():
     try:
         import auto_LiRPA  # noqa: F401
     except ImportError as exc:  # pragma: no cover - exercised by hand
+        if exc.name not in ("auto_LiRPA", None):
+            raise ImportError(
+                f"auto_LiRPA is installed but cannot be imported: {exc} "
+                "(install the missing package, or reinstall with `make install`)"
+            ) from exc
         raise ImportError(
             "lirpa-patch needs auto_LiRPA, which is not installed. Install it with "
             "`pip install --no-deps auto-LiRPA==0.3` (its metadata pins an old torch; "
