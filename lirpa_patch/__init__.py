@@ -36,6 +36,7 @@ with _compat.quiet_import():
             "`pip install --no-deps auto-LiRPA==0.3` (its metadata pins an old torch; "
             "lirpa-patch patches it to run on torch 2.x), or run `make install`."
         ) from exc
+    _compat.apply_after_import()
 
 # Public name -> module that defines it. Imported lazily so `import lirpa_patch`
 # stays fast and the CLI starts quickly.

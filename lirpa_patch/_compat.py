@@ -12,6 +12,11 @@ The three gaps:
    provide one that sets the TorchScript exporter's opset global.
 3. ``torch._C.Node.__getitem__`` (attribute access ``node["value"]``) is gone;
    we bind the exporter's ``_node_get`` helper in its place.
+
+One more gap shows only after import, on graphs whose parameters torch
+de-duplicates (e.g. residual nets under CROWN): ``BoundedModule._named_members``
+overrides torch's method without the ``remove_duplicate`` keyword that torch 2.x
+passes. :func:`apply_after_import` wraps it to accept (and drop) that keyword.
 """
 
 from __future__ import annotations
@@ -94,6 +99,27 @@ def apply() -> None:
     _shim_set_opset_version()
     _shim_node_getitem()
     _APPLIED = True
+
+
+def apply_after_import() -> None:
+    """Shims that patch auto_LiRPA itself (idempotent; call after importing it)."""
+    import inspect
+
+    try:
+        from auto_LiRPA.bound_general import BoundedModule
+    except ImportError:  # pragma: no cover
+        return
+    original = BoundedModule.__dict__.get("_named_members")
+    if original is None or getattr(original, "_lirpa_patch_shim", False):
+        return
+    if "remove_duplicate" in inspect.signature(original).parameters:
+        return
+
+    def _named_members(self, get_members_fn, prefix="", recurse=True, remove_duplicate=True, **kwargs):
+        return original(self, get_members_fn, prefix=prefix, recurse=recurse, **kwargs)
+
+    _named_members._lirpa_patch_shim = True  # type: ignore[attr-defined]
+    BoundedModule._named_members = _named_members
 
 
 @contextlib.contextmanager

@@ -39,8 +39,19 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def bound_model(model: torch.nn.Module, image_shape: Sequence[int], device: str | torch.device = "cpu") -> BoundedModule:
+def bound_model(
+    model: torch.nn.Module,
+    image_shape: Sequence[int],
+    device: str | torch.device = "cpu",
+    *,
+    conv_mode: str = "matrix",
+) -> BoundedModule:
     """Wrap a model that maps images ``(N, C, H, W)`` to logits in an auto_LiRPA ``BoundedModule``.
+
+    ``conv_mode`` is auto_LiRPA's representation of convolutions under CROWN. The
+    default ``"matrix"`` works through every graph we build (auto_LiRPA 0.3's
+    ``"patches"`` mode fails on a per-channel normalization before a conv); IBP
+    does not depend on it.
 
     Raises:
         ModelError: when auto_LiRPA cannot parse the model (e.g. an unsupported op).
@@ -48,7 +59,7 @@ def bound_model(model: torch.nn.Module, image_shape: Sequence[int], device: str 
     dummy = torch.zeros(1, *[int(v) for v in image_shape], device=device)
     try:
         with _quiet():
-            return BoundedModule(model, dummy, device=str(device))
+            return BoundedModule(model, dummy, bound_opts={"conv_mode": conv_mode}, device=str(device))
     except Exception as exc:  # auto_LiRPA raises assorted errors for unsupported graphs
         raise ModelError(f"auto_LiRPA cannot bound this model: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 

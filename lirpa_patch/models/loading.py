@@ -1,0 +1,434 @@
+"""Load a model from ONNX, TorchScript or a pickled ``nn.Module``, and cross-check it.
+
+:func:`load_model` returns a :class:`LoadedModel`: a float32 ``nn.Module`` in
+eval mode that takes the model's *own* input ``(N, *input_shape)``. Wrap it with
+:func:`lirpa_patch.models.image_model` to feed it images in ``[0, 1]``.
+
+Every failure is a :class:`ModelError` (the file or model is bad) or a
+:class:`UsageError` (the options do not fit the model) with a one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ModelError, UsageError
+from .adapter import ImageModel
+
+PathLike = Union[str, Path]
+
+_ONNX_SUFFIXES = (".onnx",)
+_TORCH_SUFFIXES = (".pt", ".pth")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for use, before any image adapter.
+
+    Attributes:
+        module: eval mode, float32; maps ``(N, *input_shape)`` to logits ``(N, K)``.
+        input_shape: per-sample input shape without the batch dim, e.g. ``(784, 1)``,
+            ``(1, 28, 28)`` or ``(28, 28, 1)``.
+        source: the file it came from (``<ClassName>`` for a module passed in directly).
+        onnx_path: the ONNX file when loaded from ONNX, for :func:`check_against_onnxruntime`.
+        num_classes: ``K``, from the output of a trial forward pass.
+    """
+
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    source: Path
+    onnx_path: Path | None = None
+    num_classes: int | None = None
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence warnings and onnx2torch's logger while loading."""
+    logger = logging.getLogger("onnx2torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception message, or its type name."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line:
+            return line[:300]
+    return type(exc).__name__
+
+
+def _shape_tuple(shape: Sequence[int], what: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} must be a list of integers, got {shape!r}") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise UsageError(f"{what} must be non-empty with positive sizes, got {dims}")
+    return dims
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def _onnx_input_shape(model, path: Path, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The per-sample input shape of an ONNX graph (its first dim is the batch)."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ModelError(f"{path.name}: the model has {len(inputs)} inputs; exactly one (the image) is supported")
+    if len(model.graph.output) != 1:
+        raise ModelError(
+            f"{path.name}: the model has {len(model.graph.output)} outputs; exactly one (the logits) is supported"
+        )
+    tensor_type = inputs[0].type.tensor_type
+    if not tensor_type.HasField("shape"):
+        if input_shape is None:
+            raise UsageError(f"{path.name}: the ONNX input has no declared shape; pass --input-shape")
+        return input_shape
+    dims = list(tensor_type.shape.dim)
+    if len(dims) < 2:
+        raise ModelError(f"{path.name}: the ONNX input has rank {len(dims)}; a batch dim plus at least one more is needed")
+    sample = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[1:]]
+    if input_shape is not None:
+        if len(input_shape) != len(sample) or any(s is not None and s != g for s, g in zip(sample, input_shape)):
+            shown = tuple(s if s is not None else "?" for s in sample)
+            raise UsageError(
+                f"--input-shape {input_shape} does not match the ONNX input {shown} of {path.name} (batch dim excluded)"
+            )
+        return input_shape
+    if any(s is None for s in sample):
+        shown = tuple(s if s is not None else "?" for s in sample)
+        raise UsageError(f"{path.name}: the ONNX input shape {shown} has symbolic sizes; pass --input-shape")
+    return tuple(sample)  # type: ignore[arg-type]
+
+
+def _unsupported_onnx_ops(model) -> list[str]:
+    """Ops in the graph that onnx2torch has no converter for, as ``domain.Op`` names."""
+    from onnx2torch.node_converters import get_converter
+
+    opsets = {o.domain: o.version for o in model.opset_import}
+    missing: list[str] = []
+    for node in model.graph.node:
+        name = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+        if name in missing:
+            continue
+        version = opsets.get(node.domain)
+        if version is None:
+            missing.append(name)
+            continue
+        try:
+            get_converter(domain=node.domain, operation_type=node.op_type, version=version)
+        except NotImplementedError:
+            missing.append(f"{name} (opset {version})")
+    return missing
+
+
+def _load_onnx(path: Path, input_shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
+    import onnx
+    from onnx2torch import convert
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # DecodeError, truncated protobuf, missing external data, ...
+        raise ModelError(f"{path.name} is not a valid ONNX file (cannot parse it: {_one_line(exc)})") from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx.checker.ValidationError and friends
+        raise ModelError(f"{path.name} fails the ONNX checker: {_one_line(exc)}") from None
+    shape = _onnx_input_shape(model, path, input_shape)
+    missing = _unsupported_onnx_ops(model)
+    if missing:
+        raise ModelError(f"{path.name}: onnx2torch cannot convert op(s) {', '.join(missing)}")
+    try:
+        module = convert(model)
+    except NotImplementedError as exc:
+        raise ModelError(f"{path.name}: onnx2torch does not support part of this model: {_one_line(exc)}") from None
+    except Exception as exc:
+        raise ModelError(f"{path.name}: onnx2torch failed to convert the model: {_one_line(exc)}") from None
+    return module, shape
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def _load_torch(path: Path) -> nn.Module:
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception:
+        pass  # not TorchScript: try a pickled nn.Module below
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError, ImportError) as exc:
+        raise ModelError(
+            f"{path.name}: the pickled module's class cannot be imported ({_one_line(exc)}); "
+            f"make it importable or save the model with torch.jit.script/torch.jit.trace"
+        ) from None
+    except Exception as exc:
+        raise ModelError(f"{path.name} is not a PyTorch model file ({_one_line(exc)})") from None
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, dict):
+        raise ModelError(
+            f"{path.name} holds a dict (a state_dict or checkpoint), not a model; save the full module "
+            f"(torch.save(model)) or TorchScript (torch.jit.script(model).save(path))"
+        )
+    raise ModelError(f"{path.name} holds a {type(obj).__name__}, not a torch.nn.Module")
+
+
+def _script_to_graph_module(script: nn.Module, input_shape: tuple[int, ...], name: str) -> nn.Module:
+    """Re-express a TorchScript module as a plain ``nn.Module`` via in-memory ONNX and onnx2torch.
+
+    auto_LiRPA builds its graph with ``torch.jit._get_trace_graph``, which cannot
+    trace into a ScriptModule held as a submodule ("not part of the active
+    trace"). Exporting with the TorchScript ONNX exporter (batch dim dynamic) and
+    converting back gives an equivalent module it can trace; the result is
+    checked against the ScriptModule on random inputs ``(2, *input_shape)``.
+    """
+    import onnx
+    from onnx2torch import convert
+
+    example = torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    kwargs = dict(
+        opset_version=13,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    try:
+        try:
+            torch.onnx.export(script, (example,), buffer, dynamo=False, **kwargs)
+        except TypeError:  # torch < 2.5 has no `dynamo` argument
+            buffer = io.BytesIO()
+            torch.onnx.export(script, (example,), buffer, **kwargs)
+        model = onnx.load_from_string(buffer.getvalue())
+        missing = _unsupported_onnx_ops(model)
+        if missing:
+            raise NotImplementedError(f"onnx2torch cannot convert op(s) {', '.join(missing)}")
+        module = convert(model).eval()
+    except Exception as exc:
+        raise ModelError(
+            f"{name}: cannot convert the TorchScript model into a form auto_LiRPA can bound ({_one_line(exc)}); "
+            f"save the full module with torch.save(model) or export it to ONNX"
+        ) from None
+    x = torch.rand((2, *input_shape), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = script(x), module(x)
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not torch.allclose(
+        got, expected, atol=1e-4, rtol=1e-3
+    ):
+        raise ModelError(
+            f"{name}: the TorchScript model changes its outputs when converted for auto_LiRPA; "
+            f"save the full module with torch.save(model) or export it to ONNX"
+        )
+    return module
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _trial_forward(module: nn.Module, input_shape: tuple[int, ...], name: str) -> int:
+    """Run a batch of 2 random inputs ``(2, *input_shape)``; return the number of classes K."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand((2, *input_shape), generator=generator)
+    try:
+        with torch.no_grad():
+            out = module(x)
+    except Exception as exc:
+        raise UsageError(
+            f"{name} does not run on inputs of shape (N, {', '.join(map(str, input_shape))}): {_one_line(exc)}; "
+            f"check --input-shape (and that the model accepts a batch dim)"
+        ) from None
+    if isinstance(out, (tuple, list)) and len(out) == 1:
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"{name} returns a {type(out).__name__}; a single logits tensor (N, K) is needed")
+    if out.dim() != 2 or out.shape[0] != 2:
+        raise ModelError(
+            f"{name} returns output of shape {tuple(out.shape)} for a batch of 2; logits of shape (N, K) are needed"
+        )
+    if not torch.isfinite(out).all():
+        raise ModelError(f"{name} returns NaN or infinite outputs on random inputs in [0, 1]")
+    return int(out.shape[1])
+
+
+def _prepare(module: nn.Module) -> nn.Module:
+    """Eval mode, float32, CPU."""
+    try:
+        module = module.float().eval()
+    except Exception as exc:  # e.g. a ScriptModule that cannot change dtype
+        raise ModelError(f"cannot convert the model to float32 eval mode: {_one_line(exc)}") from None
+    return module
+
+
+def load_model(path: PathLike | nn.Module, *, input_shape: Sequence[int] | None = None) -> LoadedModel:
+    """Load a model from ``.onnx``, ``.pt``/``.pth`` (TorchScript or pickled ``nn.Module``), or take a module.
+
+    ONNX is converted with onnx2torch (``Gemm`` becomes ``nn.Linear``). TorchScript
+    is re-expressed the same way through an in-memory ONNX export, because
+    auto_LiRPA cannot trace into a ScriptModule. A module passed in is put in
+    float32 eval mode in place.
+
+    Args:
+        path: the model file, or an ``nn.Module`` object (API use).
+        input_shape: per-sample input shape, batch dim excluded. Read from the
+            graph for ONNX (where it must agree, and is required only if a
+            non-batch dim is symbolic); required for torch files and modules.
+
+    Returns:
+        A :class:`LoadedModel` whose module maps ``(N, *input_shape)`` to ``(N, K)``.
+
+    Raises:
+        ModelError: missing/unreadable/malformed file, ONNX checker failure, an
+            op onnx2torch cannot convert, a state_dict instead of a model, output
+            not ``(N, K)``, NaN outputs.
+        UsageError: ``input_shape`` missing where required or not accepted by the model.
+    """
+    shape = _shape_tuple(input_shape, "--input-shape") if input_shape is not None else None
+    with _quiet():
+        if isinstance(path, nn.Module):
+            if shape is None:
+                raise UsageError("input_shape is required when passing an nn.Module")
+            module, source, onnx_path = path, Path(f"<{type(path).__name__}>"), None
+        else:
+            source = Path(path)
+            if not source.exists():
+                raise ModelError(f"model file not found: {source}")
+            if not source.is_file():
+                raise ModelError(f"model path is not a file: {source}")
+            if source.stat().st_size == 0:
+                raise ModelError(f"model file is empty: {source}")
+            suffix = source.suffix.lower()
+            if suffix in _ONNX_SUFFIXES:
+                module, shape = _load_onnx(source, shape)
+                onnx_path = source
+            elif suffix in _TORCH_SUFFIXES:
+                if shape is None:
+                    raise UsageError(f"{source.name}: --input-shape is required for PyTorch models (e.g. 3,32,32)")
+                module, onnx_path = _load_torch(source), None
+            else:
+                raise ModelError(
+                    f"{source.name}: unknown model format {suffix or '(no extension)'}; expected .onnx, .pt or .pth"
+                )
+        module = _prepare(module)
+        num_classes = _trial_forward(module, shape, source.name)
+        if isinstance(module, torch.jit.ScriptModule):
+            module = _prepare(_script_to_graph_module(module, shape, source.name))
+    return LoadedModel(module=module, input_shape=shape, source=source, onnx_path=onnx_path, num_classes=num_classes)
+
+
+# --------------------------------------------------------------------------- onnxruntime
+
+
+def _ort_session(onnx_path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot load {onnx_path.name}: {_one_line(exc)}") from None
+
+
+def _ort_run(session, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    """Run ``inputs (N, *input_shape)`` through ``session`` in batches; logits ``(N, K)``."""
+    meta = session.get_inputs()[0]
+    batch_dim = meta.shape[0] if meta.shape else None
+    if isinstance(batch_dim, int) and batch_dim > 0:
+        batch_size = batch_dim  # a fixed batch (usually 1): feed that many at a time
+    dtype = {"tensor(double)": np.float64, "tensor(float16)": np.float16}.get(meta.type, np.float32)
+    outputs = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size].astype(dtype)
+        count = len(chunk)
+        if count < batch_size and isinstance(batch_dim, int) and batch_dim > 0:
+            # fixed batch: pad with copies of the last input, drop their outputs
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - count, axis=0)], axis=0)
+        try:
+            out = session.run(None, {meta.name: chunk})[0]
+        except Exception as exc:
+            raise ModelError(f"onnxruntime failed to run the model: {_one_line(exc)}") from None
+        outputs.append(np.asarray(out, dtype=np.float64).reshape(len(chunk), -1)[:count])
+    return np.concatenate(outputs, axis=0)
+
+
+def check_against_onnxruntime(
+    model: ImageModel,
+    onnx_path: PathLike,
+    images: torch.Tensor,
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> float:
+    """Check that the torch model computes what onnxruntime computes from the ONNX file.
+
+    ``images`` ``(N, C, H, W)`` in ``[0, 1]`` go through ``model`` (torch), and the
+    same preprocessed inputs ``model.preprocess(images)`` ``(N, *input_shape)`` go
+    through onnxruntime (CPU), in batches (one at a time if the ONNX input has a
+    fixed batch of 1).
+
+    Tolerance: every logit must satisfy ``|torch - ort| <= atol + rtol * |ort|``
+    (elementwise, like ``numpy.allclose``; defaults ``atol=1e-4``, ``rtol=1e-3``),
+    and the predicted class must agree wherever onnxruntime's top-2 logit gap
+    exceeds ``atol + rtol * |top logit|`` (a near-tie may flip either way).
+
+    Returns:
+        The largest absolute logit difference.
+
+    Raises:
+        ModelError: a logit or a clear-cut prediction differs, or onnxruntime fails.
+    """
+    onnx_path = Path(onnx_path)
+    if images.dim() != 4:
+        raise UsageError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if len(images) == 0:
+        return 0.0
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    with torch.no_grad():
+        x = images.to(device=device, dtype=torch.float32)
+        inputs = model.preprocess(x).cpu().numpy()
+        ours = model(x).double().cpu().numpy()
+    theirs = _ort_run(_ort_session(onnx_path), inputs, batch_size=64)
+    if ours.shape != theirs.shape:
+        raise ModelError(f"torch gives logits of shape {ours.shape} but onnxruntime gives {theirs.shape}")
+    if not np.isfinite(ours).all():
+        raise ModelError("the torch model returns NaN or infinite logits")
+    if not np.isfinite(theirs).all():
+        raise ModelError("onnxruntime returns NaN or infinite logits")
+    diff = np.abs(ours - theirs)
+    max_diff = float(diff.max())
+    bad = diff > atol + rtol * np.abs(theirs)
+    if bad.any():
+        index = int(np.argwhere(bad)[0][0])
+        raise ModelError(
+            f"the converted model disagrees with onnxruntime on {int(bad.any(axis=1).sum())} of {len(ours)} "
+            f"images (max |logit difference| {max_diff:.3g}, first at image {index}; tolerance {atol} + {rtol}*|logit|)"
+        )
+    top2 = np.sort(theirs, axis=1)[:, -2:] if theirs.shape[1] > 1 else np.concatenate([theirs, theirs], axis=1)
+    clear = (top2[:, 1] - top2[:, 0]) > atol + rtol * np.abs(top2[:, 1])
+    flipped = (ours.argmax(axis=1) != theirs.argmax(axis=1)) & clear
+    if flipped.any():
+        raise ModelError(
+            f"the converted model predicts a different class than onnxruntime on {int(flipped.sum())} of "
+            f"{len(ours)} images"
+        )
+    return max_diff
