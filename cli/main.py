@@ -17,6 +17,7 @@ import os
 import sys
 
 import click
+from rich.markup import escape
 
 from ._console import err_console
 
@@ -36,7 +37,7 @@ class _Group(click.Group):
         except LirpaPatchError as exc:
             if os.environ.get("LIRPA_PATCH_DEBUG"):
                 raise
-            err_console.print(f"[bold red]Error:[/] {exc}", highlight=False, markup=True)
+            err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             err_console.print("[bold red]Interrupted.[/]")
@@ -46,8 +47,9 @@ class _Group(click.Group):
                 raise
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             err_console.print(
-                f"[bold red]Error:[/] unexpected {type(exc).__name__}: {message} "
+                f"[bold red]Error:[/] unexpected {type(exc).__name__}: {escape(message)} "
                 "(set LIRPA_PATCH_DEBUG=1 for the traceback)",
+                soft_wrap=True,
                 highlight=False,
             )
             ctx.exit(1)

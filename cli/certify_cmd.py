@@ -1,0 +1,326 @@
+"""``lirpa-patch certify``: certify a model's images against every patch location.
+
+Flow: parse and check options (cheap, before anything is loaded) -> load the
+data -> build the patch shape(s) and their locations -> load the model and wrap
+it for images in [0, 1] -> cross-check against onnxruntime -> certify with the
+engine (progress on stderr) -> write the JSON report (:mod:`cli.report`) ->
+print the results table (:mod:`cli.render`) on stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import click
+from rich.markup import escape
+
+from ._console import console, err_console, parse_floats, parse_shape
+
+_SHAPE_HELP = (
+    "Patch shape: square, rectangle, line, hline, vline, diamond, parallelogram, rectangle:HxW, "
+    "a .npy file holding a 2-D boolean mask, or 'all' (every shape of the paper's Table 5: "
+    "square, rectangle, line, diamond, parallelogram). Every named shape gets the pixel count "
+    "of --patch (or the closest the shape allows)."
+)
+_CHUNK_HELP = (
+    "(image, location) rows per bound computation: the one memory knob; memory grows linearly "
+    "with it. IBP keeps a few activations per row; CROWN also keeps linear bounds of every layer "
+    "in terms of the input per row, far more, so it defaults lower. Lower it if memory runs out."
+)
+_DEFAULT_CHUNK = {"ibp": 4096, "crown": 256}
+
+
+@contextlib.contextmanager
+def _library_warnings_silenced() -> Iterator[None]:
+    """Library warnings (onnx2torch, auto_LiRPA, torch) are noise on a CLI; LIRPA_PATCH_DEBUG shows them."""
+    if os.environ.get("LIRPA_PATCH_DEBUG"):
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _parse_patch(value: str) -> tuple[int, int]:
+    from lirpa_patch.shapes import parse_size
+
+    return parse_size(value)
+
+
+def _load_mask(path: Path):
+    """A 2-D boolean mask from a .npy file (0/1 integers or floats accepted)."""
+    import numpy as np
+
+    from lirpa_patch.errors import DataError, UsageError
+
+    if not path.is_file():
+        raise DataError(f"mask file not found: {path}")
+    try:
+        mask = np.load(path, allow_pickle=False)
+    except Exception as exc:  # ValueError, OSError, EOFError, ... on a bad file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot read mask file {path} ({reason}); expected a .npy boolean array") from None
+    if not isinstance(mask, np.ndarray):
+        raise DataError(f"mask file {path} holds several arrays; expected one 2-D boolean .npy array")
+    if mask.ndim != 2:
+        raise UsageError(f"mask file {path} holds an array of shape {mask.shape}; a 2-D (h, w) mask is needed")
+    if mask.dtype != np.bool_:
+        if mask.dtype.kind not in "iuf" or not np.isin(mask, (0, 1)).all():
+            raise UsageError(f"mask file {path} must hold booleans or 0/1 values, got dtype {mask.dtype}")
+        mask = mask.astype(bool)
+    return mask
+
+
+def _resolve_shapes(shape: str, size: tuple[int, int]) -> tuple[list, Optional[str]]:
+    """The PatchShape(s) to certify and the mask file (if any); raises UsageError on unknown names."""
+    from lirpa_patch.errors import UsageError
+    from lirpa_patch.shapes import SHAPE_NAMES, TRANSFER_SHAPES, make_shape
+
+    text = shape.strip()
+    key = text.lower()
+    if key == "all":
+        return [make_shape(name, size) for name in TRANSFER_SHAPES], None
+    if key in SHAPE_NAMES or key.startswith("rectangle:"):
+        return [make_shape(key, size)], None
+    if key.endswith(".npy") or Path(text).expanduser().is_file():
+        path = Path(text).expanduser()
+        return [make_shape(_load_mask(path))], str(path)
+    raise UsageError(
+        f"unknown --shape {shape!r}; choose one of {', '.join(SHAPE_NAMES)}, rectangle:HxW, all, "
+        "or a .npy mask file"
+    )
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    from lirpa_patch.errors import UsageError
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_labels(labels, indices, num_classes: Optional[int], dataset: str) -> None:
+    from lirpa_patch.errors import DataError, ModelError
+
+    if num_classes is None:
+        return
+    if num_classes < 2:
+        raise ModelError(f"the model has {num_classes} output; at least 2 classes are needed to certify")
+    bad = (labels >= num_classes).nonzero().flatten()
+    if bad.numel():
+        first = int(bad[0])
+        raise DataError(
+            f"{dataset}: {bad.numel()} label(s) out of range for a model with {num_classes} outputs "
+            f"(labels must be 0-{num_classes - 1}; image {int(indices[first])} has label {int(labels[first])})"
+        )
+
+
+def _predictions(model, images, device: str, batch: int = 256):
+    """The predicted class per image (to size the progress bars); ``model`` is on ``device``."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            out.append(model(images[i : i + batch].to(device)).argmax(1).cpu())
+    return torch.cat(out)
+
+
+def _status(message: str, enabled: bool):
+    """A transient spinner on stderr while loading (only on a terminal, not with --quiet)."""
+    return err_console.status(message) if enabled else contextlib.nullcontext()
+
+
+@click.command("certify", context_settings={"show_default": True})
+@click.argument("model", metavar="MODEL")
+@click.option("--patch", "patch", default="2x2", metavar="HxW", help="Patch size HxW; its area is the attacker's pixel budget.")
+@click.option("--shape", "shape", default="square", metavar="SHAPE", help=_SHAPE_HELP)
+@click.option("--data", default="sample", metavar="SOURCE", help="'sample' (bundled MNIST digits), an .npz file (x, y), "
+              "an MNIST IDX directory or a CIFAR-10 batches directory (append :train/:test to pick a split).")
+@click.option("--start", type=int, default=0, help="First image of the data to certify.")
+@click.option("--num", type=int, default=None, show_default="to the end", help="Number of images to certify.")
+@click.option("--method", type=click.Choice(["ibp", "crown"], case_sensitive=False), default="ibp",
+              help="Bound method: IBP (fast, loose) or CROWN (tighter, slower, more memory).")
+@click.option("--input-shape", "input_shape", default=None, metavar="DIMS",
+              help="Per-sample input shape of the model, batch dim excluded (e.g. 784x1, 1x28x28). "
+              "Read from ONNX files; required for .pt/.pth models.")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc", "flat"], case_sensitive=False), default=None,
+              show_default="inferred from the input shape",
+              help="How images (N, C, H, W) are laid out for the model.")
+@click.option("--mean", default=None, metavar="M[,M,M]", help="Per-channel mean the model expects, e.g. 0.4914,0.4822,0.4465 "
+              "(the model sees (x - mean) / std with x in [0, 1]).")
+@click.option("--std", default=None, metavar="S[,S,S]", help="Per-channel std the model expects, e.g. 0.2471,0.2435,0.2616.")
+@click.option("--chunk", type=click.IntRange(min=1), default=None, show_default="4096 IBP, 256 CROWN",
+              help=_CHUNK_HELP)
+@click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu",
+              help="Where to compute the bounds.")
+@click.option("--seed", type=int, default=0, help="Random seed (recorded in the report).")
+@click.option("--output", "-o", "output", default=None, metavar="PATH",
+              help="Write the JSON report here (atomically).")
+@click.option("--no-check", "no_check", is_flag=True, default=False,
+              help="Skip cross-checking an ONNX model against onnxruntime on the images before certifying.")
+@click.option("--quiet", "-q", is_flag=True, default=False,
+              help="No progress bar or status messages on stderr (the results table still goes to stdout).")
+def certify(
+    model: str,
+    patch: str,
+    shape: str,
+    data: str,
+    start: int,
+    num: Optional[int],
+    method: str,
+    input_shape: Optional[str],
+    layout: Optional[str],
+    mean: Optional[str],
+    std: Optional[str],
+    chunk: Optional[int],
+    device: str,
+    seed: int,
+    output: Optional[str],
+    no_check: bool,
+    quiet: bool,
+) -> None:
+    """Certify MODEL against adversarial patches at every location of every image.
+
+    MODEL is an ONNX file, a TorchScript file or a pickled torch.nn.Module (.pt/.pth).
+    An image is certified when, for every placement of the patch and every value of
+    its pixels in [0, 1], the certified lower bound of logit[label] - logit[other]
+    is >= 0 for every other class.
+
+    \b
+    Examples:
+      lirpa-patch certify net.onnx --patch 2x2 --shape diamond --data mnist_test/ -o report.json
+      lirpa-patch certify resnet.onnx --data cifar/ --num 100 --mean 0.4914,0.4822,0.4465 \\
+          --std 0.2471,0.2435,0.2616 --patch 5x5 --shape all
+    """
+    with _library_warnings_silenced():
+        _run(
+            model=model, patch=patch, shape=shape, data=data, start=start, num=num, method=method.lower(),
+            input_shape=parse_shape(input_shape, "--input-shape"), layout=layout.lower() if layout else None,
+            mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), chunk=chunk,
+            device=device.lower(), seed=seed, output=output, check=not no_check, quiet=quiet,
+        )
+
+
+def _run(
+    *,
+    model: str,
+    patch: str,
+    shape: str,
+    data: str,
+    start: int,
+    num: Optional[int],
+    method: str,
+    input_shape: Optional[tuple[int, ...]],
+    layout: Optional[str],
+    mean: Optional[Sequence[float]],
+    std: Optional[Sequence[float]],
+    chunk: Optional[int],
+    device: str,
+    seed: int,
+    output: Optional[str],
+    check: bool,
+    quiet: bool,
+) -> None:
+    from lirpa_patch.certify import bound_model, certify as certify_images
+    from lirpa_patch.data import load_dataset
+    from lirpa_patch.locations import all_locations
+    from lirpa_patch.models import check_against_onnxruntime, image_model, load_model
+
+    from . import render, report
+
+    # 1. options that need nothing loaded
+    size = _parse_patch(patch)
+    shapes, mask_file = _resolve_shapes(shape, size)
+    device = _check_device(device)
+    if output is not None:
+        report.check_writable(output)
+    chunk_size = chunk if chunk is not None else _DEFAULT_CHUNK[method]
+    _seed_everything(seed)
+    interactive = not quiet and err_console.is_terminal
+
+    # 2. data, and the patch locations on its image size
+    dataset = load_dataset(data, start=start, num=num)
+    image_shape = tuple(int(d) for d in dataset.images.shape[1:])
+    locations = [all_locations(s, image_shape[1:]) for s in shapes]  # UsageError if a patch does not fit
+
+    # 3. the model, wrapped to take images (N, C, H, W) in [0, 1]
+    with _status(f"Loading {escape(Path(model).name)}...", interactive):
+        loaded = load_model(model, input_shape=input_shape)
+        net = image_model(loaded, image_shape=image_shape, layout=layout, mean=mean, std=std)
+    _check_labels(dataset.labels, dataset.indices, loaded.num_classes, dataset.name)
+    max_diff: Optional[float] = None
+    if check and loaded.onnx_path is not None:
+        with _status("Cross-checking the model against onnxruntime...", interactive):
+            max_diff = check_against_onnxruntime(net, loaded.onnx_path, dataset.images)
+
+    # 4. certify. Threat models: only "patch" so far; a sparse threat (--sparse K) would
+    #    build its own perturbation here and set RunInfo.threat = "sparse".
+    net = net.to(device).eval()
+    with _status("Building the bounded model...", interactive):
+        bounded = bound_model(net, image_shape, device)
+    to_bound = int((_predictions(net, dataset.images, device) == dataset.labels).sum())
+    results = {}
+    with render.CertifyProgress(err_console, enabled=interactive) as progress:
+        for patch_shape, locs in zip(shapes, locations):
+            label = patch_shape.name if len(shapes) > 1 else "Certifying"
+            results[patch_shape.name] = certify_images(
+                net, dataset.images, dataset.labels,
+                shape=patch_shape, locations=locs, method=method, chunk_size=chunk_size, device=device,
+                indices=dataset.indices.tolist(), bounded=bounded, progress=progress.task(label, to_bound),
+            )
+
+    # 5. report and tables
+    run = report.RunInfo(
+        model=model,
+        data=data,
+        dataset=dataset.name,
+        image_shape=image_shape,
+        start=start,
+        num=num,
+        patch=f"{size[0]}x{size[1]}",
+        method=method,
+        chunk=chunk_size,
+        device=device,
+        seed=seed,
+        model_input={
+            "input_shape": list(net.input_shape),
+            "layout": net.layout,
+            "mean": list(net.mean) if net.mean is not None else None,
+            "std": list(net.std) if net.std is not None else None,
+            "num_classes": loaded.num_classes,
+        },
+        onnxruntime_max_abs_diff=max_diff,
+        versions=report.collect_versions(onnxruntime=max_diff is not None),
+        mask_file=mask_file,
+    )
+    if len(results) == 1:
+        doc = report.build_report(next(iter(results.values())), run)
+        table = render.summary_table(doc["summary"])
+    else:
+        doc = report.build_transfer_report(results, run)
+        table = render.transfer_table(doc)
+    if output is not None:
+        written = report.write_report(output, doc)
+    console.print(table)
+    if output is not None and not quiet:
+        err_console.print(f"Report written to {written}", highlight=False, markup=False, soft_wrap=True)
+
+
+COMMANDS = [certify]

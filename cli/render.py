@@ -1,0 +1,197 @@
+"""Rich rendering for the CLI: the certification progress bar, result tables, mask art.
+
+Tables are built from the report dicts of :mod:`cli.report`, so what is shown is
+exactly what the JSON report says.
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+ProgressFn = Callable[[int, int], None]
+
+_ON, _OFF = "#", "."
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class CertifyProgress:
+    """A progress bar on ``console`` (stderr): images done of those bounded, locations/s.
+
+    Use as a context manager; :meth:`task` returns the ``progress(images_done,
+    locations_done)`` callback of :func:`lirpa_patch.certify.certify`. When
+    ``enabled`` is False (``--quiet``, or stderr is not a terminal) nothing is shown.
+    """
+
+    def __init__(self, console: Console, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("images"),
+            TextColumn("[cyan]{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
+
+    def __enter__(self) -> "CertifyProgress":
+        self._progress.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self._progress.__exit__(exc_type, exc, tb)
+
+    def task(self, description: str, images: int) -> ProgressFn:
+        """Add a bar for ``images`` images to bound; return its callback."""
+        task_id: TaskID = self._progress.add_task(description, total=max(images, 0), rate="")
+        started = time.perf_counter()
+
+        def update(images_done: int, locations_done: int) -> None:
+            elapsed = time.perf_counter() - started
+            rate = f"{locations_done / elapsed:,.0f} loc/s" if elapsed > 0 else ""
+            self._progress.update(task_id, completed=images_done, rate=rate)
+
+        return update
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def percent(value: Optional[float]) -> str:
+    """``0.915`` -> ``"91.5%"``; None -> ``"-"``."""
+    return "-" if value is None else f"{100.0 * value:.1f}%"
+
+
+def seconds(value: Optional[float]) -> str:
+    """Wall time, e.g. ``"3.2 s"`` or ``"2 min 05 s"``."""
+    if value is None:
+        return "-"
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, secs = divmod(int(round(value)), 60)
+    return f"{minutes} min {secs:02d} s"
+
+
+def rate(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def patch_description(summary: Mapping[str, Any]) -> str:
+    """E.g. ``"diamond 3x3 (5 px; 4 requested)"`` from a (shape) summary."""
+    text = f"{summary['shape']} {', '.join(summary['shape_variants'])} ({summary['pixel_count']} px"
+    if summary["pixel_count"] != summary["requested_pixel_count"]:
+        text += f"; {summary['requested_pixel_count']} requested"
+    return text + ")"
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def summary_table(summary: Mapping[str, Any]) -> Table:
+    """The result of a one-shape run (two columns: what, value)."""
+    table = Table(title="Certification against adversarial patches", box=box.SIMPLE_HEAVY, show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    n = summary["num_images"]
+    table.add_row("Model", escape(str(summary["model"])))
+    table.add_row("Data", f"{escape(str(summary['dataset']))} (images {_index_range(summary)})")
+    table.add_row("Patch", f"{summary['patch']} -> {patch_description(summary)}")
+    table.add_row("Locations", f"{summary['num_locations']:,} per image")
+    table.add_row("Method", str(summary["method"]).upper())
+    table.add_row("Images", str(n))
+    table.add_row("Clean accuracy", f"{percent(summary['clean_accuracy'])} ({summary['num_correct']}/{n})")
+    table.add_row(
+        "Certified accuracy",
+        f"[bold green]{percent(summary['certified_accuracy'])}[/] ({summary['num_certified']}/{n})",
+    )
+    table.add_row("Time", seconds(summary["seconds"]))
+    table.add_row("Images/s", rate(summary["images_per_second"]))
+    return table
+
+
+def transfer_table(report: Mapping[str, Any]) -> Table:
+    """The shape-transfer table of a ``--shape all`` run (paper, Table 5): one row per shape."""
+    summary = report["summary"]
+    n = summary["num_images"]
+    table = Table(
+        title=(
+            f"Shape transfer: {summary['patch']} patch budget, {str(summary['method']).upper()}, "
+            f"{n} images, clean accuracy {percent(summary['clean_accuracy'])}"
+        ),
+        box=box.SIMPLE_HEAVY,
+    )
+    table.add_column("Shape", style="bold")
+    table.add_column("Variants")
+    table.add_column("Pixels", justify="right")
+    table.add_column("Locations", justify="right")
+    table.add_column("Certified acc.", justify="right")
+    table.add_column("Time", justify="right")
+    for name, section in report["shapes"].items():
+        s = section["summary"]
+        pixels = str(s["pixel_count"])
+        if s["pixel_count"] != s["requested_pixel_count"]:
+            pixels += "*"
+        table.add_row(
+            name,
+            ", ".join(s["shape_variants"]),
+            pixels,
+            f"{s['num_locations']:,}",
+            f"{percent(s['certified_accuracy'])} ({s['num_certified']}/{n})",
+            seconds(s["seconds"]),
+        )
+    if any(s["summary"]["pixel_count"] != s["summary"]["requested_pixel_count"] for s in report["shapes"].values()):
+        table.caption = f"* closest count to the requested {summary['requested_pixel_count']} pixels the shape allows"
+    return table
+
+
+def _index_range(summary: Mapping[str, Any]) -> str:
+    start, n = int(summary["start"]), int(summary["num_images"])
+    return f"{start}-{start + n - 1}" if n > 1 else str(start)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def mask_art(mask: torch.Tensor) -> str:
+    """A boolean mask ``(h, w)`` as text: ``#`` for patch pixels, ``.`` elsewhere."""
+    return "\n".join("".join(_ON if bool(v) else _OFF for v in row) for row in mask.tolist())
+
+
+def side_by_side(blocks: Sequence[str], gap: int = 3) -> str:
+    """Lay out multi-line text blocks left to right, top-aligned."""
+    split = [b.splitlines() or [""] for b in blocks]
+    widths = [max(len(line) for line in lines) for lines in split]
+    height = max(len(lines) for lines in split)
+    rows = []
+    for i in range(height):
+        parts = [(lines[i] if i < len(lines) else "").ljust(w) for lines, w in zip(split, widths)]
+        rows.append((" " * gap).join(parts).rstrip())
+    return "\n".join(rows)

@@ -1,0 +1,336 @@
+"""The JSON report of ``lirpa-patch certify``: built from engine results, written atomically.
+
+The builders are pure functions of a :class:`~lirpa_patch.certify.CertifyResult`
+and a :class:`RunInfo` (what was asked for and what it ran on); only
+:func:`write_report` and :func:`check_writable` touch the file system.
+
+Report format (``report_version`` 1)
+------------------------------------
+
+One shape (``--shape square``, ``diamond``, ``rectangle:3x5``, a mask file, ...)::
+
+    {
+      "summary": {
+        "report_version": 1,
+        "threat": "patch",               # the threat model ("patch"; room for others)
+        "patch": "2x2",                  # --patch as HxW
+        "shape": "square",               # shape name ("custom" for a mask file)
+        "shape_variants": ["2x2"],       # h x w of each variant the attacker may use
+        "pixel_count": 4,                # pixels the attacker controls (count used)
+        "requested_pixel_count": 4,      # H*W of --patch (mask pixels for a mask file)
+        "num_locations": 729,            # (variant, top, left) placements checked per image
+        "method": "ibp",                 # "ibp" or "crown"
+        "num_images": 100,
+        "num_correct": 99,               # images the model classifies correctly
+        "num_certified": 91,             # of those, certified against every location
+        "clean_accuracy": 0.99,          # num_correct / num_images
+        "certified_accuracy": 0.91,      # num_certified / num_images
+        "seconds": 12.3,                 # wall time of certification (model loading excluded)
+        "images_per_second": 8.1,        # null when not measurable
+        "model": "net.onnx",             # MODEL as given
+        "model_input": {"input_shape": [784, 1], "layout": "flat", "mean": null, "std": null,
+                        "num_classes": 10},
+        "onnxruntime_max_abs_diff": 1.2e-07,  # cross-check result; null when not run
+        "data": "sample",                # --data as given
+        "dataset": "sample",             # the loader's name for it (e.g. "cifar10:test_batch")
+        "image_shape": [1, 28, 28],      # C, H, W
+        "start": 4000, "num": 100,       # --start / --num (num null: to the end)
+        "chunk": 4096,                   # (image, location) rows per bound computation
+        "device": "cpu",
+        "seed": 0,
+        "versions": {"lirpa_patch": "0.1.0", "auto_LiRPA": "0.3", "torch": "2.15.0",
+                     "onnxruntime": "1.32.0"}   # onnxruntime only when the cross-check ran
+      },
+      "images": [
+        {"index": 4000,                  # index in the data source (--start + position)
+         "label": 7, "prediction": 7,
+         "correct": true,
+         "certified": true,              # correct and worst_margin >= 0
+         "worst_margin": 0.42,           # min over locations and other classes of the certified
+                                         # lower bound of logit[label] - logit[other];
+                                         # null when the image is misclassified (not bounded)
+         "worst_location": {"shape": "square", "variant": 0, "height": 2, "width": 2,
+                            "top": 3, "left": 11},  # where worst_margin occurs, or null
+         "worst_class": 8}               # the other class of worst_margin, or null
+      ]
+    }
+
+``--shape all`` (the shapes of the paper's Table 5): the top-level ``summary``
+keeps the fields common to all shapes (``shape`` is ``"all"``, ``shapes`` lists
+them in order, ``seconds`` is the total, ``images_per_second`` is omitted), and
+``shapes`` holds one section per shape, each shaped like a one-shape report::
+
+    {
+      "summary": {"report_version": 1, "threat": "patch", "patch": "2x2", "shape": "all",
+                  "shapes": ["square", "rectangle", "line", "diamond", "parallelogram"],
+                  "requested_pixel_count": 4, "method": "ibp", "num_images": 100,
+                  "num_correct": 99, "clean_accuracy": 0.99, "seconds": 61.0, "model": ...,
+                  ... (run fields as above) ...},
+      "shapes": {
+        "square": {"summary": {"shape": "square", "shape_variants": ["2x2"], "pixel_count": 4,
+                               "requested_pixel_count": 4, "num_locations": 729,
+                               "num_images": 100, "num_correct": 99, "num_certified": 91,
+                               "clean_accuracy": 0.99, "certified_accuracy": 0.91,
+                               "seconds": 12.3, "images_per_second": 8.1},
+                   "images": [...]},
+        "rectangle": {...}, ...
+      }
+    }
+
+Numbers are plain JSON numbers; a value that is not finite is written as null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from lirpa_patch.certify import CertifyResult
+from lirpa_patch.errors import LirpaPatchError
+
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a certify run was asked to do and what it ran on (everything not in a CertifyResult).
+
+    Attributes:
+        model: the MODEL argument as given.
+        data: ``--data`` as given; ``dataset`` the loader's name for it.
+        image_shape: ``(C, H, W)`` of the images.
+        start, num: ``--start`` / ``--num`` (``num`` None: to the end).
+        patch: ``--patch`` as ``"HxW"``.
+        method, chunk, device, seed: as used.
+        model_input: input_shape, layout, mean, std, num_classes of the model adapter.
+        onnxruntime_max_abs_diff: the cross-check's largest logit difference, None when not run.
+        versions: package versions (see :func:`collect_versions`).
+        threat: the threat model; only ``"patch"`` so far.
+        mask_file: the ``--shape`` mask file, when one was given.
+    """
+
+    model: str
+    data: str
+    dataset: str
+    image_shape: tuple[int, ...]
+    start: int
+    num: Optional[int]
+    patch: str
+    method: str
+    chunk: int
+    device: str
+    seed: int
+    model_input: Mapping[str, Any] = field(default_factory=dict)
+    onnxruntime_max_abs_diff: Optional[float] = None
+    versions: Mapping[str, str] = field(default_factory=dict)
+    threat: str = "patch"
+    mask_file: Optional[str] = None
+
+
+def _number(value: Optional[float]) -> Optional[float]:
+    """A JSON-safe float: None for None, NaN or infinity."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def image_entries(result: CertifyResult) -> list[dict[str, Any]]:
+    """One dict per image, in the order certified (see the module docstring)."""
+    entries = []
+    for image in result.images:
+        location = dict(image.worst_location) if image.worst_location is not None else None
+        entries.append(
+            {
+                "index": int(image.index),
+                "label": int(image.label),
+                "prediction": int(image.prediction),
+                "correct": bool(image.correct),
+                "certified": bool(image.certified),
+                "worst_margin": _number(image.worst_margin),
+                "worst_location": location,
+                "worst_class": int(image.worst_class) if image.worst_class is not None else None,
+            }
+        )
+    return entries
+
+
+def shape_summary(result: CertifyResult) -> dict[str, Any]:
+    """The per-shape part of a summary: shape, pixels, locations, accuracies, time."""
+    shape = result.shape
+    return {
+        "shape": shape.name,
+        "shape_variants": [f"{int(v.shape[0])}x{int(v.shape[1])}" for v in shape.variants],
+        "pixel_count": shape.pixel_count,
+        "requested_pixel_count": int(shape.requested_pixels),
+        "num_locations": int(result.num_locations),
+        "num_images": result.num_images,
+        "num_correct": sum(1 for r in result.images if r.correct),
+        "num_certified": sum(1 for r in result.images if r.certified),
+        "clean_accuracy": _number(result.clean_accuracy),
+        "certified_accuracy": _number(result.certified_accuracy),
+        "seconds": _number(result.seconds),
+        "images_per_second": _number(result.images_per_second),
+    }
+
+
+def _run_fields(run: RunInfo) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "model": run.model,
+        "model_input": dict(run.model_input),
+        "onnxruntime_max_abs_diff": _number(run.onnxruntime_max_abs_diff),
+        "data": run.data,
+        "dataset": run.dataset,
+        "image_shape": [int(d) for d in run.image_shape],
+        "start": int(run.start),
+        "num": None if run.num is None else int(run.num),
+        "chunk": int(run.chunk),
+        "device": run.device,
+        "seed": int(run.seed),
+        "versions": dict(run.versions),
+    }
+    if run.mask_file is not None:
+        out["mask_file"] = run.mask_file
+    return out
+
+
+def build_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
+    """The report of a one-shape run: ``{"summary": ..., "images": [...]}``."""
+    per_shape = shape_summary(result)
+    summary: dict[str, Any] = {
+        "report_version": REPORT_VERSION,
+        "threat": run.threat,
+        "patch": run.patch,
+        "shape": per_shape["shape"],
+        "shape_variants": per_shape["shape_variants"],
+        "pixel_count": per_shape["pixel_count"],
+        "requested_pixel_count": per_shape["requested_pixel_count"],
+        "num_locations": per_shape["num_locations"],
+        "method": result.method,
+        "num_images": per_shape["num_images"],
+        "num_correct": per_shape["num_correct"],
+        "num_certified": per_shape["num_certified"],
+        "clean_accuracy": per_shape["clean_accuracy"],
+        "certified_accuracy": per_shape["certified_accuracy"],
+        "seconds": per_shape["seconds"],
+        "images_per_second": per_shape["images_per_second"],
+    }
+    summary.update(_run_fields(run))
+    return {"summary": summary, "images": image_entries(result)}
+
+
+def build_transfer_report(results: Mapping[str, CertifyResult], run: RunInfo) -> dict[str, Any]:
+    """The report of a ``--shape all`` run: common ``summary`` plus one section per shape.
+
+    ``results`` maps shape names to results on the same images, in display order.
+    """
+    if not results:
+        raise ValueError("build_transfer_report needs at least one result")
+    first = next(iter(results.values()))
+    sections = {name: {"summary": shape_summary(r), "images": image_entries(r)} for name, r in results.items()}
+    summary: dict[str, Any] = {
+        "report_version": REPORT_VERSION,
+        "threat": run.threat,
+        "patch": run.patch,
+        "shape": "all",
+        "shapes": list(results),
+        "requested_pixel_count": int(first.shape.requested_pixels),
+        "method": first.method,
+        "num_images": first.num_images,
+        "num_correct": sum(1 for r in first.images if r.correct),
+        "clean_accuracy": _number(first.clean_accuracy),
+        "seconds": _number(sum(r.seconds for r in results.values())),
+    }
+    summary.update(_run_fields(run))
+    return {"summary": summary, "shapes": sections}
+
+
+def collect_versions(*, onnxruntime: bool) -> dict[str, str]:
+    """Versions of lirpa_patch, auto_LiRPA, torch and (when asked) onnxruntime."""
+    import torch
+
+    import lirpa_patch
+
+    versions = {
+        "lirpa_patch": lirpa_patch.__version__,
+        "auto_LiRPA": lirpa_patch.auto_lirpa_version(),
+        "torch": str(torch.__version__),
+    }
+    if onnxruntime:
+        try:
+            import onnxruntime as ort
+
+            versions["onnxruntime"] = str(ort.__version__)
+        except ImportError:  # pragma: no cover - onnxruntime is a dependency
+            pass
+    return versions
+
+
+def check_writable(path: os.PathLike | str) -> Path:
+    """Fail early (before certifying) when the report cannot be written to ``path``.
+
+    Raises:
+        LirpaPatchError: the folder is missing or not writable, or ``path`` is a folder.
+    """
+    target = Path(path).expanduser()
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise LirpaPatchError(f"cannot write the report to {target}: it is a directory")
+    if not folder.is_dir():
+        raise LirpaPatchError(f"cannot write the report to {target}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LirpaPatchError(f"cannot write the report to {target}: folder {folder} is not writable")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise LirpaPatchError(f"cannot write the report to {target}: the file is not writable")
+    return target
+
+
+def to_json(report: Mapping[str, Any]) -> str:
+    """The report as indented, strict JSON (no NaN/Infinity), ending in a newline."""
+    return json.dumps(report, indent=2, allow_nan=False) + "\n"
+
+
+def _file_mode(target: Path) -> int:
+    """The mode of the existing file, else 0666 minus the umask."""
+    try:
+        return target.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def write_report(path: os.PathLike | str, report: Mapping[str, Any]) -> Path:
+    """Write ``report`` as JSON atomically: a temporary file in the same folder, then a rename.
+
+    Raises:
+        LirpaPatchError: the file cannot be written (the previous file, if any, is left intact).
+    """
+    target = check_writable(path)
+    text = to_json(report)
+    folder = target.parent if str(target.parent) else Path(".")
+    tmp: Optional[str] = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(target))  # mkstemp creates 0600; give the usual permissions
+        os.replace(tmp, target)
+        tmp = None
+    except OSError as exc:
+        raise LirpaPatchError(f"cannot write the report to {target}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return target
+
