@@ -32,7 +32,6 @@ _CHUNK_HELP = (
     "with it. IBP keeps a few activations per row; CROWN also keeps linear bounds of every layer "
     "in terms of the input per row, far more, so it defaults lower. Lower it if memory runs out."
 )
-_DEFAULT_CHUNK = {"ibp": 4096, "crown": 256}
 
 
 @contextlib.contextmanager
@@ -238,7 +237,7 @@ def _run(
     check: bool,
     quiet: bool,
 ) -> None:
-    from lirpa_patch.certify import bound_model, certify as certify_images
+    from lirpa_patch.certify import DEFAULT_CHUNK, bound_model, certify as certify_images
     from lirpa_patch.data import load_dataset
     from lirpa_patch.locations import all_locations
     from lirpa_patch.models import check_against_onnxruntime, image_model, load_model
@@ -251,7 +250,7 @@ def _run(
     device = _check_device(device)
     if output is not None:
         report.check_writable(output)
-    chunk_size = chunk if chunk is not None else _DEFAULT_CHUNK[method]
+    chunk_size = chunk if chunk is not None else DEFAULT_CHUNK[method]
     _seed_everything(seed)
     interactive = not quiet and err_console.is_terminal
 
