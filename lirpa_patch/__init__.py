@@ -37,12 +37,20 @@ with _compat.quiet_import():
             "lirpa-patch patches it to run on torch 2.x), or run `make install`."
         ) from exc
     _compat.apply_after_import()
+    # Plugin bound operators for SparsePerturbation: registered up front so that
+    # BoundedModules built before a SparsePerturbation exists still carry them. They
+    # defer to auto_LiRPA's stock operators whenever the input is not sparse.
+    from . import bound_ops as _bound_ops
+
+    _bound_ops.register()
 
 # Public name -> module that defines it. Imported lazily so `import lirpa_patch`
 # stays fast and the CLI starts quickly.
 _PUBLIC = {
     "PatchPerturbation": "perturbations",
     "SparsePerturbation": "sparse",
+    "certify_sparse": "sparse",
+    "sparse_lower_margins": "sparse",
     "PatchShape": "shapes",
     "make_shape": "shapes",
     "Locations": "locations",
