@@ -154,6 +154,9 @@ def _status(message: str, enabled: bool):
               "an MNIST IDX directory or a CIFAR-10 batches directory (append :train/:test to pick a split).")
 @click.option("--start", type=int, default=0, help="First image of the data to certify.")
 @click.option("--num", type=int, default=None, show_default="to the end", help="Number of images to certify.")
+@click.option("--sparse", "sparse", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Certify against any K changed pixels (all channels of a pixel count as one) "
+              "instead of a patch; --patch/--shape do not apply.")
 @click.option("--method", type=click.Choice(["ibp", "crown"], case_sensitive=False), default="ibp",
               help="Bound method: IBP (fast, loose) or CROWN (tighter, slower, more memory).")
 @click.option("--input-shape", "input_shape", default=None, metavar="DIMS",
@@ -183,6 +186,7 @@ def certify(
     data: str,
     start: int,
     num: Optional[int],
+    sparse: Optional[int],
     method: str,
     input_shape: Optional[str],
     layout: Optional[str],
@@ -208,9 +212,17 @@ def certify(
       lirpa-patch certify resnet.onnx --data cifar/ --num 100 --mean 0.4914,0.4822,0.4465 \\
           --std 0.2471,0.2435,0.2616 --patch 5x5 --shape all
     """
+    ctx = click.get_current_context()
+    if sparse is not None:
+        for name in ("patch", "shape"):
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                from lirpa_patch.errors import UsageError
+
+                raise UsageError(f"--sparse cannot be combined with --{name} (a sparse attack has no patch)")
     with _library_warnings_silenced():
         _run(
-            model=model, patch=patch, shape=shape, data=data, start=start, num=num, method=method.lower(),
+            model=model, patch=patch, shape=shape, data=data, start=start, num=num, sparse=sparse,
+            method=method.lower(),
             input_shape=parse_shape(input_shape, "--input-shape"), layout=layout.lower() if layout else None,
             mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), chunk=chunk,
             device=device.lower(), seed=seed, output=output, check=not no_check, quiet=quiet,
@@ -225,6 +237,7 @@ def _run(
     data: str,
     start: int,
     num: Optional[int],
+    sparse: Optional[int],
     method: str,
     input_shape: Optional[tuple[int, ...]],
     layout: Optional[str],
@@ -238,6 +251,8 @@ def _run(
     quiet: bool,
 ) -> None:
     from lirpa_patch.certify import DEFAULT_CHUNK, bound_model, certify as certify_images
+    from lirpa_patch.errors import UsageError
+    from lirpa_patch.sparse import SPARSE_CHUNK, certify_sparse
     from lirpa_patch.data import load_dataset
     from lirpa_patch.locations import all_locations
     from lirpa_patch.models import check_against_onnxruntime, image_model, load_model
@@ -250,14 +265,25 @@ def _run(
     device = _check_device(device)
     if output is not None:
         report.check_writable(output)
-    chunk_size = chunk if chunk is not None else DEFAULT_CHUNK[method]
+    if sparse is not None:
+        chunk_size = chunk if chunk is not None else SPARSE_CHUNK
+    else:
+        chunk_size = chunk if chunk is not None else DEFAULT_CHUNK[method]
     _seed_everything(seed)
     interactive = not quiet and err_console.is_terminal
 
     # 2. data, and the patch locations on its image size
     dataset = load_dataset(data, start=start, num=num)
     image_shape = tuple(int(d) for d in dataset.images.shape[1:])
-    locations = [all_locations(s, image_shape[1:]) for s in shapes]  # UsageError if a patch does not fit
+    if sparse is None:
+        locations = [all_locations(s, image_shape[1:]) for s in shapes]  # UsageError if a patch does not fit
+    else:
+        shapes, locations = [], []
+        if sparse > image_shape[1] * image_shape[2]:
+            raise UsageError(
+                f"--sparse {sparse} exceeds the {image_shape[1] * image_shape[2]} pixels of a "
+                f"{image_shape[1]}x{image_shape[2]} image"
+            )
 
     # 3. the model, wrapped to take images (N, C, H, W) in [0, 1]
     with _status(f"Loading {escape(Path(model).name)}...", interactive):
@@ -269,14 +295,19 @@ def _run(
         with _status("Cross-checking the model against onnxruntime...", interactive):
             max_diff = check_against_onnxruntime(net, loaded.onnx_path, dataset.images)
 
-    # 4. certify. Threat models: only "patch" so far; a sparse threat (--sparse K) would
-    #    build its own perturbation here and set RunInfo.threat = "sparse".
+    # 4. certify: every patch shape, or the sparse threat.
     net = net.to(device).eval()
     with _status("Building the bounded model...", interactive):
         bounded = bound_model(net, image_shape, device)
     to_bound = int((_predictions(net, dataset.images, device) == dataset.labels).sum())
     results = {}
     with render.CertifyProgress(err_console, enabled=interactive) as progress:
+        if sparse is not None:
+            results["sparse"] = certify_sparse(
+                net, dataset.images, dataset.labels, k=sparse, method=method, chunk_size=chunk_size,
+                device=device, indices=dataset.indices.tolist(), bounded=bounded,
+                progress=progress.task("Certifying", to_bound),
+            )
         for patch_shape, locs in zip(shapes, locations):
             label = patch_shape.name if len(shapes) > 1 else "Certifying"
             results[patch_shape.name] = certify_images(
@@ -293,7 +324,9 @@ def _run(
         image_shape=image_shape,
         start=start,
         num=num,
-        patch=f"{size[0]}x{size[1]}",
+        patch=None if sparse is not None else f"{size[0]}x{size[1]}",
+        threat="sparse" if sparse is not None else "patch",
+        sparse_k=sparse,
         method=method,
         chunk=chunk_size,
         device=device,
@@ -309,7 +342,10 @@ def _run(
         versions=report.collect_versions(onnxruntime=max_diff is not None),
         mask_file=mask_file,
     )
-    if len(results) == 1:
+    if sparse is not None:
+        doc = report.build_sparse_report(results["sparse"], run)
+        table = render.summary_table(doc["summary"])
+    elif len(results) == 1:
         doc = report.build_report(next(iter(results.values())), run)
         table = render.summary_table(doc["summary"])
     else:

@@ -117,14 +117,21 @@ def patch_description(summary: Mapping[str, Any]) -> str:
 
 def summary_table(summary: Mapping[str, Any]) -> Table:
     """The result of a one-shape run (two columns: what, value)."""
-    table = Table(title="Certification against adversarial patches", box=box.SIMPLE_HEAVY, show_header=False)
+    title = "Certification against sparse attacks" if summary.get("threat") == "sparse" else (
+        "Certification against adversarial patches")
+    table = Table(title=title, box=box.SIMPLE_HEAVY, show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
     n = summary["num_images"]
     table.add_row("Model", escape(str(summary["model"])))
     table.add_row("Data", f"{escape(str(summary['dataset']))} (images {_index_range(summary)})")
-    table.add_row("Patch", f"{summary['patch']} -> {patch_description(summary)}")
-    table.add_row("Locations", f"{summary['num_locations']:,} per image")
+    if summary.get("threat") == "sparse":
+        table.add_row("Threat", f"any {summary['sparse_k']} pixels (sparse)")
+        if summary.get("sparse_fallback"):
+            table.add_row("Box fallback", escape(", ".join(summary["sparse_fallback"])))
+    else:
+        table.add_row("Patch", f"{summary['patch']} -> {patch_description(summary)}")
+        table.add_row("Locations", f"{summary['num_locations']:,} per image")
     table.add_row("Method", str(summary["method"]).upper())
     table.add_row("Images", str(n))
     table.add_row("Clean accuracy", f"{percent(summary['clean_accuracy'])} ({summary['num_correct']}/{n})")

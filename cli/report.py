@@ -77,6 +77,18 @@ them in order, ``seconds`` is the total, ``images_per_second`` is omitted), and
       }
     }
 
+``--sparse K`` (any K pixels may change; no patch, shape or locations)::
+
+    {
+      "summary": {"report_version": 1, "threat": "sparse", "sparse_k": 4, "pixel_count": 4,
+                  "patch": null, "shape": null, "num_locations": null, "method": "ibp",
+                  "num_images": 100, "num_correct": 99, "num_certified": 90, "clean_accuracy": 0.99,
+                  "certified_accuracy": 0.9, "seconds": 3.1, "images_per_second": 32.0,
+                  "sparse_fallback": {},   # first layers bounded as a plain box, with why
+                  ... (run fields as above) ...},
+      "images": [... as above, "worst_location" is always null ...]
+    }
+
 Numbers are plain JSON numbers; a value that is not finite is written as null.
 """
 
@@ -110,7 +122,7 @@ class RunInfo:
         model_input: input_shape, layout, mean, std, num_classes of the model adapter.
         onnxruntime_max_abs_diff: the cross-check's largest logit difference, None when not run.
         versions: package versions (see :func:`collect_versions`).
-        threat: the threat model; only ``"patch"`` so far.
+        threat: ``"patch"`` or ``"sparse"`` (``--sparse K``); ``sparse_k`` is K.
         mask_file: the ``--shape`` mask file, when one was given.
     """
 
@@ -120,7 +132,7 @@ class RunInfo:
     image_shape: tuple[int, ...]
     start: int
     num: Optional[int]
-    patch: str
+    patch: Optional[str]
     method: str
     chunk: int
     device: str
@@ -129,6 +141,7 @@ class RunInfo:
     onnxruntime_max_abs_diff: Optional[float] = None
     versions: Mapping[str, str] = field(default_factory=dict)
     threat: str = "patch"
+    sparse_k: Optional[int] = None
     mask_file: Optional[str] = None
 
 
@@ -219,6 +232,31 @@ def build_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
         "certified_accuracy": per_shape["certified_accuracy"],
         "seconds": per_shape["seconds"],
         "images_per_second": per_shape["images_per_second"],
+    }
+    summary.update(_run_fields(run))
+    return {"summary": summary, "images": image_entries(result)}
+
+
+def build_sparse_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
+    """The report of a ``--sparse K`` run: ``{"summary": ..., "images": [...]}``."""
+    n = result.num_images
+    summary: dict[str, Any] = {
+        "report_version": REPORT_VERSION,
+        "threat": "sparse",
+        "sparse_k": int(result.extra["k"]),
+        "pixel_count": int(result.extra["k"]),
+        "patch": None,
+        "shape": None,
+        "num_locations": None,
+        "method": result.method,
+        "num_images": n,
+        "num_correct": sum(1 for r in result.images if r.correct),
+        "num_certified": sum(1 for r in result.images if r.certified),
+        "clean_accuracy": _number(result.clean_accuracy),
+        "certified_accuracy": _number(result.certified_accuracy),
+        "seconds": _number(result.seconds),
+        "images_per_second": _number(result.images_per_second),
+        "sparse_fallback": dict(result.extra.get("fallback", {})),
     }
     summary.update(_run_fields(run))
     return {"summary": summary, "images": image_entries(result)}

@@ -384,6 +384,10 @@ def _predict(model: torch.nn.Module, images: torch.Tensor, batch: int) -> torch.
     return logits
 
 
+SPARSE_CHUNK = 256
+"""Default images per ``compute_bounds`` call in :func:`certify_sparse`."""
+
+
 def certify_sparse(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -391,7 +395,7 @@ def certify_sparse(
     *,
     k: int,
     method: str = "ibp",
-    chunk_size: int = 256,
+    chunk_size: int = SPARSE_CHUNK,
     device: str | torch.device = "cpu",
     indices: Optional[Sequence[int]] = None,
     domain: Optional[PixelDomain] = None,

@@ -388,3 +388,44 @@ def test_shapes_unknown_shape():
 
 def test_shapes_bad_image_size():
     assert_one_line_error(invoke("shapes", "--image-size", "big"), 2, "--image-size")
+
+
+# --------------------------------------------------------------------------- --sparse K
+
+
+def test_sparse_report_describes_the_sparse_threat(tiny, tmp_path):
+    output = tmp_path / "r.json"
+    result = invoke("certify", tiny.model, "--data", tiny.data, "--sparse", 2, "--output", output)
+    assert_ok(result)
+    assert "sparse" in result.stdout
+    doc = read_report(output)
+    summary = doc["summary"]
+    assert (summary["threat"], summary["sparse_k"], summary["pixel_count"]) == ("sparse", 2, 2)
+    assert summary["patch"] is None and summary["shape"] is None and summary["num_locations"] is None
+    assert summary["num_certified"] == sum(image["certified"] for image in doc["images"])
+    for image in doc["images"]:
+        assert image["worst_location"] is None
+        if image["correct"]:
+            assert image["certified"] == (image["worst_margin"] >= 0)
+        else:
+            assert image["worst_margin"] is None
+
+
+def test_sparse_certifies_no_more_than_a_smaller_budget(tiny, tmp_path):
+    certified = []
+    for k in (1, 8):
+        output = tmp_path / f"r{k}.json"
+        assert_ok(invoke("certify", tiny.model, "--data", tiny.data, "--sparse", k, "--output", output))
+        certified.append([image["worst_margin"] for image in read_report(output)["images"]])
+    for small, large in zip(*certified):
+        if small is not None:
+            assert large <= small + 1e-6
+
+
+def test_sparse_with_a_shape_is_a_usage_error(tiny):
+    assert_one_line_error(invoke("certify", tiny.model, "--data", tiny.data, "--sparse", 2, "--shape", "line"),
+                          2, "--sparse", "--shape")
+
+
+def test_sparse_budget_larger_than_the_image(tiny):
+    assert_one_line_error(invoke("certify", tiny.model, "--data", tiny.data, "--sparse", 785), 2, "785")

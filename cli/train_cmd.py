@@ -1,0 +1,374 @@
+"""``lirpa-patch train``: certified training against patches, then ONNX export.
+
+Flow: parse options -> load the training (and validation) data -> pick the
+dataset preset (MNIST for 1-channel images, CIFAR for 3) -> build the
+architecture with the normalization in front -> train with
+:class:`lirpa_patch.train.Trainer` (a live table per epoch on stdout, a progress
+line for the current epoch, metrics to a JSONL/CSV file, a checkpoint after
+every epoch) -> certify the whole validation split with IBP over every location
+-> export ONNX (normalization folded in, checked against onnxruntime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import click
+
+from ._console import console, err_console, parse_floats
+
+_SAMPLE_TRAIN = 4000  # the bundled sample: digits 0-3999 train, 4000-4999 held out
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2471, 0.2435, 0.2616)
+
+_STRATEGY_HELP = (
+    "Which locations the loss bounds: 'all' (every location, eq. 11-12), 'random' (--patches "
+    "uniformly random locations per image, eq. 13-14), 'guided' (a U-net predicts every "
+    "location's margin; --patches locations per label sampled from softmax(-prediction/T), "
+    "eq. 15-18), 'pool' (all locations, adjacent intervals pooled after the layers of --pool)."
+)
+_PATCHES_HELP = (
+    "K: random: locations per image, as the paper's Random(K); guided: locations per label "
+    "(per other class), as the paper's Guided(10) and Guided(20), so K x (classes - 1) per image."
+)
+
+
+@contextlib.contextmanager
+def _quiet_warnings() -> Iterator[None]:
+    if os.environ.get("LIRPA_PATCH_DEBUG"):
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _parse_pool(value: str) -> tuple[int, ...]:
+    try:
+        pool = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of window sizes", param_hint="--pool") from None
+    if not pool or any(p < 1 for p in pool):
+        raise click.BadParameter(f"{value!r}: window sizes must be positive", param_hint="--pool")
+    return pool
+
+
+def _load_splits(opts: dict) -> tuple[Any, Any, dict]:
+    """Training and validation datasets, and how they were chosen (stored in the checkpoint)."""
+    from lirpa_patch.data import load_dataset
+    from lirpa_patch.errors import UsageError
+
+    data, start, num = opts["data"], opts["start"] or 0, opts["num"]
+    sample = data == "sample"
+    if sample and num is None and start < _SAMPLE_TRAIN:
+        num = _SAMPLE_TRAIN - start
+    train = load_dataset(data, start=start, num=num)
+    images, labels = train.images, train.labels
+    how: dict[str, Any] = {"data": data, "start": start, "num": num}
+    if opts["val_data"]:
+        val = load_dataset(opts["val_data"], start=opts["val_start"] or 0, num=opts["val_num"])
+        how.update(val_data=opts["val_data"], val_start=opts["val_start"] or 0, val_num=opts["val_num"])
+        return (images, labels), (val.images, val.labels), how
+    val_size = opts["val_size"]
+    end = start + len(train)
+    if val_size is None and sample and end <= _SAMPLE_TRAIN:
+        val = load_dataset("sample", start=_SAMPLE_TRAIN, num=opts["val_num"])
+        how.update(val_data="sample", val_start=_SAMPLE_TRAIN, val_num=opts["val_num"])
+        return (images, labels), (val.images, val.labels), how
+    if val_size is None:
+        val_size = min(5000, max(1, len(train) // 10))
+    if val_size >= len(train):
+        raise UsageError(f"--val-size {val_size} leaves no training images (the training slice has {len(train)})")
+    how.update(val_size=val_size)
+    if val_size == 0:
+        return (images, labels), None, how
+    return (images[:-val_size], labels[:-val_size]), (images[-val_size:], labels[-val_size:]), how
+
+
+def _preset(channels: int, preset: str) -> str:
+    if preset != "auto":
+        return preset
+    return "cifar" if channels == 3 else "mnist"
+
+
+class _Display:
+    """The live view: one table row per epoch (printed as it completes) and a progress line."""
+
+    _COLUMNS = [
+        ("epoch", 7), ("str.", 5), ("lr", 7), ("loss", 6), ("nat", 6), ("U-net", 6),
+        ("acc", 6), ("cert*", 6), ("val acc", 7), ("val cert", 8), ("time", 6),
+    ]
+
+    def __init__(self, enabled: bool, epochs: int, strategy: str) -> None:
+        from rich.live import Live
+        from rich.text import Text
+
+        self.enabled = enabled
+        self.epochs = epochs
+        self.strategy = strategy
+        self._text = Text("")
+        self._live = Live(self._text, console=console, transient=True, refresh_per_second=4) if enabled else None
+        self._last = 0.0
+
+    def _table(self, rows: list[list[str]], header: bool):
+        from rich import box
+        from rich.table import Table
+
+        table = Table(box=box.SIMPLE_HEAD if header else None, show_header=header, pad_edge=False,
+                      show_edge=False, padding=(0, 1))
+        for name, width in self._COLUMNS:
+            table.add_column(name, width=width, justify="right", no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        return table
+
+    def __enter__(self) -> "_Display":
+        if self._live is not None:
+            self._live.__enter__()
+            self._live.console.print(self._table([], header=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+            console.print(
+                "[dim]str. patch strength (warm-up), loss/nat robust and natural CE, acc/cert* training accuracy "
+                "and certified fraction at the strategy's locations; val: certified with every location[/]",
+                highlight=False,
+            )
+
+    def event(self, event) -> None:
+        if not self.enabled:
+            return
+        if event.kind == "batch":
+            now = time.monotonic()
+            if now - self._last < 0.2 and event.batch != event.num_batches:
+                return
+            self._last = now
+            self._text.plain = (
+                f"epoch {event.epoch}/{event.epochs} [{self.strategy}]  batch {event.batch}/{event.num_batches}  "
+                f"strength {event.strength:.3f}  loss {event.loss:.4f}"
+            )
+            self._live.refresh()
+            return
+        m = event.metrics
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+        row = [
+            f"{m.epoch}/{self.epochs}", f(m.strength, ".2f"), f(m.lr, ".1e"), f(m.loss, ".3f"),
+            f(m.natural_loss, ".3f"), f(m.unet_mse, ".3f"), f(m.train_accuracy, ".1%"), f(m.train_certified, ".1%"),
+            f(m.val_clean_accuracy, ".1%"), f(m.val_certified_accuracy, ".1%"),
+            f"{m.epoch_seconds + (m.eval_seconds or 0):.0f}s",
+        ]
+        self._live.console.print(self._table([row], header=False))
+        self._text.plain = ""
+
+
+@click.command("train", context_settings={"show_default": True})
+@click.option("--data", default="sample", metavar="SOURCE",
+              help="Training data: 'sample' (bundled MNIST digits; digits 0-3999 by default), an .npz file (x, y), "
+              "an MNIST IDX directory or a CIFAR-10 batches directory (append :train/:test to pick a split).")
+@click.option("--start", type=int, default=None, show_default="0", help="First training image of --data.")
+@click.option("--num", type=int, default=None, show_default="4000 for sample, else all",
+              help="Number of training images (before the validation split is taken off).")
+@click.option("--val-data", default=None, metavar="SOURCE", help="Separate validation data (default: see --val-size).")
+@click.option("--val-start", type=int, default=None, show_default="0", help="First image of --val-data.")
+@click.option("--val-num", type=int, default=None, show_default="all", help="Number of validation images.")
+@click.option("--val-size", type=click.IntRange(min=0), default=None,
+              show_default="sample: the held-out digits 4000-4999; else 10% of the training images",
+              help="Hold out the last N training images for validation (0: no validation).")
+@click.option("--arch", type=click.Choice(["mlp", "cnn2", "cnn4", "cnn5wide"], case_sensitive=False), default="mlp",
+              help="Architecture of the paper's App. A.1.")
+@click.option("--width", type=click.IntRange(min=1), default=None,
+              show_default="mlp 255, cnn2/cnn4 1, cnn5wide 16", help="Hidden units (mlp) or channel multiplier (CNNs).")
+@click.option("--patch", default="2x2", metavar="HxW", help="Patch size.")
+@click.option("--shape", default="square", metavar="SHAPE",
+              help="Patch shape: square, rectangle, line, hline, vline, diamond, parallelogram, rectangle:HxW.")
+@click.option("--strategy", type=click.Choice(["all", "random", "guided", "pool"], case_sensitive=False),
+              default="random", help=_STRATEGY_HELP)
+@click.option("--patches", "-k", type=click.IntRange(min=1), default=10, help=_PATCHES_HELP)
+@click.option("--temperature", "-T", type=float, default=1.0, help="Guided sampling temperature T.")
+@click.option("--pool", default="2", metavar="P[,P...]",
+              help="Bound pooling windows after successive ReLU layers (pool strategy); the paper's 2,1,2 "
+              "pools 2x2 blocks of locations after the first and third.")
+@click.option("--unet-width", type=click.IntRange(min=1), default=16, help="Base width of the guided U-net.")
+@click.option("--preset", type=click.Choice(["auto", "mnist", "cifar"]), default="auto",
+              show_default="mnist for 1 channel, cifar for 3",
+              help="Defaults of App. A.1: mnist (lr 5e-4, 100 epochs, 1 natural + 61 warm-up), cifar (lr 1e-3, "
+              "200 epochs, 10 natural + 121 warm-up, CIFAR-10 normalization, crop 4 + flip).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, show_default="preset", help="Epochs.")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, show_default="preset",
+              help="Epochs over which the patch interval grows linearly (per batch) from [x, x] to the full range.")
+@click.option("--warmup-start", type=click.IntRange(min=0), default=None, show_default="preset",
+              help="Epochs of natural training before the warm-up.")
+@click.option("--lr", type=float, default=None, show_default="preset", help="Adam learning rate.")
+@click.option("--lr-step", type=click.IntRange(min=0), default=10,
+              help="After the warm-up, multiply the learning rate by --lr-decay every this many epochs (0: never).")
+@click.option("--lr-decay", type=float, default=0.5, help="Learning-rate factor per --lr-step.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per optimizer step.")
+@click.option("--natural-weight", type=float, default=0.0,
+              help="w in (1 - w) robust loss + w natural loss.")
+@click.option("--mean", default=None, metavar="M[,M,M]", show_default="preset",
+              help="Normalization mean, folded into the exported model (cifar preset: CIFAR-10's).")
+@click.option("--std", default=None, metavar="S[,S,S]", show_default="preset", help="Normalization std.")
+@click.option("--crop", type=click.IntRange(min=0), default=None, show_default="preset: mnist 0, cifar 4",
+              help="Random crop after zero padding by N pixels (random shifts of up to N pixels); 0: off.")
+@click.option("--flip/--no-flip", default=None, show_default="preset: cifar flips", help="Random horizontal flip.")
+@click.option("--chunk", type=click.IntRange(min=1), default=4096,
+              help="(image, location) rows per bound computation and per micro-batch: the memory knob.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=1,
+              help="Certify the validation subset every N epochs (0: only the final evaluation).")
+@click.option("--eval-images", type=click.IntRange(min=0), default=200,
+              help="Validation images certified (IBP, every location) after each epoch.")
+@click.option("--final-eval/--no-final-eval", default=True,
+              help="Certify the whole validation split at the end.")
+@click.option("--seed", type=int, default=0, help="Seed: a CPU run with the same seed repeats exactly.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu", help="Device.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, show_default="torch's default",
+              help="CPU threads torch may use.")
+@click.option("--out", "-o", "out", required=True, metavar="PATH", help="The ONNX model to write.")
+@click.option("--checkpoint", default=None, metavar="PATH", show_default="OUT with .ckpt.pt",
+              help="Checkpoint written after every epoch (weights, optimizer, scheduler, RNG).")
+@click.option("--resume", default=None, metavar="PATH",
+              help="Continue from a checkpoint: its configuration, architecture and data selection are used; "
+              "only --epochs, --device, --threads, --out, --checkpoint, --metrics and --quiet apply.")
+@click.option("--metrics", default=None, metavar="PATH", show_default="OUT with .metrics.jsonl",
+              help="Per-epoch metrics file: JSON lines, or CSV when it ends in .csv.")
+@click.option("--quiet", "-q", is_flag=True, default=False, help="No live table (the summary is still printed).")
+def train(**opts: Any) -> None:
+    """Train a classifier certified against adversarial patches, and export it to ONNX.
+
+    \b
+    Examples:
+      lirpa-patch train --data sample --arch mlp --patch 2x2 --strategy random --patches 10 --epochs 30 --out m.onnx
+      lirpa-patch train --data cifar10/ --arch cnn5wide --patch 5x5 --strategy guided --patches 20 --out c.onnx
+      lirpa-patch certify m.onnx --patch 2x2 --data sample --start 4000
+    """
+    import torch
+
+    import lirpa_patch  # noqa: F401  (auto_LiRPA shims first)
+    from lirpa_patch.errors import UsageError
+    from lirpa_patch.models.adapter import ImageModel
+    from lirpa_patch.models.architectures import build_architecture
+    from lirpa_patch.train import MetricsLog, Trainer, TrainConfig, config_from_dict, export_onnx, load_checkpoint
+    from lirpa_patch.train.trainer import EpochMetrics
+
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    out = Path(opts["out"])
+    if out.suffix.lower() != ".onnx":
+        raise UsageError(f"--out must be an .onnx file, got {out}")
+    checkpoint = Path(opts["checkpoint"]) if opts["checkpoint"] else out.with_suffix(".ckpt.pt")
+    metrics_path = Path(opts["metrics"]) if opts["metrics"] else out.with_suffix(".metrics.jsonl")
+
+    resumed = load_checkpoint(opts["resume"]) if opts["resume"] else None
+    if resumed is not None:
+        meta = resumed.get("meta", {})
+        for key in ("data", "start", "num", "val_data", "val_start", "val_num", "val_size"):
+            opts[key] = meta.get("data_selection", {}).get(key)
+        opts["data"] = opts["data"] or "sample"
+    with _quiet_warnings():
+        (train_x, train_y), val, selection = _load_splits(opts)
+    channels = int(train_x.shape[1])
+    image_shape = tuple(int(v) for v in train_x.shape[1:])
+
+    if resumed is not None:
+        overrides: dict[str, Any] = {"device": opts["device"]}
+        if opts["epochs"] is not None:
+            overrides["epochs"] = opts["epochs"]
+        config = config_from_dict(resumed["config"], **overrides)
+        arch = resumed["meta"]["architecture"]
+    else:
+        preset = _preset(channels, opts["preset"])
+        chosen = {k: opts[k] for k in ("epochs", "warmup", "lr") if opts[k] is not None}
+        if opts["warmup_start"] is not None:
+            chosen["warmup_start"] = opts["warmup_start"]
+        for key in ("crop", "flip"):
+            if opts[key] is not None:
+                chosen[key] = opts[key]
+        config = TrainConfig.for_dataset(
+            preset, patch=opts["patch"], shape=opts["shape"], strategy=opts["strategy"].lower(),
+            patches=opts["patches"], temperature=opts["temperature"], pool=_parse_pool(opts["pool"]),
+            unet_width=opts["unet_width"], lr_step=opts["lr_step"], lr_decay=opts["lr_decay"],
+            batch_size=opts["batch_size"], natural_weight=opts["natural_weight"], chunk_size=opts["chunk"],
+            eval_every=opts["eval_every"], eval_images=opts["eval_images"], seed=opts["seed"],
+            device=opts["device"], **chosen,
+        )
+        mean = parse_floats(opts["mean"], "--mean")
+        std = parse_floats(opts["std"], "--std")
+        if preset == "cifar" and mean is None and std is None and channels == 3:
+            mean, std = _CIFAR_MEAN, _CIFAR_STD
+        num_classes = int(max(train_y.max(), val[1].max() if val is not None else 0)) + 1
+        arch = {
+            "name": opts["arch"].lower(), "width": opts["width"], "in_channels": channels,
+            "image_size": list(image_shape[1:]), "num_classes": max(2, num_classes),
+            "mean": list(mean) if mean else None, "std": list(std) if std else None,
+        }
+    config.validate()
+
+    torch.manual_seed(config.seed)
+    net = build_architecture(arch["name"], arch["in_channels"], arch["image_size"], arch["num_classes"],
+                             width=arch["width"])
+    model = ImageModel(net, image_shape=image_shape, mean=arch["mean"], std=arch["std"])
+    meta = {"architecture": arch, "data_selection": selection}
+    with _quiet_warnings():
+        trainer = Trainer(model, config, train_x, train_y, *(val if val is not None else (None, None)),
+                          num_classes=arch["num_classes"], meta=meta)
+        if resumed is not None:
+            trainer.load_state_dict(resumed)
+    log = MetricsLog(metrics_path)
+
+    from lirpa_patch.models.architectures import DEFAULT_WIDTHS
+
+    width = arch["width"] or DEFAULT_WIDTHS[arch["name"]]
+    n_val = 0 if val is None else len(val[1])
+    err_console.print(
+        f"[bold]train[/] {arch['name']} (width {width}) on {selection['data']} ({len(train_y)} images, "
+        f"{n_val} validation) | patch {config.patch} {config.shape} ({len(trainer.locations)} locations) | "
+        f"{trainer.strategy.describe()} | {config.epochs} epochs, warm-up {config.warmup_start}+{config.warmup}, "
+        f"lr {config.lr:g}" + (f" | resuming at epoch {trainer.epoch}" if resumed is not None else ""),
+        highlight=False,
+    )
+    display = _Display(not opts["quiet"], config.epochs, trainer.strategy.describe())
+
+    def callback(event) -> None:
+        if event.kind == "epoch":
+            log.append(event.metrics)
+        display.event(event)
+
+    start = time.perf_counter()
+    with _quiet_warnings(), display:
+        trainer.fit(callback, checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - start
+
+    final = None
+    if opts["final_eval"] and val is not None:
+        t0 = time.perf_counter()
+        with _quiet_warnings():
+            final = trainer.evaluate()
+        log.append(EpochMetrics(
+            kind="final", epoch=trainer.epoch, val_images=final.num_images,
+            val_clean_accuracy=final.clean_accuracy, val_certified_accuracy=final.certified_accuracy,
+            eval_seconds=time.perf_counter() - t0,
+        ))
+    with _quiet_warnings():
+        check = val[0][:64] if val is not None else train_x[:64]
+        diff = export_onnx(trainer.model, out, image_shape, check_images=check)
+
+    console.print(f"[bold green]Wrote[/] {out} (onnxruntime matches PyTorch, max |logit diff| {diff:.2g})",
+                  highlight=False)
+    console.print(f"checkpoint {checkpoint}, metrics {metrics_path}, training {train_seconds:.0f}s", highlight=False)
+    if final is not None:
+        console.print(
+            f"final: clean accuracy [bold]{final.clean_accuracy:.2%}[/], certified accuracy "
+            f"[bold]{final.certified_accuracy:.2%}[/] on {final.num_images} validation images "
+            f"(IBP, all {len(trainer.locations)} locations of a {config.patch} {config.shape} patch)",
+            highlight=False,
+        )
+
+
+COMMANDS = [train]
