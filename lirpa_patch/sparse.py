@@ -361,9 +361,12 @@ def sparse_lower_margins(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warnings.simplefilter("default", SparseFallbackWarning)
-        lb, _ = bounded.compute_bounds(
-            x=(BoundedTensor(images, ptb),), C=spec, method=_METHODS[key], bound_upper=False
-        )
+        try:
+            lb, _ = bounded.compute_bounds(
+                x=(BoundedTensor(images, ptb),), C=spec, method=_METHODS[key], bound_upper=False
+            )
+        finally:
+            ptb._sparse_states.clear()  # drop the per-call descriptions (they hold autograd graphs)
     return lb.reshape(images.shape[0], num_classes - 1)
 
 
