@@ -100,8 +100,8 @@ class _Display:
     """The live view: one table row per epoch (printed as it completes) and a progress line."""
 
     _COLUMNS = [
-        ("epoch", 7), ("str.", 5), ("lr", 7), ("loss", 6), ("nat", 6), ("U-net", 6),
-        ("acc", 6), ("cert*", 6), ("val acc", 7), ("val cert", 8), ("time", 6),
+        ("epoch", 7), ("str.", 4), ("lr", 7), ("loss", 6), ("nat", 6), ("U-net", 6),
+        ("acc", 6), ("cert*", 6), ("val acc", 7), ("val cert", 8), ("time", 5),
     ]
 
     def __init__(self, enabled: bool, epochs: int, strategy: str) -> None:
@@ -119,8 +119,7 @@ class _Display:
         from rich import box
         from rich.table import Table
 
-        table = Table(box=box.SIMPLE_HEAD if header else None, show_header=header, pad_edge=False,
-                      show_edge=False, padding=(0, 1))
+        table = Table(box=box.SIMPLE_HEAD, show_header=header, pad_edge=False, show_edge=False, padding=0)
         for name, width in self._COLUMNS:
             table.add_column(name, width=width, justify="right", no_wrap=True)
         for row in rows:
@@ -137,8 +136,8 @@ class _Display:
         if self._live is not None:
             self._live.__exit__(*exc)
             console.print(
-                "[dim]str. patch strength (warm-up), loss/nat robust and natural CE, acc/cert* training accuracy "
-                "and certified fraction at the strategy's locations; val: certified with every location[/]",
+                "[dim]str. patch strength (warm-up); loss, nat: robust and natural cross-entropy; acc, cert*: "
+                "training batches (cert*: at the strategy's locations); val: IBP at every location[/]",
                 highlight=False,
             )
 
@@ -191,6 +190,10 @@ class _Display:
 @click.option("--strategy", type=click.Choice(["all", "random", "guided", "pool"], case_sensitive=False),
               default="random", help=_STRATEGY_HELP)
 @click.option("--patches", "-k", type=click.IntRange(min=1), default=10, help=_PATCHES_HELP)
+@click.option("--sparse", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Train against any K changed pixels (sparse attack; exact top-K first layer, IBP "
+              "after it) instead of patches; --patch/--shape/--strategy/--patches do not apply. The "
+              "schedules, outputs and checkpoints are the same.")
 @click.option("--temperature", "-T", type=float, default=1.0, help="Guided sampling temperature T.")
 @click.option("--pool", default="2", metavar="P[,P...]",
               help="Bound pooling windows after successive ReLU layers (pool strategy); the paper's 2,1,2 "
@@ -247,6 +250,7 @@ def train(**opts: Any) -> None:
       lirpa-patch train --data sample --arch mlp --patch 2x2 --strategy random --patches 10 --epochs 30 --out m.onnx
       lirpa-patch train --data cifar10/ --arch cnn5wide --patch 5x5 --strategy guided --patches 20 --out c.onnx
       lirpa-patch certify m.onnx --patch 2x2 --data sample --start 4000
+      lirpa-patch train --data sample --arch mlp --sparse 4 --out mnist_sparse4.onnx
     """
     import torch
 
@@ -257,6 +261,11 @@ def train(**opts: Any) -> None:
     from lirpa_patch.train import MetricsLog, Trainer, TrainConfig, config_from_dict, export_onnx, load_checkpoint
     from lirpa_patch.train.trainer import EpochMetrics
 
+    if opts["sparse"] is not None:
+        ctx = click.get_current_context()
+        for name in ("patch", "shape", "strategy", "patches"):
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                raise UsageError(f"--sparse cannot be combined with --{name} (a sparse attack has no patch)")
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
     out = Path(opts["out"])
@@ -296,7 +305,7 @@ def train(**opts: Any) -> None:
             unet_width=opts["unet_width"], lr_step=opts["lr_step"], lr_decay=opts["lr_decay"],
             batch_size=opts["batch_size"], natural_weight=opts["natural_weight"], chunk_size=opts["chunk"],
             eval_every=opts["eval_every"], eval_images=opts["eval_images"], seed=opts["seed"],
-            device=opts["device"], **chosen,
+            device=opts["device"], sparse=opts["sparse"] or 0, **chosen,
         )
         mean = parse_floats(opts["mean"], "--mean")
         std = parse_floats(opts["std"], "--std")
@@ -328,8 +337,10 @@ def train(**opts: Any) -> None:
     n_val = 0 if val is None else len(val[1])
     err_console.print(
         f"[bold]train[/] {arch['name']} (width {width}) on {selection['data']} ({len(train_y)} images, "
-        f"{n_val} validation) | patch {config.patch} {config.shape} ({len(trainer.locations)} locations) | "
-        f"{trainer.strategy.describe()} | {config.epochs} epochs, warm-up {config.warmup_start}+{config.warmup}, "
+        f"{n_val} validation) | "
+        + (f"any {config.sparse} pixels | " if config.sparse else
+           f"patch {config.patch} {config.shape} ({len(trainer.locations)} locations) | ")
+        + f"{trainer.strategy.describe()} | {config.epochs} epochs, warm-up {config.warmup_start}+{config.warmup}, "
         f"lr {config.lr:g}" + (f" | resuming at epoch {trainer.epoch}" if resumed is not None else ""),
         highlight=False,
     )
@@ -366,7 +377,8 @@ def train(**opts: Any) -> None:
         console.print(
             f"final: clean accuracy [bold]{final.clean_accuracy:.2%}[/], certified accuracy "
             f"[bold]{final.certified_accuracy:.2%}[/] on {final.num_images} validation images "
-            f"(IBP, all {len(trainer.locations)} locations of a {config.patch} {config.shape} patch)",
+            + (f"(IBP, any {config.sparse} pixels)" if config.sparse else
+               f"(IBP, all {len(trainer.locations)} locations of a {config.patch} {config.shape} patch)"),
             highlight=False,
         )
 

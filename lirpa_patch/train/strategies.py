@@ -1,0 +1,461 @@
+"""Location strategies for certified patch training (paper §4.2 and App. A.3).
+
+A strategy turns a batch ``(N, C, H, W)`` into the *worst certified lower
+margins* ``(N, K - 1)``: for every image and every other class ``j``, the
+minimum over the locations it considers of the IBP lower bound of
+``z_true - z_j``. The trainer's loss is the cross-entropy of
+``-(worst margins)`` (eq. 12). Any object with :meth:`Strategy.worst_margins`
+fits, so other threat models (e.g. a sparse-pixel bound) slot in the same way.
+
+Every bound goes through auto_LiRPA's ``compute_bounds`` with the specification
+merged into the last layer (:func:`lirpa_patch.certify.lower_margins`).
+
+Strategies:
+
+``all`` (eq. 11-12)
+    Every location. Memory stays bounded: a gradient-free pass bounds every
+    location in chunks of at most ``chunk_size`` rows and records, per (image,
+    class), where the minimum is; a second pass re-bounds those ``K - 1``
+    locations per image with gradients. The value and (sub)gradient are those of
+    the minimum over all locations, since the gradient of a minimum is the
+    gradient of its minimiser.
+``random`` (eq. 13-14)
+    ``k`` locations per image, uniformly, without replacement.
+``guided`` (eq. 15-18)
+    A U-net predicts the lower margin of every location for every class. Per
+    other class, ``k`` locations are drawn without replacement from
+    ``softmax(-prediction / T)`` (so ``k (K - 1)`` locations per image; the
+    paper's Guided(k) also samples for the true class, whose margin is 0 by
+    definition, so we skip it). The U-net is trained with the MSE between its
+    predictions and the actual bounds at the sampled locations only (eq. 17).
+``pool`` (App. A.3, bound pooling)
+    Every location, but after chosen ReLU layers the intervals of adjacent
+    locations (``p x p`` blocks of the location grid) are merged (elementwise
+    min of lower bounds, max of upper bounds) so later layers bound fewer rows.
+    Each network segment is bounded by ``compute_bounds`` (IBP), the last one
+    with the specification. Sound: a merged box contains every box it merges.
+
+Whenever a strategy bounds more than ``2 (K - 1)`` locations per image (``all``,
+large ``random``/``guided``), it uses the two-pass scheme of ``all``; below that
+it back-propagates through every bound directly. (Both passes must see the same
+function: models whose training-mode forward is random or stateful, such as
+dropout or BatchNorm, should not be trained with the two-pass scheme.)
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional, Sequence
+
+import torch
+from auto_LiRPA import BoundedModule, BoundedTensor
+from auto_LiRPA.perturbations import PerturbationLpNorm
+from torch import nn
+from torch.nn import functional as F
+
+from ..certify import _quiet, bound_model, lower_margins
+from ..domain import PixelDomain
+from ..errors import UsageError
+from ..locations import Locations
+from ..perturbations import PatchPerturbation
+from ..spec import margin_spec, other_classes
+from .unet import MarginUNet
+
+STRATEGY_NAMES: tuple[str, ...] = ("all", "random", "guided", "pool")
+"""Names accepted by :func:`make_strategy`."""
+
+
+@dataclass
+class BoundContext:
+    """What a strategy bounds: built once by the trainer.
+
+    Attributes:
+        model: maps images ``(N, C, H, W)`` in the pixel domain to logits ``(N, K)``.
+        bounded: auto_LiRPA ``BoundedModule`` of ``model`` (shares its parameters).
+        locations: every patch location; ``masks`` ``(L, H, W)`` on ``device``.
+        num_classes: ``K``.
+        image_shape: ``(C, H, W)``.
+        device: where the bounds are computed.
+        chunk_size: most (image, location) rows per ``compute_bounds`` call.
+        domain: pixel domain of the images (None: ``[0, 1]``).
+    """
+
+    model: nn.Module
+    bounded: BoundedModule
+    locations: Locations
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    device: torch.device
+    chunk_size: int = 4096
+    domain: Optional[PixelDomain] = None
+
+
+@dataclass
+class Margins:
+    """What :meth:`Strategy.worst_margins` returns for a batch of ``N`` images.
+
+    Attributes:
+        worst: ``(N, K - 1)`` worst lower margins (differentiable), other classes
+            in increasing order (:func:`~lirpa_patch.spec.other_classes`).
+        aux_loss: a scalar the trainer adds to the loss (the U-net's MSE), or None.
+        rows: number of (image, location) rows bounded.
+        stats: scalar diagnostics to average over the epoch (e.g. ``unet_mse``).
+    """
+
+    worst: torch.Tensor
+    aux_loss: Optional[torch.Tensor] = None
+    rows: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Strategy(abc.ABC):
+    """Produces the worst certified lower margins ``(N, K - 1)`` of a batch.
+
+    The trainer calls :meth:`setup` once, then :meth:`worst_margins` per
+    (micro-)batch. A strategy with a trainable helper (the U-net) exposes it as
+    :attr:`auxiliary`; the trainer optimises it with its own Adam, on the same
+    learning-rate schedule, and checkpoints it.
+    """
+
+    name: ClassVar[str] = "strategy"
+
+    def setup(self, ctx: BoundContext) -> None:
+        """Bind to a model. Called once, before any :meth:`worst_margins`."""
+        self.ctx = ctx
+
+    @abc.abstractmethod
+    def worst_margins(
+        self, images: torch.Tensor, labels: torch.Tensor, *, strength: float, generator: torch.Generator
+    ) -> Margins:
+        """Worst lower margins of ``images`` ``(N, C, H, W)`` with ``labels`` ``(N,)``.
+
+        ``strength`` in ``[0, 1]`` scales the patch interval (warm-up); every random
+        draw comes from ``generator`` (a CPU generator), so runs repeat exactly.
+        """
+
+    def grad_rows_per_image(self) -> int:
+        """Rows per image that hold an autograd graph (the trainer sizes micro-batches by it)."""
+        return self.ctx.num_classes - 1
+
+    @property
+    def auxiliary(self) -> Optional[nn.Module]:
+        """A module trained alongside the classifier, or None."""
+        return None
+
+    def describe(self) -> str:
+        return self.name
+
+
+# --------------------------------------------------------------------------- shared bounding
+
+
+def _reselect_threshold(num_classes: int) -> int:
+    return 2 * (num_classes - 1)
+
+
+def _bound_rows(
+    ctx: BoundContext, images: torch.Tensor, labels: torch.Tensor, loc_idx: torch.Tensor, strength: float
+) -> torch.Tensor:
+    """Lower margins ``(n, r, K - 1)`` of images ``(n, ...)`` at locations ``loc_idx`` ``(n, r)``."""
+    masks = ctx.locations.masks[loc_idx]  # (n, r, H, W)
+    return lower_margins(
+        ctx.bounded, images, labels, masks, num_classes=ctx.num_classes, method="ibp",
+        domain=ctx.domain, strength=strength,
+    )
+
+
+def _bound_all_chunked(
+    ctx: BoundContext, images: torch.Tensor, labels: torch.Tensor, loc_idx: Optional[torch.Tensor], strength: float,
+    *, keep: bool,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Gradient-free bounds at many locations, in chunks of at most ``ctx.chunk_size`` rows.
+
+    Args:
+        loc_idx: ``(N, R)`` location indices per image, or None for every location.
+        keep: also return every bound ``(N, R, K - 1)`` (else None).
+
+    Returns:
+        ``(value, where, bounds)``: per (image, class) the minimum ``(N, K - 1)``,
+        the location index attaining it ``(N, K - 1)``, and the bounds if kept.
+    """
+    n = images.shape[0]
+    k1 = ctx.num_classes - 1
+    n_rows = len(ctx.locations) if loc_idx is None else loc_idx.shape[1]
+    loc_chunk = max(1, min(n_rows, ctx.chunk_size))
+    img_chunk = max(1, ctx.chunk_size // loc_chunk)
+    value = torch.full((n, k1), float("inf"), device=images.device)
+    where = torch.zeros((n, k1), dtype=torch.long, device=images.device)
+    kept = torch.empty((n, n_rows, k1), device=images.device) if keep else None
+    with torch.no_grad():
+        for i in range(0, n, img_chunk):
+            rows = slice(i, min(n, i + img_chunk))
+            for j in range(0, n_rows, loc_chunk):
+                cols = slice(j, min(n_rows, j + loc_chunk))
+                if loc_idx is None:
+                    idx = torch.arange(cols.start, cols.stop, device=images.device).expand(rows.stop - rows.start, -1)
+                else:
+                    idx = loc_idx[rows, cols]
+                lb = _bound_rows(ctx, images[rows], labels[rows], idx, strength)  # (b, l, K-1)
+                if kept is not None:
+                    kept[rows, cols] = lb
+                v, arg = lb.min(dim=1)  # (b, K-1)
+                better = v < value[rows]
+                value[rows] = torch.where(better, v, value[rows])
+                where[rows] = torch.where(better, idx.gather(1, arg), where[rows])
+    return value, where, kept
+
+
+def _worst_at(
+    ctx: BoundContext, images: torch.Tensor, labels: torch.Tensor, loc_idx: Optional[torch.Tensor], strength: float,
+    *, keep: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
+    """Worst lower margins ``(N, K - 1)`` over locations ``loc_idx`` ``(N, R)`` (None: all).
+
+    Returns ``(worst, bounds, rows)``: ``bounds`` ``(N, R, K - 1)`` detached when
+    ``keep`` (else None), ``rows`` the number of rows bounded.
+    """
+    n = images.shape[0]
+    k1 = ctx.num_classes - 1
+    n_rows = len(ctx.locations) if loc_idx is None else loc_idx.shape[1]
+    if n_rows <= _reselect_threshold(ctx.num_classes) and torch.is_grad_enabled():
+        if loc_idx is None:
+            loc_idx = torch.arange(n_rows, device=images.device).expand(n, -1)
+        lb = _bound_rows(ctx, images, labels, loc_idx, strength)  # (N, R, K-1)
+        return lb.min(dim=1).values, (lb.detach() if keep else None), n * n_rows
+    value, where, kept = _bound_all_chunked(ctx, images, labels, loc_idx, strength, keep=keep)
+    if not torch.is_grad_enabled():
+        return value, kept, n * n_rows
+    lb = _bound_rows(ctx, images, labels, where, strength)  # (N, K-1 locations, K-1 classes)
+    worst = lb.diagonal(dim1=1, dim2=2)  # class j at its own worst location
+    return worst, kept, n * (n_rows + k1)
+
+
+def _topk_without_replacement(logits: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Sample ``k`` indices without replacement from ``softmax(logits)`` along the last dim (Gumbel top-k)."""
+    u = torch.rand(logits.shape, generator=generator).clamp_(1e-12, 1.0 - 1e-7).to(logits.device)
+    gumbel = -torch.log(-torch.log(u))
+    return (logits + gumbel).topk(k, dim=-1).indices
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+class AllLocations(Strategy):
+    """Every location (eq. 11-12), bounded in chunks; see the module docstring."""
+
+    name = "all"
+
+    def worst_margins(self, images, labels, *, strength, generator):
+        worst, _, rows = _worst_at(self.ctx, images, labels, None, strength)
+        return Margins(worst=worst, rows=rows)
+
+
+class RandomLocations(Strategy):
+    """``k`` uniformly random locations per image, without replacement (eq. 13-14).
+
+    Args:
+        k: locations per image (capped at the number of locations).
+    """
+
+    name = "random"
+
+    def __init__(self, k: int = 10) -> None:
+        if k < 1:
+            raise UsageError(f"--patches must be at least 1, got {k}")
+        self.k = int(k)
+
+    def _k(self) -> int:
+        return min(self.k, len(self.ctx.locations))
+
+    def grad_rows_per_image(self) -> int:
+        k1 = self.ctx.num_classes - 1
+        return self._k() if self._k() <= _reselect_threshold(self.ctx.num_classes) else k1
+
+    def worst_margins(self, images, labels, *, strength, generator):
+        n, n_loc = images.shape[0], len(self.ctx.locations)
+        idx = torch.rand(n, n_loc, generator=generator).topk(self._k(), dim=1).indices.to(images.device)
+        worst, _, rows = _worst_at(self.ctx, images, labels, idx, strength)
+        return Margins(worst=worst, rows=rows)
+
+    def describe(self) -> str:
+        return f"random({self.k})"
+
+
+class GuidedLocations(Strategy):
+    """U-net guided sampling (eq. 15-18): ``k`` locations per other class.
+
+    Args:
+        k: locations sampled per other class (the paper's Guided(k)).
+        temperature: ``T`` of ``softmax(-prediction / T)``; larger is closer to uniform.
+        base_width: channels of the U-net's first level.
+    """
+
+    name = "guided"
+
+    def __init__(self, k: int = 10, *, temperature: float = 1.0, base_width: int = 16) -> None:
+        if k < 1:
+            raise UsageError(f"--patches must be at least 1, got {k}")
+        if not temperature > 0:
+            raise UsageError(f"--temperature must be positive, got {temperature}")
+        self.k = int(k)
+        self.temperature = float(temperature)
+        self.base_width = int(base_width)
+        self.unet: Optional[MarginUNet] = None
+
+    def setup(self, ctx: BoundContext) -> None:
+        super().setup(ctx)
+        self.unet = MarginUNet(
+            ctx.image_shape[0], ctx.num_classes, variants=len(ctx.locations.shape.variants), base_width=self.base_width
+        ).to(ctx.device)
+
+    @property
+    def auxiliary(self) -> Optional[nn.Module]:
+        return self.unet
+
+    def _k(self) -> int:
+        return min(self.k, len(self.ctx.locations))
+
+    def grad_rows_per_image(self) -> int:
+        k1 = self.ctx.num_classes - 1
+        rows = self._k() * k1
+        return rows if rows <= _reselect_threshold(self.ctx.num_classes) else k1
+
+    def worst_margins(self, images, labels, *, strength, generator):
+        assert self.unet is not None, "setup() first"
+        n, k1 = images.shape[0], self.ctx.num_classes - 1
+        scores = self.unet.location_scores(images, self.ctx.locations)  # (N, L, K)
+        others = other_classes(labels, self.ctx.num_classes)  # (N, K-1)
+        pred = scores.gather(2, others[:, None, :].expand(n, scores.shape[1], k1))  # (N, L, K-1)
+        logits = (-pred.detach() / self.temperature).transpose(1, 2)  # (N, K-1, L)
+        idx = _topk_without_replacement(logits, self._k(), generator).reshape(n, -1)  # (N, (K-1) k)
+        worst, actual, rows = _worst_at(self.ctx, images, labels, idx, strength, keep=True)
+        sampled = pred.gather(1, idx[:, :, None].expand(n, idx.shape[1], k1))  # (N, (K-1) k, K-1)
+        mse = F.mse_loss(sampled, actual)
+        return Margins(worst=worst, aux_loss=mse, rows=rows, stats={"unet_mse": float(mse.detach())})
+
+    def describe(self) -> str:
+        return f"guided({self.k}, T={self.temperature:g})"
+
+
+class _Preprocess(nn.Module):
+    """The ``preprocess`` of an ImageModel-like wrapper as a module (identity without one)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.preprocess(x)
+
+
+def _sequential_parts(model: nn.Module) -> tuple[Optional[nn.Module], nn.Sequential]:
+    if isinstance(model, nn.Sequential):
+        return None, model
+    net = getattr(model, "net", None)
+    if isinstance(net, nn.Sequential) and hasattr(model, "preprocess"):
+        return _Preprocess(model), net
+    raise UsageError(
+        "--strategy pool needs an nn.Sequential model (or an ImageModel wrapping one), "
+        f"got {type(model).__name__}"
+    )
+
+
+class PooledLocations(Strategy):
+    """Bound pooling (App. A.3): all locations, adjacent intervals merged after chosen ReLUs.
+
+    Args:
+        pool: ``pool[i]`` is the window ``p`` (a ``p x p`` block of adjacent
+            locations) merged after the ``(i + 1)``-th ReLU of the network; 1 means
+            no merging there. The paper's ``[2, 1, 2]`` merges 2x2 blocks after the
+            first and again after the third ReLU.
+    """
+
+    name = "pool"
+
+    def __init__(self, pool: Sequence[int] = (2,)) -> None:
+        pool = tuple(int(p) for p in pool)
+        if not pool or any(p < 1 for p in pool):
+            raise UsageError(f"--pool needs positive window sizes, got {pool}")
+        self.pool = pool
+
+    def setup(self, ctx: BoundContext) -> None:
+        super().setup(ctx)
+        if len(ctx.locations.shape.variants) != 1:
+            raise UsageError("--strategy pool needs a single-variant shape (its locations form a grid)")
+        prefix, net = _sequential_parts(ctx.model)
+        relus = [i for i, m in enumerate(net) if isinstance(m, nn.ReLU)]
+        if len(relus) < len(self.pool):
+            raise UsageError(f"--pool has {len(self.pool)} entries but the network has only {len(relus)} ReLU layers")
+        cuts = [relus[i] + 1 for i, p in enumerate(self.pool) if p > 1]
+        bounds = [0, *cuts, len(net)]
+        segments = [nn.Sequential(*net[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        if prefix is not None:
+            segments[0] = nn.Sequential(prefix, *segments[0])
+        self.windows = [p for p in self.pool if p > 1]
+        v = ctx.locations.shape.variants[0]
+        height, width = ctx.locations.image_size
+        self.grid = (height - v.shape[0] + 1, width - v.shape[1] + 1)
+        self.segments = segments
+        x = torch.zeros(1, *ctx.image_shape, device=ctx.device)
+        self.bounded_segments: list[BoundedModule] = []
+        for seg in segments:
+            self.bounded_segments.append(bound_model(seg, x.shape[1:], ctx.device))
+            with torch.no_grad():
+                x = seg(x)
+
+    def grad_rows_per_image(self) -> int:
+        return len(self.ctx.locations)
+
+    def worst_margins(self, images, labels, *, strength, generator):
+        ctx = self.ctx
+        n, n_loc = images.shape[0], len(ctx.locations)
+        ptb = PatchPerturbation(masks=ctx.locations.masks, domain=ctx.domain, strength=strength)
+        x = BoundedTensor(images.repeat_interleave(n_loc, dim=0), ptb)
+        gh, gw = self.grid
+        rows = n * n_loc
+        with _quiet():
+            for seg, window in zip(self.bounded_segments[:-1], self.windows):
+                lb, ub = seg.compute_bounds(x=(x,), method="IBP")
+                feat = lb.shape[1:]
+                lb, ub, (gh, gw) = self._merge(lb, ub, n, gh, gw, window)
+                lb, ub = lb.reshape(-1, *feat), ub.reshape(-1, *feat)
+                x = BoundedTensor((lb + ub) / 2, PerturbationLpNorm(norm=float("inf"), x_L=lb, x_U=ub))
+                rows += lb.shape[0]
+            spec = margin_spec(labels, ctx.num_classes, dtype=images.dtype).repeat_interleave(gh * gw, dim=0)
+            lb, _ = self.bounded_segments[-1].compute_bounds(x=(x,), C=spec, method="IBP", bound_upper=False)
+        worst = lb.reshape(n, gh * gw, ctx.num_classes - 1).min(dim=1).values
+        return Margins(worst=worst, rows=rows)
+
+    @staticmethod
+    def _merge(lb: torch.Tensor, ub: torch.Tensor, n: int, gh: int, gw: int, window: int):
+        """Merge ``window x window`` blocks of the location grid: ``(n*gh*gw, *F)`` -> ``(n, gh', gw', F)``."""
+        flat = lb.reshape(n, gh, gw, -1).permute(0, 3, 1, 2)  # (n, F, gh, gw)
+        lo = -F.max_pool2d(-flat, window, ceil_mode=True)
+        hi = F.max_pool2d(ub.reshape(n, gh, gw, -1).permute(0, 3, 1, 2), window, ceil_mode=True)
+        new = (lo.shape[2], lo.shape[3])
+        return lo.permute(0, 2, 3, 1), hi.permute(0, 2, 3, 1), new
+
+    def describe(self) -> str:
+        return f"pool({','.join(map(str, self.pool))})"
+
+
+def make_strategy(
+    name: str,
+    *,
+    patches: int = 10,
+    temperature: float = 1.0,
+    pool: Sequence[int] = (2,),
+    unet_width: int = 16,
+) -> Strategy:
+    """Build a strategy by name: ``all``, ``random``, ``guided`` or ``pool`` (see the module docstring)."""
+    key = str(name).strip().lower()
+    if key == "all":
+        return AllLocations()
+    if key == "random":
+        return RandomLocations(patches)
+    if key == "guided":
+        return GuidedLocations(patches, temperature=temperature, base_width=unet_width)
+    if key == "pool":
+        return PooledLocations(pool)
+    raise UsageError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")

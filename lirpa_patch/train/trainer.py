@@ -1,0 +1,627 @@
+"""The certified-training loop (paper §4.2, App. A.1) around any image classifier.
+
+Example::
+
+    import lirpa_patch
+    from lirpa_patch.train import Trainer, TrainConfig
+
+    config = TrainConfig.for_dataset("mnist", patch="2x2", strategy="random", patches=10, epochs=30)
+    trainer = Trainer(model, config, train_images, train_labels, val_images, val_labels)
+    history = trainer.fit(callback=print, checkpoint="run.ckpt.pt")   # list of EpochMetrics
+    result = trainer.evaluate()            # CertifyResult: IBP over every location
+
+``model`` maps images ``(N, C, H, W)`` in ``[0, 1]`` to logits ``(N, K)`` (put a
+normalization in front with :class:`~lirpa_patch.models.adapter.ImageModel`).
+
+Per batch: the patch strength follows the warm-up (:mod:`.schedules`); the
+strategy gives the worst certified lower margins ``(N, K - 1)``; the loss is
+``(1 - w) * CE(-margins) + w * CE(logits)`` with ``w = natural_weight`` (at
+strength 0 the loss is the natural cross-entropy alone), plus the strategy's
+auxiliary loss (the U-net's MSE). Adam; the learning rate is constant during the
+warm-up, then multiplied by ``lr_decay`` every ``lr_step`` epochs.
+
+A batch is processed in micro-batches of at most ``chunk_size`` rows with
+gradients (gradient accumulation: the loss is a mean over images, so the result is
+the same), which bounds memory for every strategy.
+
+Everything random (shuffling, augmentation, location sampling) draws from one
+seeded CPU generator whose state is checkpointed, so a CPU run repeats exactly
+and ``resume`` continues exactly where the checkpoint left off.
+
+The library never prints: progress goes to the ``callback`` of :meth:`Trainer.fit`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..certify import CertifyResult, ProgressFn, bound_model, certify
+from ..domain import PixelDomain
+from ..errors import DataError, UsageError
+from ..locations import Locations, all_locations
+from ..shapes import PatchShape, make_shape, parse_size
+from ..spec import margin_spec, other_classes
+from .schedules import StepDecay, WarmupSchedule
+from .strategies import BoundContext, Strategy, make_strategy
+
+PathLike = Union[str, os.PathLike]
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # App. A.1: MNIST lr 5e-4, 100 epochs, warm-up 61 after 1 natural epoch; CIFAR lr 1e-3,
+    # 200 epochs, warm-up 121 after 10 natural epochs, random crop + flip. Batch 256 in both.
+    "mnist": dict(lr=5e-4, epochs=100, warmup_start=1, warmup=61, crop=0, flip=False),
+    "cifar": dict(lr=1e-3, epochs=200, warmup_start=10, warmup=121, crop=4, flip=True),
+}
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in the checkpoint).
+
+    Attributes:
+        patch: patch size ``"HxW"`` (or ``n``).
+        shape: patch shape name (see :mod:`lirpa_patch.shapes`).
+        strategy: ``all``, ``random``, ``guided`` or ``pool`` (:mod:`.strategies`).
+        patches: ``k``: locations per image (random) or per other class (guided).
+        temperature: guided sampling temperature ``T``.
+        pool: bound-pooling windows after successive ReLUs (``pool`` strategy).
+        unet_width: base width of the guided U-net.
+        epochs: total epochs.
+        warmup_start: epochs of natural training (strength 0) before the ramp.
+        warmup: epochs over which the patch interval grows from ``[x, x]`` to full.
+        lr: Adam learning rate (classifier and U-net).
+        lr_step, lr_decay: after the warm-up, ``lr *= lr_decay`` every ``lr_step`` epochs.
+        batch_size: images per optimizer step.
+        natural_weight: ``w`` of the mixed loss ``(1 - w) robust + w natural``.
+        crop: random crop after zero padding by this many pixels, i.e. random shifts of up
+            to ``crop`` pixels, per image (0: off; the CIFAR preset uses 4).
+        flip: random horizontal flip, per image (the CIFAR preset flips).
+        chunk_size: most (image, location) rows per ``compute_bounds`` call, and
+            most rows with gradients per micro-batch.
+        eval_every: certify the validation subset every this many epochs (0: never).
+        eval_images: size of that subset (first images of the validation set).
+        seed: seeds shuffling, augmentation, sampling and the U-net's initialisation.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        sparse: ``k`` of the sparse threat (any ``k`` pixels change); 0 trains against
+            patches. When set, the strategy is
+            :class:`~lirpa_patch.train.sparse_strategy.SparsePixels` and evaluation
+            uses :func:`~lirpa_patch.sparse.certify_sparse`.
+    """
+
+    patch: str = "2x2"
+    shape: str = "square"
+    strategy: str = "random"
+    patches: int = 10
+    temperature: float = 1.0
+    pool: tuple[int, ...] = (2,)
+    unet_width: int = 16
+    epochs: int = 100
+    warmup_start: int = 1
+    warmup: int = 61
+    lr: float = 5e-4
+    lr_step: int = 10
+    lr_decay: float = 0.5
+    batch_size: int = 256
+    natural_weight: float = 0.0
+    crop: int = 0
+    flip: bool = False
+    chunk_size: int = 4096
+    eval_every: int = 1
+    eval_images: int = 200
+    seed: int = 0
+    device: str = "cpu"
+    sparse: int = 0
+
+    @classmethod
+    def for_dataset(cls, dataset: Literal["mnist", "cifar"], **overrides: Any) -> "TrainConfig":
+        """The paper's defaults for ``"mnist"`` or ``"cifar"`` (App. A.1), with ``overrides``."""
+        if dataset not in _PRESETS:
+            raise UsageError(f"unknown preset {dataset!r}; choose mnist or cifar")
+        return cls(**{**_PRESETS[dataset], **overrides})
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` for out-of-range values."""
+        h, w = parse_size(self.patch)
+        self.patch = f"{h}x{w}"
+        self.pool = tuple(int(p) for p in self.pool)
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.warmup >= 0 and self.warmup_start >= 0, "--warmup and --warmup-start must be >= 0"),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive, got {self.lr}"),
+            (0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (0.0 <= self.natural_weight <= 1.0, f"--natural-weight must be in [0, 1], got {self.natural_weight}"),
+            (self.chunk_size >= 1, f"--chunk-size must be at least 1, got {self.chunk_size}"),
+            (self.patches >= 1, f"--patches must be at least 1, got {self.patches}"),
+            (self.temperature > 0, f"--temperature must be positive, got {self.temperature}"),
+            (self.eval_every >= 0 and self.eval_images >= 0, "--eval-every and --eval-images must be >= 0"),
+            (self.crop >= 0, f"--crop must be >= 0, got {self.crop}"),
+            (self.sparse >= 0, f"--sparse must be at least 1, got {self.sparse}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+
+@dataclass
+class EpochMetrics:
+    """One row of the metrics log (``kind="epoch"``), or the final evaluation (``kind="final"``).
+
+    Train-side values are averages over the epoch's images; ``train_certified``
+    is the fraction whose worst margin at the strategy's locations (and the
+    batch's strength) is >= 0. Validation values come from :func:`certify` with
+    IBP over every location (None when not evaluated this epoch).
+    """
+
+    kind: str = "epoch"
+    epoch: int = 0
+    lr: Optional[float] = None
+    strength: Optional[float] = None
+    loss: Optional[float] = None
+    robust_loss: Optional[float] = None
+    natural_loss: Optional[float] = None
+    unet_mse: Optional[float] = None
+    train_accuracy: Optional[float] = None
+    train_certified: Optional[float] = None
+    val_images: int = 0
+    val_clean_accuracy: Optional[float] = None
+    val_certified_accuracy: Optional[float] = None
+    rows: int = 0
+    epoch_seconds: Optional[float] = None
+    eval_seconds: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainEvent:
+    """What the trainer reports to the ``callback``.
+
+    ``kind``: ``"batch"`` after every optimizer step (``batch`` of ``num_batches``,
+    ``strength``, running ``loss``), ``"epoch"`` after every epoch (``metrics``).
+    """
+
+    kind: Literal["batch", "epoch"]
+    epoch: int
+    epochs: int
+    batch: int = 0
+    num_batches: int = 0
+    strength: float = 0.0
+    loss: float = 0.0
+    metrics: Optional[EpochMetrics] = None
+
+
+Callback = Callable[[TrainEvent], None]
+
+
+def margin_logits(worst: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Logits for the robust loss: ``(N, K)`` with ``-worst`` at the other classes and 0 at the label.
+
+    ``CE(margin_logits(worst, y), y)`` is eq. 12's cross-entropy on ``-(worst lower margins)``.
+    """
+    others = other_classes(labels, num_classes)
+    z = torch.zeros(worst.shape[0], num_classes, dtype=worst.dtype, device=worst.device)
+    return z.scatter(1, others, -worst)
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator, pad: int, flip: bool) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) and optional horizontal flip of every image ``(N, C, H, W)``."""
+    n, _, height, width = x.shape
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    flip = (torch.rand(n, generator=generator) < (0.5 if flip else 0.0)).to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = dy[:, None] + torch.arange(height, device=x.device)[None, :]  # (N, H)
+    cols = dx[:, None] + torch.arange(width, device=x.device)[None, :]  # (N, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    n_idx = torch.arange(n, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[n_idx, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _check_data(images: torch.Tensor, labels: torch.Tensor, what: str) -> None:
+    if images.ndim != 4:
+        raise DataError(f"{what} images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise DataError(f"{what} labels must be (N,) with N = {images.shape[0]}, got shape {tuple(labels.shape)}")
+    if images.shape[0] == 0:
+        raise DataError(f"the {what} set is empty")
+    if not torch.isfinite(images).all():
+        raise DataError(f"{what} images contain NaN or infinite values")
+
+
+class Trainer:
+    """Certified training of ``model`` against patches.
+
+    Args:
+        model: maps images ``(N, C, H, W)`` (pixel domain, default ``[0, 1]``) to
+            logits ``(N, K)``; trained in place.
+        config: the run's :class:`TrainConfig`.
+        train_images, train_labels: ``(N, C, H, W)`` float and ``(N,)`` int64.
+        val_images, val_labels: validation split (optional; needed for evaluation).
+        num_classes: ``K`` (default: from the model's output).
+        domain: pixel domain of the images (default ``[0, 1]``).
+        strategy: a :class:`~lirpa_patch.train.strategies.Strategy` object to use
+            instead of the one ``config.strategy`` names (e.g. another threat model).
+        meta: JSON-friendly data stored in the checkpoint as is (the CLI keeps the
+            architecture there).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_images: torch.Tensor,
+        train_labels: torch.Tensor,
+        val_images: Optional[torch.Tensor] = None,
+        val_labels: Optional[torch.Tensor] = None,
+        *,
+        num_classes: Optional[int] = None,
+        domain: Optional[PixelDomain] = None,
+        strategy: Optional[Strategy] = None,
+        meta: Optional[dict] = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.meta = dict(meta or {})
+        self.device = _device(config.device)
+        _check_data(train_images, train_labels, "training")
+        self.train_images = train_images.to(self.device, torch.float32)
+        self.train_labels = train_labels.to(self.device, torch.long)
+        self.val_images: Optional[torch.Tensor] = None
+        self.val_labels: Optional[torch.Tensor] = None
+        if val_images is not None and val_labels is not None:
+            _check_data(val_images, val_labels, "validation")
+            if tuple(val_images.shape[1:]) != tuple(train_images.shape[1:]):
+                raise DataError(
+                    f"validation images are {tuple(val_images.shape[1:])} but training images are "
+                    f"{tuple(train_images.shape[1:])}"
+                )
+            self.val_images = val_images.to(self.device, torch.float32)
+            self.val_labels = val_labels.to(self.device, torch.long)
+        self.image_shape = tuple(int(v) for v in train_images.shape[1:])
+        self.model = model.to(self.device)
+        self.model.train()
+        if num_classes is None:
+            with torch.no_grad():
+                num_classes = int(self.model(self.train_images[:1]).shape[-1])
+        self.num_classes = int(num_classes)
+        margin_spec(self.train_labels, self.num_classes)  # label range checks (DataError)
+        if self.val_labels is not None:
+            margin_spec(self.val_labels, self.num_classes)
+        self.domain = domain
+        self.shape: PatchShape = make_shape(config.shape, config.patch)
+        self.locations: Locations = all_locations(self.shape, self.image_shape[1:]).to(self.device)
+        self.bounded = bound_model(self.model, self.image_shape, self.device)
+        if strategy is None and config.sparse:
+            from .sparse_strategy import SparsePixels
+
+            strategy = SparsePixels(config.sparse)
+        self.strategy = strategy if strategy is not None else make_strategy(
+            config.strategy, patches=config.patches, temperature=config.temperature, pool=config.pool,
+            unet_width=config.unet_width,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.strategy.setup(BoundContext(
+                model=self.model, bounded=self.bounded, locations=self.locations, num_classes=self.num_classes,
+                image_shape=self.image_shape, device=self.device, chunk_size=config.chunk_size, domain=domain,
+            ))
+        self.warmup = WarmupSchedule(config.warmup_start, config.warmup)
+        decay = StepDecay(hold=self.warmup.end_epoch, step=config.lr_step, decay=config.lr_decay)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
+        aux = self.strategy.auxiliary
+        self.aux_optimizer = torch.optim.Adam(aux.parameters(), lr=config.lr) if aux is not None else None
+        self.aux_scheduler = (
+            torch.optim.lr_scheduler.LambdaLR(self.aux_optimizer, decay) if self.aux_optimizer is not None else None
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.epoch = 0
+        self.history: list[EpochMetrics] = []
+
+    # ------------------------------------------------------------------ training
+    def fit(self, callback: Optional[Callback] = None, *, checkpoint: Optional[PathLike] = None) -> list[EpochMetrics]:
+        """Train from the current epoch to ``config.epochs``.
+
+        After every epoch: evaluate the validation subset (when due), report an
+        ``"epoch"`` event to ``callback`` and save ``checkpoint`` (when given).
+
+        Returns:
+            The metrics of every epoch so far (:attr:`history`).
+        """
+        while self.epoch < self.config.epochs:
+            metrics = self.train_epoch(callback)
+            every = self.config.eval_every
+            due = every > 0 and ((self.epoch % every == 0) or self.epoch == self.config.epochs)
+            if due and self.val_images is not None and self.config.eval_images > 0:
+                start = time.perf_counter()
+                result = self.evaluate(num=self.config.eval_images)
+                metrics.val_images = result.num_images
+                metrics.val_clean_accuracy = result.clean_accuracy
+                metrics.val_certified_accuracy = result.certified_accuracy
+                metrics.eval_seconds = time.perf_counter() - start
+            if checkpoint is not None:
+                self.save(checkpoint)
+            if callback is not None:
+                callback(TrainEvent("epoch", self.epoch, self.config.epochs, metrics=metrics))
+        return self.history
+
+    def train_epoch(self, callback: Optional[Callback] = None) -> EpochMetrics:
+        """Run one epoch (epoch number :attr:`epoch` + 1) and append its metrics to :attr:`history`."""
+        cfg = self.config
+        start = time.perf_counter()
+        epoch = self.epoch
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        n = self.train_images.shape[0]
+        order = torch.randperm(n, generator=self.generator).to(self.device)
+        num_batches = math.ceil(n / cfg.batch_size)
+        sums = dict(loss=0.0, robust=0.0, natural=0.0, correct=0.0, certified=0.0, unet=0.0)
+        robust_images = unet_images = rows = 0
+        strength = 0.0
+        self.model.train()
+        for b in range(num_batches):
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            images, labels = self.train_images[idx], self.train_labels[idx]
+            if cfg.crop > 0 or cfg.flip:
+                images = _augment(images, self.generator, cfg.crop, cfg.flip)
+            strength = self.warmup.strength(epoch, b, num_batches)
+            step = self._step(images, labels, strength)
+            m = images.shape[0]
+            for key in ("loss", "natural", "correct"):
+                sums[key] += step[key] * m
+            if step["robust"] is not None:
+                sums["robust"] += step["robust"] * m
+                sums["certified"] += step["certified"] * m
+                robust_images += m
+            if step["unet"] is not None:
+                sums["unet"] += step["unet"] * m
+                unet_images += m
+            rows += step["rows"]
+            if callback is not None:
+                callback(TrainEvent("batch", epoch + 1, cfg.epochs, b + 1, num_batches, strength, step["loss"]))
+        self.scheduler.step()
+        if self.aux_scheduler is not None:
+            self.aux_scheduler.step()
+        self.epoch += 1
+        metrics = EpochMetrics(
+            epoch=self.epoch,
+            lr=lr,
+            strength=strength,
+            loss=sums["loss"] / n,
+            robust_loss=sums["robust"] / robust_images if robust_images else None,
+            natural_loss=sums["natural"] / n,
+            unet_mse=sums["unet"] / unet_images if unet_images else None,
+            train_accuracy=sums["correct"] / n,
+            train_certified=sums["certified"] / robust_images if robust_images else None,
+            rows=rows,
+            epoch_seconds=time.perf_counter() - start,
+        )
+        self.history.append(metrics)
+        return metrics
+
+    def _micro_batch(self) -> int:
+        return max(1, self.config.chunk_size // max(1, self.strategy.grad_rows_per_image()))
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, strength: float) -> dict:
+        """One optimizer step on a batch, in micro-batches; returns batch averages."""
+        cfg = self.config
+        w = cfg.natural_weight
+        robust = strength > 0 and w < 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.aux_optimizer is not None:
+            self.aux_optimizer.zero_grad(set_to_none=True)
+        n = images.shape[0]
+        micro = self._micro_batch() if robust else n
+        out = dict(loss=0.0, robust=None, natural=0.0, correct=0.0, certified=None, unet=None, rows=0)
+        for s in range(0, n, micro):
+            x, y = images[s : s + micro], labels[s : s + micro]
+            frac = x.shape[0] / n
+            logits = self.model(x)
+            natural = F.cross_entropy(logits, y)
+            out["natural"] += float(natural.detach()) * frac
+            out["correct"] += float((logits.detach().argmax(1) == y).float().mean()) * frac
+            loss = natural
+            total = natural
+            if robust:
+                margins = self.strategy.worst_margins(x, y, strength=strength, generator=self.generator)
+                rob = F.cross_entropy(margin_logits(margins.worst, y, self.num_classes), y)
+                loss = (1 - w) * rob + w * natural if w > 0 else rob
+                total = loss if margins.aux_loss is None else loss + margins.aux_loss
+                out["robust"] = (out["robust"] or 0.0) + float(rob.detach()) * frac
+                cert = float((margins.worst.detach() >= 0).all(dim=1).float().mean())
+                out["certified"] = (out["certified"] or 0.0) + cert * frac
+                if "unet_mse" in margins.stats:
+                    out["unet"] = (out["unet"] or 0.0) + margins.stats["unet_mse"] * frac
+                out["rows"] += margins.rows
+            (total * frac).backward()
+            out["loss"] += float(loss.detach()) * frac
+        self.optimizer.step()
+        if self.aux_optimizer is not None:
+            self.aux_optimizer.step()  # a no-op without gradients (strength 0)
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(
+        self,
+        images: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        num: Optional[int] = None,
+        progress: Optional[ProgressFn] = None,
+    ) -> CertifyResult:
+        """Certify (IBP, every location, full patch range) the first ``num`` images.
+
+        Against the sparse threat (``config.sparse``) instead: IBP with the exact top-k
+        first layer, full valid range. Defaults to the validation set given to the
+        constructor.
+        """
+        if images is None or labels is None:
+            if self.val_images is None or self.val_labels is None:
+                raise UsageError("no validation set: pass images and labels to evaluate()")
+            images, labels = self.val_images, self.val_labels
+        if num is not None:
+            images, labels = images[:num], labels[:num]
+        was_training = self.model.training
+        try:
+            if self.config.sparse:
+                from ..sparse import certify_sparse
+
+                return certify_sparse(
+                    self.model, images, labels, k=self.config.sparse, method="ibp", device=self.device,
+                    domain=self.domain, bounded=self.bounded, progress=progress,
+                )
+            return certify(
+                self.model, images, labels, shape=self.shape, locations=self.locations, method="ibp",
+                chunk_size=self.config.chunk_size, device=self.device, domain=self.domain, bounded=self.bounded,
+                progress=progress,
+            )
+        finally:
+            self.model.train(was_training)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: weights, optimizers, schedulers, RNG, history."""
+        aux = self.strategy.auxiliary
+        return {
+            "version": CHECKPOINT_VERSION,
+            "epoch": self.epoch,
+            "config": _config_dict(self.config),
+            "meta": self.meta,
+            "num_classes": self.num_classes,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "aux": aux.state_dict() if aux is not None else None,
+            "aux_optimizer": self.aux_optimizer.state_dict() if self.aux_optimizer is not None else None,
+            "aux_scheduler": self.aux_scheduler.state_dict() if self.aux_scheduler is not None else None,
+            "generator": self.generator.get_state(),
+            "history": [m.to_dict() for m in self.history],
+        }
+
+    def save(self, path: PathLike) -> Path:
+        """Write :meth:`state_dict` to ``path`` (atomically: a temporary file, then a rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (from a trainer built with the same model and config)."""
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise UsageError(f"unsupported checkpoint version {state.get('version')!r}")
+        saved = state["config"]
+        for key in ("patch", "shape", "strategy", "patches", "seed"):
+            if str(saved.get(key)) != str(getattr(self.config, key)):
+                raise UsageError(
+                    f"the checkpoint was trained with {key}={saved.get(key)!r}, not {getattr(self.config, key)!r}"
+                )
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise UsageError(f"the checkpoint does not fit this model: {str(exc).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        aux = self.strategy.auxiliary
+        if aux is not None and state.get("aux") is not None:
+            aux.load_state_dict(state["aux"])
+            self.aux_optimizer.load_state_dict(state["aux_optimizer"])
+            self.aux_scheduler.load_state_dict(state["aux_scheduler"])
+        self.generator.set_state(state["generator"])
+        self.epoch = int(state["epoch"])
+        self.history = [EpochMetrics(**m) for m in state.get("history", [])]
+
+    def resume(self, path: PathLike) -> None:
+        """Continue from a checkpoint written by :meth:`save` (see :func:`load_checkpoint`)."""
+        self.load_state_dict(load_checkpoint(path))
+
+
+def _config_dict(config: TrainConfig) -> dict:
+    d = asdict(config)
+    d["pool"] = list(config.pool)
+    return d
+
+
+def config_from_dict(values: dict, **overrides: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from a checkpoint's ``config`` (unknown keys ignored), with ``overrides``."""
+    names = {f.name for f in fields(TrainConfig)}
+    kept = {k: v for k, v in values.items() if k in names}
+    if "pool" in kept:
+        kept["pool"] = tuple(kept["pool"])
+    return replace(TrainConfig(**kept), **overrides)
+
+
+def load_checkpoint(path: PathLike) -> dict:
+    """Read a checkpoint written by :meth:`Trainer.save`.
+
+    Raises:
+        UsageError: the file is missing or is not a lirpa-patch training checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"cannot read checkpoint {path.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise UsageError(f"{path.name} is not a lirpa-patch training checkpoint")
+    return state
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was given but CUDA is not available on this machine")
+    return device
+
+
+# --------------------------------------------------------------------------- metrics file
+
+_COLUMNS = [f.name for f in fields(EpochMetrics)]
+
+
+class MetricsLog:
+    """Append :class:`EpochMetrics` rows to a ``.jsonl`` (one JSON object a line) or ``.csv`` file.
+
+    The format follows the suffix (``.csv``: CSV with a header; anything else: JSONL).
+    An existing file is appended to (a resumed run continues its log).
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        self.csv = self.path.suffix.lower() == ".csv"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.csv and (not self.path.exists() or self.path.stat().st_size == 0):
+                with open(self.path, "w", newline="") as f:
+                    csv.writer(f).writerow(_COLUMNS)
+            else:
+                open(self.path, "a").close()
+        except OSError as exc:
+            raise UsageError(f"cannot write metrics file {self.path}: {exc.strerror}") from None
+
+    def append(self, metrics: EpochMetrics) -> None:
+        record = metrics.to_dict()
+        with open(self.path, "a", newline="") as f:
+            if self.csv:
+                csv.writer(f).writerow(["" if record[c] is None else record[c] for c in _COLUMNS])
+            else:
+                f.write(json.dumps(record) + "\n")
