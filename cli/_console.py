@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import os
+import warnings
+from typing import Iterator, Optional
 
 import click
 from rich.console import Console
@@ -32,3 +35,14 @@ def parse_shape(value: Optional[str], name: str) -> Optional[tuple[int, ...]]:
     if any(d < 1 for d in dims):
         raise click.BadParameter(f"{value!r} has a non-positive dimension", param_hint=name)
     return dims
+
+
+@contextlib.contextmanager
+def library_warnings_silenced() -> Iterator[None]:
+    """Library warnings (onnx2torch, auto_LiRPA, torch) are noise on a CLI; LIRPA_PATCH_DEBUG shows them."""
+    if os.environ.get("LIRPA_PATCH_DEBUG"):
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

@@ -10,16 +10,14 @@ print the results table (:mod:`cli.render`) on stdout.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import click
 from rich.markup import escape
 
-from ._console import console, err_console, parse_floats, parse_shape
+from ._console import console, err_console, library_warnings_silenced, parse_floats, parse_shape
 
 _SHAPE_HELP = (
     "Patch shape: square, rectangle, line, hline, vline, diamond, parallelogram, rectangle:HxW, "
@@ -32,17 +30,6 @@ _CHUNK_HELP = (
     "with it. IBP keeps a few activations per row; CROWN also keeps linear bounds of every layer "
     "in terms of the input per row, far more, so it defaults lower. Lower it if memory runs out."
 )
-
-
-@contextlib.contextmanager
-def _library_warnings_silenced() -> Iterator[None]:
-    """Library warnings (onnx2torch, auto_LiRPA, torch) are noise on a CLI; LIRPA_PATCH_DEBUG shows them."""
-    if os.environ.get("LIRPA_PATCH_DEBUG"):
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def _parse_patch(value: str) -> tuple[int, int]:
@@ -219,7 +206,7 @@ def certify(
                 from lirpa_patch.errors import UsageError
 
                 raise UsageError(f"--sparse cannot be combined with --{name} (a sparse attack has no patch)")
-    with _library_warnings_silenced():
+    with library_warnings_silenced():
         _run(
             model=model, patch=patch, shape=shape, data=data, start=start, num=num, sparse=sparse,
             method=method.lower(),

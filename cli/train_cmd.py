@@ -11,16 +11,13 @@ every epoch) -> certify the whole validation split with IBP over every location
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import click
 
-from ._console import console, err_console, parse_floats
+from ._console import console, err_console, library_warnings_silenced, parse_floats
 
 _SAMPLE_TRAIN = 4000  # the bundled sample: digits 0-3999 train, 4000-4999 held out
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -36,16 +33,6 @@ _PATCHES_HELP = (
     "K: random: locations per image, as the paper's Random(K); guided: locations per label "
     "(per other class), as the paper's Guided(10) and Guided(20), so K x (classes - 1) per image."
 )
-
-
-@contextlib.contextmanager
-def _quiet_warnings() -> Iterator[None]:
-    if os.environ.get("LIRPA_PATCH_DEBUG"):
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def _parse_pool(value: str) -> tuple[int, ...]:
@@ -280,7 +267,7 @@ def train(**opts: Any) -> None:
         for key in ("data", "start", "num", "val_data", "val_start", "val_num", "val_size"):
             opts[key] = meta.get("data_selection", {}).get(key)
         opts["data"] = opts["data"] or "sample"
-    with _quiet_warnings():
+    with library_warnings_silenced():
         (train_x, train_y), val, selection = _load_splits(opts)
     channels = int(train_x.shape[1])
     image_shape = tuple(int(v) for v in train_x.shape[1:])
@@ -324,7 +311,7 @@ def train(**opts: Any) -> None:
                              width=arch["width"])
     model = ImageModel(net, image_shape=image_shape, mean=arch["mean"], std=arch["std"])
     meta = {"architecture": arch, "data_selection": selection}
-    with _quiet_warnings():
+    with library_warnings_silenced():
         trainer = Trainer(model, config, train_x, train_y, *(val if val is not None else (None, None)),
                           num_classes=arch["num_classes"], meta=meta)
         if resumed is not None:
@@ -352,21 +339,21 @@ def train(**opts: Any) -> None:
         display.event(event)
 
     start = time.perf_counter()
-    with _quiet_warnings(), display:
+    with library_warnings_silenced(), display:
         trainer.fit(callback, checkpoint=checkpoint)
     train_seconds = time.perf_counter() - start
 
     final = None
     if opts["final_eval"] and val is not None:
         t0 = time.perf_counter()
-        with _quiet_warnings():
+        with library_warnings_silenced():
             final = trainer.evaluate()
         log.append(EpochMetrics(
             kind="final", epoch=trainer.epoch, val_images=final.num_images,
             val_clean_accuracy=final.clean_accuracy, val_certified_accuracy=final.certified_accuracy,
             eval_seconds=time.perf_counter() - t0,
         ))
-    with _quiet_warnings():
+    with library_warnings_silenced():
         check = val[0][:64] if val is not None else train_x[:64]
         diff = export_onnx(trainer.model, out, image_shape, check_images=check)
 

@@ -172,6 +172,57 @@ ProgressFn = Callable[[int, int], None]
 """``progress(images_done, locations_done)``, called after every chunk."""
 
 
+def _check_inputs(images: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> None:
+    """One-line :class:`UsageError` for malformed engine inputs (shared by every threat model)."""
+    if chunk_size < 1:
+        raise UsageError(f"chunk size must be at least 1, got {chunk_size}")
+    if images.ndim != 4:
+        raise UsageError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise UsageError(f"labels must be (N,) with N = {images.shape[0]}, got shape {tuple(labels.shape)}")
+    if not torch.isfinite(images).all():
+        raise UsageError("images contain NaN or infinite values")
+
+
+def _image_results(
+    indices: Sequence[int],
+    labels: torch.Tensor,
+    preds: torch.Tensor,
+    correct: torch.Tensor,
+    worst: torch.Tensor,
+    worst_class: torch.Tensor,
+    num_classes: int,
+    location: Callable[[int], Optional[dict]],
+) -> list[ImageResult]:
+    """Per-image records from the running minima.
+
+    Args:
+        indices: dataset index of each of the ``N`` images.
+        labels, preds, correct: ``(N,)``.
+        worst: ``(N,)`` smallest certified lower margin (ignored where not correct).
+        worst_class: ``(N,)`` position of that margin among the other classes.
+        location: image number -> JSON description of its worst location (or None).
+    """
+    others = other_classes(labels.cpu(), num_classes)
+    results = []
+    for k in range(len(indices)):
+        ok = bool(correct[k])
+        margin = float(worst[k]) if ok else None
+        results.append(
+            ImageResult(
+                index=int(indices[k]),
+                label=int(labels[k]),
+                prediction=int(preds[k]),
+                correct=ok,
+                certified=ok and margin is not None and margin >= 0.0,
+                worst_margin=margin,
+                worst_location=location(k) if ok else None,
+                worst_class=int(others[k, worst_class[k]]) if ok else None,
+            )
+        )
+    return results
+
+
 def _predict(model: torch.nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
     outs = []
     with torch.no_grad():
@@ -226,14 +277,7 @@ def certify(
         raise UsageError(f"method must be one of {', '.join(_METHODS)}, got {method!r}")
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK[key]
-    if chunk_size < 1:
-        raise UsageError(f"chunk size must be at least 1, got {chunk_size}")
-    if images.ndim != 4:
-        raise UsageError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise UsageError(f"labels must be (N,) with N = {images.shape[0]}, got shape {tuple(labels.shape)}")
-    if not torch.isfinite(images).all():
-        raise UsageError("images contain NaN or infinite values")
+    _check_inputs(images, labels, chunk_size)
     start = time.perf_counter()
     device = torch.device(device)
     was_training = model.training
@@ -290,23 +334,10 @@ def certify(
                 progress(done_images, done_locations)
 
     model.train(was_training)
-    others = other_classes(labels.cpu(), num_classes)
-    results = []
-    for k in range(n_img):
-        ok = bool(correct[k])
-        margin = float(worst[k]) if ok else None
-        results.append(
-            ImageResult(
-                index=idx[k],
-                label=int(labels[k]),
-                prediction=int(preds[k]),
-                correct=ok,
-                certified=ok and margin is not None and margin >= 0.0,
-                worst_margin=margin,
-                worst_location=locations.describe(int(worst_loc[k])) if ok else None,
-                worst_class=int(others[k, worst_cls[k]]) if ok else None,
-            )
-        )
+    results = _image_results(
+        idx, labels, preds, correct, worst, worst_cls, num_classes,
+        lambda k: locations.describe(int(worst_loc[k])),
+    )
     return CertifyResult(
         images=results,
         shape=patch_shape,

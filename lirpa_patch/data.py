@@ -46,7 +46,6 @@ with a one-line message.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import pickle
 import zipfile

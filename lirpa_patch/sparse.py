@@ -47,10 +47,10 @@ from auto_LiRPA.utils import eyeC
 
 from . import bound_ops
 from .bound_ops import SparseFallbackWarning, SparseState, plugin_report
-from .certify import CertifyResult, ImageResult, bound_model
+from .certify import CertifyResult, _check_inputs, _image_results, _predict, bound_model
 from .domain import PixelDomain
 from .errors import ModelError, UsageError
-from .spec import margin_spec, other_classes
+from .spec import margin_spec
 
 bound_ops.register()
 
@@ -374,19 +374,6 @@ ProgressFn = Callable[[int, int], None]
 """``progress(images_done, rows_done)``: one row per image for the sparse threat."""
 
 
-def _predict(model: torch.nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
-    outs = []
-    with torch.no_grad():
-        for i in range(0, images.shape[0], batch):
-            outs.append(model(images[i : i + batch]))
-    logits = torch.cat(outs) if outs else torch.zeros(0, 0)
-    if logits.ndim != 2:
-        raise ModelError(f"the model must output logits (N, K), got shape {tuple(logits.shape)}")
-    if not torch.isfinite(logits).all():
-        raise ModelError("the model produced NaN or infinite logits on the input images")
-    return logits
-
-
 SPARSE_CHUNK = 256
 """Default images per ``compute_bounds`` call in :func:`certify_sparse`."""
 
@@ -431,14 +418,7 @@ def certify_sparse(
         raise UsageError(f"method must be one of {', '.join(_METHODS)}, got {method!r}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 0:
         raise UsageError(f"the sparse pixel budget k must be a non-negative integer, got {k!r}")
-    if chunk_size < 1:
-        raise UsageError(f"chunk size must be at least 1, got {chunk_size}")
-    if images.ndim != 4:
-        raise UsageError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise UsageError(f"labels must be (N,) with N = {images.shape[0]}, got shape {tuple(labels.shape)}")
-    if not torch.isfinite(images).all():
-        raise UsageError("images contain NaN or infinite values")
+    _check_inputs(images, labels, chunk_size)
     k = int(k)
     start = time.perf_counter()
     device = torch.device(device)
@@ -478,23 +458,7 @@ def certify_sparse(
             if progress is not None:
                 progress(done, done)
 
-    others = other_classes(labels.cpu(), num_classes)
-    results = []
-    for j in range(n_img):
-        ok = bool(correct[j])
-        margin = float(worst[j]) if ok else None
-        results.append(
-            ImageResult(
-                index=idx[j],
-                label=int(labels[j]),
-                prediction=int(preds[j]),
-                correct=ok,
-                certified=ok and margin is not None and margin >= 0.0,
-                worst_margin=margin,
-                worst_location=None,
-                worst_class=int(others[j, worst_cls[j]]) if ok else None,
-            )
-        )
+    results = _image_results(idx, labels, preds, correct, worst, worst_cls, num_classes, lambda _: None)
     extra: dict = {"threat": "sparse", "k": k}
     report = plugin_report(bounded)
     fallback = dict(report["fallback"])

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Literal, Sequence, Tuple, get_args
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..errors import UsageError
 
