@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +24,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Small models: one torch thread is faster than two on the 2-core CI machine, and
+    immune to OpenMP oversubscription when other processes share the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -20,12 +20,6 @@ from tests.toy_models import NUM_CLASSES, toy_images, toy_model
 SIZE = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,6 @@ from tests.toy_models import NUM_CLASSES, Normalized, ToyCNN, ToyMLP, toy_images
 MEAN, STD = (0.2, 0.5, 0.7), (0.3, 0.25, 0.2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def images(n=2, channels=3, size=6, seed=0) -> torch.Tensor:

@@ -37,13 +37,6 @@ PATCH_SIZES = (2, 3)
 MEAN3, STD3 = (0.2, 0.4, 0.6), (0.3, 0.2, 0.25)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster than two and immune to oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _lower(bounded, images, labels, masks, method, **kw) -> torch.Tensor:

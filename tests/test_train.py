@@ -6,7 +6,6 @@ so the whole file runs in well under two minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -41,13 +40,6 @@ from toy_models import NUM_CLASSES, toy_images
 SIZE = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and immune to OpenMP spinning on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
