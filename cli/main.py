@@ -8,27 +8,64 @@ The CLI owns all printing (rich) and every exit code:
 * 2 a usage error (bad option value or combination; Click's own errors too).
 
 Errors are one line on stderr. Set ``LIRPA_PATCH_DEBUG=1`` to see tracebacks.
+
+The library's errors name Python parameters (``chunk_size``); a command lists how its
+options map to them (``PARAM_FLAGS``), and :func:`flag_message` rewrites the message
+so that the user reads the flag they typed (``--chunk``).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
+from typing import Mapping, Optional
 
 import click
 from rich.markup import escape
 
 from ._console import err_console
 
-_COMMAND_MODULES = ("cli.certify_cmd", "cli.train_cmd", "cli.shapes_cmd")
+_COMMAND_MODULES = ("lirpa_patch_cli.certify", "lirpa_patch_cli.train", "lirpa_patch_cli.shapes")
+
+
+def _flag_for(command: Optional[click.Command], param: str) -> Optional[str]:
+    """The command-line flag of library parameter ``param`` for ``command``, or None."""
+    if command is None:
+        return None
+    explicit: Mapping[str, str] = getattr(command, "param_flags", {}) or {}
+    if param in explicit:
+        return explicit[param]
+    for option in command.params:
+        if option.name == param and isinstance(option, click.Option):
+            longest = max(option.opts, key=len)
+            return longest
+    return None
+
+
+def flag_message(message: str, param: Optional[str], command: Optional[click.Command]) -> str:
+    """``message`` with the library parameter ``param`` replaced by the command's flag for it."""
+    if not param:
+        return message
+    flag = _flag_for(command, param)
+    if flag is None:
+        return message
+    pattern = re.compile(rf"(?<![\w-]){re.escape(param)}(?![\w])")
+    if pattern.search(message):
+        return pattern.sub(flag, message, count=1)
+    return f"{flag}: {message}"
+
+
+def _print_error(message: str) -> None:
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True, highlight=False)
 
 
 class _Group(click.Group):
     """A group that turns library errors into one clean line and an exit code."""
 
     def invoke(self, ctx: click.Context):
-        from lirpa_patch.errors import LirpaPatchError  # deferred: imports torch
+        from lirpa_patch.errors import LirpaPatchError, UsageError  # deferred: imports torch
 
         try:
             return super().invoke(ctx)
@@ -37,8 +74,10 @@ class _Group(click.Group):
         except LirpaPatchError as exc:
             if os.environ.get("LIRPA_PATCH_DEBUG"):
                 raise
-            err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
-            ctx.exit(exc.exit_code)
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            param = getattr(exc, "param", None)
+            _print_error(flag_message(str(exc), param, command))
+            ctx.exit(2 if isinstance(exc, UsageError) else 1)
         except KeyboardInterrupt:
             err_console.print("[bold red]Interrupted.[/]")
             ctx.exit(130)
@@ -46,13 +85,28 @@ class _Group(click.Group):
             if os.environ.get("LIRPA_PATCH_DEBUG"):
                 raise
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            err_console.print(
-                f"[bold red]Error:[/] unexpected {type(exc).__name__}: {escape(message)} "
-                "(set LIRPA_PATCH_DEBUG=1 for the traceback)",
-                soft_wrap=True,
-                highlight=False,
-            )
+            _print_error(f"unexpected {type(exc).__name__}: {message} (set LIRPA_PATCH_DEBUG=1 for the traceback)")
             ctx.exit(1)
+
+    def main(self, *args, **kwargs):
+        """Click's own errors (bad option values, missing arguments) as one line too, not three."""
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            err_console.print("[bold red]Aborted.[/]")
+            sys.exit(1)
+        except click.ClickException as exc:
+            hint = ""
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                hint = f" (see '{exc.ctx.command_path} --help')"
+            _print_error(exc.format_message() + hint)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        # Without standalone mode Click returns an Exit's code (ctx.exit) instead of exiting.
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def _version() -> str:
@@ -61,7 +115,7 @@ def _version() -> str:
     try:
         return version("lirpa-patch")
     except PackageNotFoundError:  # running from a checkout
-        return "0.1.0"
+        return "unknown"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -72,12 +126,7 @@ def app() -> None:
 
 def _register() -> None:
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # command not part of this build
-                continue
-            raise
+        module = importlib.import_module(name)
         for command in getattr(module, "COMMANDS", ()):
             app.add_command(command)
 
@@ -87,7 +136,7 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="lirpa-patch")
+    app.main(prog_name="lirpa-patch")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,6 @@
 """Rich rendering for the CLI: the certification progress bar, result tables, mask art.
 
-Tables are built from the report dicts of :mod:`cli.report`, so what is shown is
+Tables are built from the report dicts of :mod:`lirpa_patch.report`, so what is shown is
 exactly what the JSON report says.
 """
 
@@ -37,7 +37,7 @@ class CertifyProgress:
     """A progress bar on ``console`` (stderr): images done of those bounded, locations/s.
 
     Use as a context manager; :meth:`task` returns the ``progress(images_done,
-    locations_done)`` callback of :func:`lirpa_patch.certify.certify`. When
+    locations_done)`` callback of :func:`lirpa_patch.engine.certify`. When
     ``enabled`` is False (``--quiet``, or stderr is not a terminal) nothing is shown.
     """
 

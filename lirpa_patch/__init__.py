@@ -5,17 +5,22 @@ An auto_LiRPA plugin. Public API::
     from lirpa_patch import PatchPerturbation, SparsePerturbation, certify
 
 Importing this package applies the small compatibility shims auto_LiRPA 0.3
-needs on torch 2.x / numpy 2 (see ``lirpa_patch._compat``).
+needs on torch 2.x / numpy 2 (see ``lirpa_patch._compat``) and changes nothing
+else in auto_LiRPA: the plugin's bound operators are used only by the
+``BoundedModule`` objects that ask for them (:func:`custom_ops`).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
+from importlib.metadata import PackageNotFoundError, version as _dist_version
 
 from . import _compat
 
-__version__ = "0.1.0"
+try:
+    __version__ = _dist_version("lirpa-patch")
+except PackageNotFoundError:  # pragma: no cover - a checkout that is not installed
+    __version__ = "unknown"
 
 # torch logs a CUDA_HOME notice when auto_LiRPA imports cpp_extension on a
 # machine without CUDA; it is noise for our users.
@@ -24,7 +29,7 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 with _compat.quiet_import():
     _compat.apply()
     try:
-        import auto_LiRPA  # noqa: F401
+        import auto_LiRPA
     except ImportError as exc:  # pragma: no cover - exercised by hand
         if exc.name not in ("auto_LiRPA", None):
             raise ImportError(
@@ -37,51 +42,55 @@ with _compat.quiet_import():
             "lirpa-patch patches it to run on torch 2.x), or run `make install`."
         ) from exc
     _compat.apply_after_import()
-    # Plugin bound operators for SparsePerturbation: registered up front so that
-    # BoundedModules built before a SparsePerturbation exists still carry them. They
-    # defer to auto_LiRPA's stock operators whenever the input is not sparse.
-    from . import bound_ops as _bound_ops
 
-    _bound_ops.register()
-
-# Public name -> module that defines it. Imported lazily so `import lirpa_patch`
-# stays fast and the CLI starts quickly.
-_PUBLIC = {
-    "PatchPerturbation": "perturbations",
-    "SparsePerturbation": "sparse",
-    "certify_sparse": "sparse",
-    "sparse_lower_margins": "sparse",
-    "PatchShape": "shapes",
-    "make_shape": "shapes",
-    "Locations": "locations",
-    "all_locations": "locations",
-    "PixelDomain": "domain",
-    "certify": "certify",
-    "CertifyResult": "certify",
-    "ImageResult": "certify",
-    "margin_spec": "spec",
-    "load_dataset": "data",
-    "Dataset": "data",
-    "load_model": "models",
-    "ImageModel": "models",
-    "Trainer": "train",
-    "TrainConfig": "train",
-    "LirpaPatchError": "errors",
-    "UsageError": "errors",
-    "DataError": "errors",
-    "ModelError": "errors",
-}
-
-__all__ = sorted(_PUBLIC) + ["__version__"]
-
-
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        module = importlib.import_module(f".{_PUBLIC[name]}", __name__)
-        return getattr(module, name)
-    raise AttributeError(f"module 'lirpa_patch' has no attribute {name!r}")
+from .bound_ops import custom_ops
+from .data import Dataset, load_dataset
+from .domain import PixelDomain
+from .engine import CertifyResult, ImageResult, bound_model, certify, lower_margins
+from .errors import DataError, LirpaPatchError, ModelError, UsageError
+from .locations import Locations, all_locations
+from .models import ImageModel, LoadedModel, image_model, load_model
+from .perturbations import PatchPerturbation
+from .shapes import PatchShape, make_shape
+from .sparse import SparsePerturbation, certify_sparse, sparse_lower_margins
+from .spec import margin_spec
+from .train import TrainConfig, Trainer
 
 
 def auto_lirpa_version() -> str:
     """The installed auto_LiRPA version string."""
     return getattr(auto_LiRPA, "__version__", "unknown")
+
+
+__all__ = [
+    "CertifyResult",
+    "DataError",
+    "Dataset",
+    "ImageModel",
+    "ImageResult",
+    "LirpaPatchError",
+    "LoadedModel",
+    "Locations",
+    "ModelError",
+    "PatchPerturbation",
+    "PatchShape",
+    "PixelDomain",
+    "SparsePerturbation",
+    "TrainConfig",
+    "Trainer",
+    "UsageError",
+    "__version__",
+    "all_locations",
+    "auto_lirpa_version",
+    "bound_model",
+    "certify",
+    "certify_sparse",
+    "custom_ops",
+    "image_model",
+    "load_dataset",
+    "load_model",
+    "lower_margins",
+    "make_shape",
+    "margin_spec",
+    "sparse_lower_margins",
+]

@@ -1,26 +1,37 @@
-"""Exceptions the library raises for bad input. The CLI maps them to exit codes.
+"""Exceptions the library raises for bad input.
 
-Every message is one line, written for the user: what is wrong and, where it
-helps, what to do about it.
+Every message is one line, written for the user of the Python API: what is wrong
+and, where it helps, what to do about it. Messages name Python parameters
+(``chunk_size``, ``mean``), never command-line flags; an error about one
+parameter carries its name in :attr:`UsageError.param`, so a front end (the
+``lirpa-patch`` command) can say which of *its* options was wrong. The library
+never decides exit codes.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class LirpaPatchError(Exception):
-    """Base class: a failure caused by the user's inputs (CLI exit code 1)."""
-
-    exit_code = 1
+    """Base class: a failure caused by the user's inputs."""
 
 
-class UsageError(LirpaPatchError):
-    """Options that cannot work together or are out of range (CLI exit code 2).
+class UsageError(LirpaPatchError, ValueError):
+    """Arguments that are out of range or cannot work together.
 
     Examples: a patch larger than the image, a mean with the wrong number of
-    channels, an unknown shape name.
+    channels, an unknown shape name. A ``ValueError``, so ``except ValueError``
+    works as with any Python library.
+
+    Attributes:
+        param: the name of the Python parameter the error is about (``"chunk_size"``),
+            or None when it concerns several or none.
     """
 
-    exit_code = 2
+    def __init__(self, message: str, *, param: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class DataError(LirpaPatchError):

@@ -11,9 +11,8 @@ gain by going up). Later layers use IBP; under CROWN, :meth:`SparsePerturbation.
 applies the same top-k rule to the linear coefficients, so every bound CROWN
 concretizes (intermediate ones included) is taken over the sparse set.
 
-Importing this module registers the plugin bound operators of
-:mod:`lirpa_patch.bound_ops` with auto_LiRPA: build ``BoundedModule`` objects
-*after* importing it (or pass ``custom_ops=lirpa_patch.bound_ops.custom_ops()``).
+Build the ``BoundedModule`` with the plugin bound operators,
+``custom_ops=lirpa_patch.custom_ops()`` (:func:`lirpa_patch.bound_model` does).
 Normalization (``Sub``/``Div``/``Mul``/``Add`` by constants), ``Flatten``/``Reshape``/
 ``Transpose`` before the first layer are followed exactly; anything else in front
 of the first mixing layer (say a ReLU) falls back to a sound box bound there, with
@@ -25,7 +24,8 @@ Example::
     from lirpa_patch.sparse import SparsePerturbation
     from auto_LiRPA import BoundedModule, BoundedTensor
 
-    model = BoundedModule(net, torch.zeros(1, 1, 28, 28), bound_opts={"conv_mode": "matrix"})
+    model = BoundedModule(net, torch.zeros(1, 1, 28, 28), bound_opts={"conv_mode": "matrix"},
+                          custom_ops=lirpa_patch.custom_ops())
     x = BoundedTensor(images, SparsePerturbation(k=4))
     lb, ub = model.compute_bounds(x=(x,), method="IBP")      # or method="CROWN"
 """
@@ -45,14 +45,11 @@ from auto_LiRPA.patches import Patches
 from auto_LiRPA.perturbations import PerturbationLpNorm
 from auto_LiRPA.utils import eyeC
 
-from . import bound_ops
 from .bound_ops import SparseFallbackWarning, SparseState, plugin_report
-from .certify import CertifyResult, _check_inputs, _image_results, _predict, bound_model
+from .engine import CertifyResult, _check_inputs, _image_results, _predict, bound_model
 from .domain import PixelDomain
 from .errors import ModelError, UsageError
 from .spec import margin_spec
-
-bound_ops.register()
 
 __all__ = [
     "SparsePerturbation",
@@ -291,7 +288,7 @@ def check_bounded(bounded: BoundedModule, method: Optional[str] = "ibp") -> list
         warnings.warn(
             f"SparsePerturbation: layer(s) {', '.join(stock)} of this BoundedModule are stock auto_LiRPA "
             "operators, so the k-pixel rule is not applied there (sound but loose box bounds). Build the "
-            "BoundedModule after importing lirpa_patch.sparse, or pass custom_ops=lirpa_patch.bound_ops.custom_ops()",
+            "BoundedModule with custom_ops=lirpa_patch.custom_ops() (lirpa_patch.bound_model does)",
             SparseFallbackWarning,
             stacklevel=3,
         )
@@ -339,7 +336,7 @@ def sparse_lower_margins(
 
     Args:
         bounded: ``BoundedModule`` of a model mapping images ``(N, C, H, W)`` to logits,
-            built after importing this module (e.g. with :func:`lirpa_patch.certify.bound_model`).
+            built after importing this module (e.g. with :func:`lirpa_patch.engine.bound_model`).
         images: ``(N, C, H, W)`` in the pixel domain.
         labels: ``(N,)`` true labels.
         k: pixels the attacker may change.
@@ -408,7 +405,7 @@ def certify_sparse(
         progress: callback ``(images_done, rows_done)``.
 
     Returns:
-        A :class:`~lirpa_patch.certify.CertifyResult` with ``shape=None``, ``num_locations=0``
+        A :class:`~lirpa_patch.engine.CertifyResult` with ``shape=None``, ``num_locations=0``
         and ``extra={"threat": "sparse", "k": k}`` (plus ``"fallback": {layer: reason}`` when
         a first layer could not use the sparse rule); ``worst_location`` is None and
         ``worst_class`` the other class with the smallest certified margin.

@@ -1,4 +1,4 @@
-"""The certification engine (``lirpa_patch.certify``): per-image records, chunking, the worst
+"""The certification engine (``lirpa_patch.engine``): per-image records, chunking, the worst
 margin over locations, the specification merged into the last layer, input errors."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from auto_LiRPA import BoundedTensor
-from lirpa_patch.certify import bound_model, certify, lower_margins
+from lirpa_patch.engine import bound_model, certify, lower_margins
 from lirpa_patch.errors import DataError, ModelError, UsageError
 from lirpa_patch.locations import all_locations
 from lirpa_patch.perturbations import PatchPerturbation

@@ -17,8 +17,8 @@ import torch
 from click.testing import CliRunner, Result
 from torch import nn
 
-from cli.main import app
-from cli.shapes_cmd import count_locations
+from lirpa_patch_cli.main import app
+from lirpa_patch_cli.shapes import count_locations
 from lirpa_patch.data import load_dataset
 from lirpa_patch.locations import all_locations
 from lirpa_patch.shapes import SHAPE_NAMES, TRANSFER_SHAPES, make_shape

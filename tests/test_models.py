@@ -93,7 +93,7 @@ def _assert_bounds_contain_clean(model: ImageModel, x: torch.Tensor, method: str
     from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
 
     # "matrix" conv mode: auto_LiRPA 0.3's "patches" mode cannot go back through the
-    # per-channel normalization in front of a conv (see lirpa_patch.certify.bound_model).
+    # per-channel normalization in front of a conv (see lirpa_patch.engine.bound_model).
     bounded = BoundedModule(model, torch.zeros_like(x), bound_opts={"conv_mode": "matrix"})
     ptb = PerturbationLpNorm(norm=np.inf, eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1))
     lower, upper = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method=method)

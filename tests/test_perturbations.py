@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from auto_LiRPA import BoundedModule, BoundedTensor
-from lirpa_patch.certify import bound_model, lower_margins
+from lirpa_patch.engine import bound_model, lower_margins
 from lirpa_patch.domain import PixelDomain
 from lirpa_patch.errors import UsageError
 from lirpa_patch.locations import all_locations

@@ -11,8 +11,9 @@ import stat
 import pytest
 from rich.console import Console
 
-from cli import render, report
-from lirpa_patch.certify import CertifyResult, ImageResult
+from lirpa_patch import report
+from lirpa_patch_cli import render
+from lirpa_patch.engine import CertifyResult, ImageResult
 from lirpa_patch.errors import LirpaPatchError
 from lirpa_patch.shapes import make_shape
 

@@ -3,8 +3,8 @@
 For every shape, both bound methods and three architectures (MLP, CNN, residual
 net), at EVERY location, the real margins ``z_true - z_other`` found by random,
 corner and PGD patch contents (``tests/attacks.py``) must be >= the certified
-lower margins of :func:`lirpa_patch.certify.lower_margins`, and
-:func:`lirpa_patch.certify.certify`'s worst margin must be <= every attacked
+lower margins of :func:`lirpa_patch.engine.lower_margins`, and
+:func:`lirpa_patch.engine.certify`'s worst margin must be <= every attacked
 margin of the image. Slack: float rounding only (``rounding_tolerance``:
 ``1e-5 + 1e-5 * max |logit|``; in float64 a flat ``1e-5``).
 
@@ -22,7 +22,7 @@ import pytest
 import torch
 from auto_LiRPA import BoundedModule
 
-from lirpa_patch.certify import bound_model, certify, lower_margins
+from lirpa_patch.engine import bound_model, certify, lower_margins
 from lirpa_patch.domain import PixelDomain
 from lirpa_patch.locations import all_locations
 from lirpa_patch.perturbations import PatchPerturbation

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import lirpa_patch  # noqa: F401  (shims before auto_LiRPA)
-from lirpa_patch.certify import bound_model, certify, lower_margins
+from lirpa_patch.engine import bound_model, certify, lower_margins
 from lirpa_patch.errors import UsageError
 from lirpa_patch.locations import all_locations
 from lirpa_patch.models.adapter import ImageModel
@@ -301,7 +301,7 @@ def toy_npz(tmp_path_factory):
 
 
 def _cli(args):
-    from cli.main import app
+    from lirpa_patch_cli.main import app
 
     return CliRunner().invoke(app, args, catch_exceptions=False)
 
@@ -325,7 +325,7 @@ def test_cli_train_resume_and_certify(toy_npz, tmp_path):
 
 
 def test_cli_train_errors_are_one_line(toy_npz, tmp_path):
-    result = CliRunner().invoke(__import__("cli.main", fromlist=["app"]).app,
+    result = CliRunner().invoke(__import__("lirpa_patch_cli.main", fromlist=["app"]).app,
                                 ["train", "--data", str(toy_npz), "--patch", "9x9", "--epochs", "1",
                                  "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2

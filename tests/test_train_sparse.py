@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from torch.nn import functional as F
 
 import lirpa_patch  # noqa: F401  (shims before auto_LiRPA)
-from cli.main import app
-from lirpa_patch.certify import bound_model
+from lirpa_patch_cli.main import app
+from lirpa_patch.engine import bound_model
 from lirpa_patch.models.adapter import ImageModel
 from lirpa_patch.models.architectures import build_architecture
 from lirpa_patch.sparse import certify_sparse, sparse_lower_margins

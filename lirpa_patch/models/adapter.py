@@ -185,7 +185,7 @@ class ImageModel(nn.Module):
             # Elementwise Sub/Div by per-channel constants: exact under IBP, and the form the
             # sparse plugin operators recognise. (auto_LiRPA 0.3's CROWN in conv "patches" mode
             # cannot go back through a per-channel Div in front of a conv; the engine builds
-            # CROWN BoundedModules in "matrix" mode, see lirpa_patch.certify.bound_model.)
+            # CROWN BoundedModules in "matrix" mode, see lirpa_patch.engine.bound_model.)
             x = (x - self._mean) / self._std
         if self.layout == "nhwc":
             x = x.permute(0, 2, 3, 1)

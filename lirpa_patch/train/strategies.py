@@ -8,7 +8,7 @@ minimum over the locations it considers of the IBP lower bound of
 fits, so other threat models (e.g. a sparse-pixel bound) slot in the same way.
 
 Every bound goes through auto_LiRPA's ``compute_bounds`` with the specification
-merged into the last layer (:func:`lirpa_patch.certify.lower_margins`).
+merged into the last layer (:func:`lirpa_patch.engine.lower_margins`).
 
 Strategies:
 
@@ -54,7 +54,7 @@ from auto_LiRPA.perturbations import PerturbationLpNorm
 from torch import nn
 from torch.nn import functional as F
 
-from ..certify import _quiet, bound_model, lower_margins
+from ..engine import _quiet, bound_model, lower_margins
 from ..domain import PixelDomain
 from ..errors import UsageError
 from ..locations import Locations

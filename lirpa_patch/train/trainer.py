@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..certify import CertifyResult, ProgressFn, bound_model, certify
+from ..engine import CertifyResult, ProgressFn, bound_model, certify
 from ..domain import PixelDomain
 from ..errors import DataError, UsageError
 from ..locations import Locations, all_locations

@@ -1,6 +1,6 @@
 """The JSON report of ``lirpa-patch certify``: built from engine results, written atomically.
 
-The builders are pure functions of a :class:`~lirpa_patch.certify.CertifyResult`
+The builders are pure functions of a :class:`~lirpa_patch.engine.CertifyResult`
 and a :class:`RunInfo` (what was asked for and what it ran on); only
 :func:`write_report` and :func:`check_writable` touch the file system.
 
@@ -102,8 +102,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from lirpa_patch.certify import CertifyResult
-from lirpa_patch.errors import LirpaPatchError
+from .engine import CertifyResult
+from .errors import LirpaPatchError
 
 REPORT_VERSION = 1
 

@@ -52,6 +52,10 @@ def bound_model(
 ) -> BoundedModule:
     """Wrap a model that maps images ``(N, C, H, W)`` to logits in an auto_LiRPA ``BoundedModule``.
 
+    The module carries the plugin bound operators (:func:`lirpa_patch.custom_ops`)
+    that make :class:`~lirpa_patch.sparse.SparsePerturbation` exact; they behave
+    like auto_LiRPA's own operators for every other perturbation.
+
     ``conv_mode`` is auto_LiRPA's representation of convolutions under CROWN. The
     default ``"matrix"`` works through every graph we build (auto_LiRPA 0.3's
     ``"patches"`` mode fails on a per-channel normalization before a conv); IBP
@@ -60,10 +64,13 @@ def bound_model(
     Raises:
         ModelError: when auto_LiRPA cannot parse the model (e.g. an unsupported op).
     """
+    from .bound_ops import custom_ops
+
     dummy = torch.zeros(1, *[int(v) for v in image_shape], device=device)
     try:
         with _quiet():
-            return BoundedModule(model, dummy, bound_opts={"conv_mode": conv_mode}, device=str(device))
+            return BoundedModule(model, dummy, bound_opts={"conv_mode": conv_mode}, device=str(device),
+                                 custom_ops=custom_ops())
     except Exception as exc:  # auto_LiRPA raises assorted errors for unsupported graphs
         raise ModelError(f"auto_LiRPA cannot bound this model: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 

@@ -3,8 +3,8 @@
 Flow: parse and check options (cheap, before anything is loaded) -> load the
 data -> build the patch shape(s) and their locations -> load the model and wrap
 it for images in [0, 1] -> cross-check against onnxruntime -> certify with the
-engine (progress on stderr) -> write the JSON report (:mod:`cli.report`) ->
-print the results table (:mod:`cli.render`) on stdout.
+engine (progress on stderr) -> write the JSON report (:mod:`lirpa_patch.report`) ->
+print the results table (:mod:`lirpa_patch_cli.render`) on stdout.
 """
 
 from __future__ import annotations
@@ -237,14 +237,16 @@ def _run(
     check: bool,
     quiet: bool,
 ) -> None:
-    from lirpa_patch.certify import DEFAULT_CHUNK, bound_model, certify as certify_images
+    from lirpa_patch.engine import DEFAULT_CHUNK, bound_model, certify as certify_images
     from lirpa_patch.errors import UsageError
     from lirpa_patch.sparse import SPARSE_CHUNK, certify_sparse
     from lirpa_patch.data import load_dataset
     from lirpa_patch.locations import all_locations
     from lirpa_patch.models import check_against_onnxruntime, image_model, load_model
 
-    from . import render, report
+    from lirpa_patch import report
+
+    from . import render
 
     # 1. options that need nothing loaded
     size = _parse_patch(patch)
