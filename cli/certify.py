@@ -155,7 +155,7 @@ def _status(message: str, enabled: bool):
 @click.option("--mean", default=None, metavar="M[,M,M]", help="Per-channel mean the model expects, e.g. 0.4914,0.4822,0.4465 "
               "(the model sees (x - mean) / std with x in [0, 1]).")
 @click.option("--std", default=None, metavar="S[,S,S]", help="Per-channel std the model expects, e.g. 0.2471,0.2435,0.2616.")
-@click.option("--chunk", type=click.IntRange(min=1), default=None, show_default="4096 IBP, 256 CROWN",
+@click.option("--chunk", type=click.IntRange(min=1), default=None, show_default="sized by memory (IBP), 256 (CROWN)",
               help=_CHUNK_HELP)
 @click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu",
               help="Where to compute the bounds.")
@@ -239,7 +239,7 @@ def _run(
 ) -> None:
     from lirpa_patch.engine import DEFAULT_CHUNK, bound_model, certify as certify_images
     from lirpa_patch.errors import UsageError
-    from lirpa_patch.sparse import SPARSE_CHUNK, certify_sparse
+    from lirpa_patch.engine import SPARSE_CHUNK, certify_sparse
     from lirpa_patch.data import load_dataset
     from lirpa_patch.locations import all_locations
     from lirpa_patch.models import check_against_onnxruntime, image_model, load_model
@@ -317,7 +317,7 @@ def _run(
         threat="sparse" if sparse is not None else "patch",
         sparse_k=sparse,
         method=method,
-        chunk=chunk_size,
+        chunk=next(iter(results.values())).chunk_size,
         device=device,
         seed=seed,
         model_input={

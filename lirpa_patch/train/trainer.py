@@ -97,7 +97,7 @@ class TrainConfig:
         sparse: ``k`` of the sparse threat (any ``k`` pixels change); 0 trains against
             patches. When set, the strategy is
             :class:`~lirpa_patch.train.sparse_strategy.SparsePixels` and evaluation
-            uses :func:`~lirpa_patch.sparse.certify_sparse`.
+            uses :func:`~lirpa_patch.engine.certify_sparse`.
     """
 
     patch: str = "2x2"
@@ -478,7 +478,7 @@ class Trainer:
         was_training = self.model.training
         try:
             if self.config.sparse:
-                from ..sparse import certify_sparse
+                from ..engine import certify_sparse
 
                 return certify_sparse(
                     self.model, images, labels, k=self.config.sparse, method="ibp", device=self.device,
