@@ -155,7 +155,7 @@ def _status(message: str, enabled: bool):
 @click.option("--mean", default=None, metavar="M[,M,M]", help="Per-channel mean the model expects, e.g. 0.4914,0.4822,0.4465 "
               "(the model sees (x - mean) / std with x in [0, 1]).")
 @click.option("--std", default=None, metavar="S[,S,S]", help="Per-channel std the model expects, e.g. 0.2471,0.2435,0.2616.")
-@click.option("--chunk", type=click.IntRange(min=1), default=None, show_default="sized by memory (IBP), 256 (CROWN)",
+@click.option("--chunk", type=click.IntRange(min=1), default=None, show_default="sized by memory",
               help=_CHUNK_HELP)
 @click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu",
               help="Where to compute the bounds.")
@@ -237,7 +237,7 @@ def _run(
     check: bool,
     quiet: bool,
 ) -> None:
-    from lirpa_patch.engine import DEFAULT_CHUNK, bound_model, certify as certify_images
+    from lirpa_patch.engine import bound_model, certify as certify_images
     from lirpa_patch.errors import UsageError
     from lirpa_patch.engine import SPARSE_CHUNK, certify_sparse
     from lirpa_patch.data import load_dataset
@@ -257,7 +257,7 @@ def _run(
     if sparse is not None:
         chunk_size = chunk if chunk is not None else SPARSE_CHUNK
     else:
-        chunk_size = chunk if chunk is not None else DEFAULT_CHUNK[method]
+        chunk_size = chunk
     _seed_everything(seed)
     interactive = not quiet and err_console.is_terminal
 

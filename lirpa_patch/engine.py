@@ -35,7 +35,7 @@ from .domain import PixelDomain
 from .errors import ModelError, UsageError
 from .head import Head, find_head, strip_monotone_output
 from .locations import Locations
-from .ops.graph import all_nodes, consumers, is_data_input, prepare
+from .ops.graph import all_nodes, consumers, is_data_input, prepare, reaches_input
 from .ops.registry import custom_ops
 from .ops.state import ElementState, WindowState
 from .ops.window import linear_window
@@ -50,10 +50,6 @@ METHODS: dict[str, str] = {"ibp": "IBP", "crown": "CROWN"}
 DEFAULT_MAX_MEMORY = 1 << 30
 """Default budget for the working tensors of one bound computation (1 GiB)."""
 
-DEFAULT_CHUNK: dict[str, Optional[int]] = {"ibp": None, "crown": 256}
-"""Default rows per ``compute_bounds`` call: IBP sizes chunks by memory
-(:data:`DEFAULT_MAX_MEMORY`); CROWN keeps a linear bound per row and hidden neuron,
-so it works in chunks of 256 rows."""
 
 MAX_ROWS_PER_CALL = 8192
 """Upper limit on rows per call when sizing by memory (larger calls stop paying off)."""
@@ -416,15 +412,16 @@ def rows_per_call(bounded: BoundedModule, max_memory: int, method: str) -> int:
     sizes = []
     for node in all_nodes(bounded):
         shape = getattr(node, "output_shape", None)
-        if shape is None or not getattr(node, "perturbed", True):
+        if shape is None or not reaches_input(node):
             continue
         try:
             sizes.append(int(np.prod([int(d) for d in shape[1:]])))
         except (TypeError, ValueError):
             continue
     per_row = 4 * 4 * max(1, sum(sizes))
-    if method != "ibp":
-        per_row += 4 * 2 * max(sizes or [1]) ** 2
+    if method != "ibp":  # CROWN: linear bounds (rows, neurons, inputs) of the largest layers, twice
+        largest = sorted(sizes or [1])[-2:]
+        per_row += 4 * 2 * largest[-1] * largest[0]
     return int(max(1, min(MAX_ROWS_PER_CALL, max_memory // per_row)))
 
 
@@ -479,7 +476,7 @@ def certify(
         k: the sparse threat's pixel budget (instead of a patch).
         method: ``"ibp"`` (default) or ``"crown"``.
         chunk_size: rows per ``compute_bounds`` call; default sized by ``max_memory``
-            (IBP) or 256 (CROWN).
+            (:func:`rows_per_call`).
         max_memory: bytes of working tensors per call when ``chunk_size`` is not given.
         indices: dataset index of each image, for the report (default ``0..N-1``).
         domain: pixel domain of ``images`` (default ``[0, 1]``, no normalization).
@@ -521,7 +518,7 @@ def certify(
             bounded = bound_model(model, images.shape[1:], device)
         head = head_of(bounded)
         if chunk_size is None:
-            chunk_size = DEFAULT_CHUNK[key] or rows_per_call(bounded, max_memory, key)
+            chunk_size = rows_per_call(bounded, max_memory, key)
 
         worst = torch.full((n_img,), float("inf"), device=device)
         worst_row = torch.zeros(n_img, dtype=torch.long)
