@@ -5,13 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional
 
 import click
 from rich.console import Console
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+class InputError(click.ClickException):
+    """A missing input file found before the library is imported: one line, exit 1 (not a usage error)."""
+
+    exit_code = 1
 
 
 def parse_floats(value: Optional[str], name: str) -> Optional[tuple[float, ...]]:
@@ -46,3 +52,19 @@ def library_warnings_silenced() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+@contextlib.contextmanager
+def param_as(names: Mapping[str, str]) -> Iterator[None]:
+    """Inside the block, a library error about parameter ``p`` is about ``names[p]`` instead.
+
+    E.g. ``with param_as({"path": "resume"}): load_checkpoint(opts["resume"])``: the
+    library's ``path`` is this command's ``resume`` (``--resume``).
+    """
+    try:
+        yield
+    except Exception as exc:
+        param = getattr(exc, "param", None)
+        if param in names:
+            exc.param = names[param]  # type: ignore[attr-defined]
+        raise

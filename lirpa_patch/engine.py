@@ -107,7 +107,7 @@ def lower_margins(
     """
     key = str(method).lower()
     if key not in _METHODS:
-        raise UsageError(f"method must be one of {', '.join(_METHODS)}, got {method!r}")
+        raise UsageError(f"method must be one of {', '.join(_METHODS)}, got {method!r}", param="method")
     n = images.shape[0]
     n_loc = masks.shape[-3]
     ptb = PatchPerturbation(masks=masks, domain=domain, strength=strength)
@@ -176,19 +176,32 @@ class CertifyResult:
 
 
 ProgressFn = Callable[[int, int], None]
-"""``progress(images_done, locations_done)``, called after every chunk."""
+"""``progress(images_done, locations_done)``, called after every chunk.
+
+When the callback also has a method ``start(images, locations)``, it is called once,
+before any bound is computed, with the totals: the images that will be bounded (those
+the model classifies correctly) and their (image, location) rows. A progress bar needs
+no forward pass of its own to size itself."""
+
+
+def start_progress(progress: Optional[ProgressFn], images: int, locations: int) -> None:
+    """Give ``progress`` the totals, when it has a ``start`` method (see :data:`ProgressFn`)."""
+    start = getattr(progress, "start", None)
+    if callable(start):
+        start(images, locations)
 
 
 def _check_inputs(images: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> None:
     """One-line :class:`UsageError` for malformed engine inputs (shared by every threat model)."""
     if chunk_size < 1:
-        raise UsageError(f"chunk size must be at least 1, got {chunk_size}")
+        raise UsageError(f"chunk_size must be at least 1, got {chunk_size}", param="chunk_size")
     if images.ndim != 4:
-        raise UsageError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        raise UsageError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}", param="images")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise UsageError(f"labels must be (N,) with N = {images.shape[0]}, got shape {tuple(labels.shape)}")
+        raise UsageError(f"labels must be (N,) with N = {images.shape[0]}, got shape {tuple(labels.shape)}",
+                         param="labels")
     if not torch.isfinite(images).all():
-        raise UsageError("images contain NaN or infinite values")
+        raise UsageError("images contain NaN or infinite values", param="images")
 
 
 def _image_results(
@@ -274,14 +287,15 @@ def certify(
         indices: dataset index of each image, for the report (default ``0..N-1``).
         domain: pixel domain of ``images`` (default ``[0, 1]``, no normalization).
         bounded: a prebuilt ``BoundedModule`` of ``model`` (reused across calls).
-        progress: callback ``(images_done, locations_done)``.
+        progress: callback ``(images_done, locations_done)``; its ``start(images, locations)``,
+            when it has one, first receives the totals (see :data:`ProgressFn`).
 
     Returns:
         A :class:`CertifyResult` with one :class:`ImageResult` per image.
     """
     key = str(method).lower()
     if key not in _METHODS:
-        raise UsageError(f"method must be one of {', '.join(_METHODS)}, got {method!r}")
+        raise UsageError(f"method must be one of {', '.join(_METHODS)}, got {method!r}", param="method")
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK[key]
     _check_inputs(images, labels, chunk_size)
@@ -295,7 +309,8 @@ def certify(
     if locations is None:
         locations = all_locations(patch_shape, images.shape[-2:])
     elif tuple(locations.image_size) != tuple(images.shape[-2:]):
-        raise UsageError(f"locations are for {locations.image_size} images, got {tuple(images.shape[-2:])}")
+        raise UsageError(f"locations are for {locations.image_size} images, got {tuple(images.shape[-2:])}",
+                         param="locations")
     masks = locations.masks.to(device)
     n_img, n_loc = images.shape[0], len(locations)
     idx = list(range(n_img)) if indices is None else [int(i) for i in indices]
@@ -313,6 +328,7 @@ def certify(
     worst_loc = torch.zeros(n_img, dtype=torch.long)
     worst_cls = torch.zeros(n_img, dtype=torch.long)
     todo = torch.nonzero(correct).flatten().tolist()
+    start_progress(progress, len(todo), len(todo) * n_loc)
     loc_chunk = min(n_loc, chunk_size)
     img_chunk = max(1, chunk_size // loc_chunk)
     done_images, done_locations = 0, 0

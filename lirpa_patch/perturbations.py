@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from auto_LiRPA.perturbations import PerturbationLpNorm
 
-from .domain import PixelDomain
+from .domain import PixelDomain, _value_range, check_strength
 from .errors import UsageError
-from .locations import Locations, all_locations, explicit_locations
+from .locations import Locations, all_locations, explicit_locations, position_rows
 from .shapes import PatchShape, SizeLike, make_shape
 
 Layout = Literal["nchw", "nhwc", "flat"]
@@ -73,36 +73,38 @@ class PatchPerturbation(PerturbationLpNorm):
     ) -> None:
         super().__init__(eps=0.0, norm=np.inf)
         if layout not in ("nchw", "nhwc", "flat"):
-            raise UsageError(f"layout must be nchw, nhwc or flat, got {layout!r}")
+            raise UsageError(f"layout must be nchw, nhwc or flat, got {layout!r}", param="layout")
         if layout == "flat" and image_shape is None:
-            raise UsageError("layout='flat' needs image_shape=(C, H, W)")
-        if not 0.0 <= float(strength) <= 1.0:
-            raise UsageError(f"strength must be in [0, 1], got {strength}")
+            raise UsageError("layout='flat' needs image_shape=(C, H, W)", param="image_shape")
+        strength = check_strength(strength)
         if domain is None:
-            domain = PixelDomain(float(value_range[0]), float(value_range[1]), mean, std)
+            domain = PixelDomain(*_value_range(value_range), mean, std)
         elif mean is not None or std is not None:
-            raise UsageError("give either domain= or mean=/std=, not both")
+            raise UsageError("give either domain= or mean=/std=, not both", param="domain")
         self.domain = domain
         self.layout: Layout = layout
         self.image_shape = tuple(int(v) for v in image_shape) if image_shape is not None else None
         self.strength = float(strength)
-        self.patch_shape = shape if isinstance(shape, PatchShape) else make_shape(shape, size)
+        image_size = self.image_shape[1:] if self.image_shape is not None and len(self.image_shape) == 3 else None
+        self.patch_shape = shape if isinstance(shape, PatchShape) else make_shape(shape, size, image_size=image_size)
         self._positions = None
         self._locations: Optional[Locations] = None
         self._masks: Optional[torch.Tensor] = None
         if masks is not None:
             if locations is not None:
-                raise UsageError("give either locations= or masks=, not both")
+                raise UsageError("give either locations= or masks=, not both", param="masks")
             masks = torch.as_tensor(masks).to(torch.bool)
-            if masks.ndim not in (3, 4):
-                raise UsageError(f"masks must be (L, H, W) or (N, L, H, W), got {tuple(masks.shape)}")
+            if masks.ndim not in (3, 4) or masks.shape[-3] == 0:
+                raise UsageError(f"masks must be (L, H, W) or (N, L, H, W) with L >= 1, got {tuple(masks.shape)}",
+                                 param="masks")
             self._masks = masks
         elif isinstance(locations, Locations):
             self._locations = locations
         elif locations is not None and not (isinstance(locations, str) and locations == "all"):
             if isinstance(locations, str):
-                raise UsageError(f"locations must be 'all', a Locations set or positions, got {locations!r}")
-            self._positions = locations
+                raise UsageError(f"locations must be 'all', a Locations set or positions, got {locations!r}",
+                                 param="locations")
+            self._positions = position_rows(locations, self.patch_shape)
 
     # ------------------------------------------------------------------ locations
     def _image_size_from(self, x: Optional[torch.Tensor]) -> tuple[int, int]:

@@ -46,8 +46,8 @@ from auto_LiRPA.perturbations import PerturbationLpNorm
 from auto_LiRPA.utils import eyeC
 
 from .bound_ops import SparseFallbackWarning, SparseState, plugin_report
-from .engine import CertifyResult, _check_inputs, _image_results, _predict, bound_model
-from .domain import PixelDomain
+from .engine import CertifyResult, _check_inputs, _image_results, _predict, bound_model, start_progress
+from .domain import PixelDomain, _value_range, check_strength
 from .errors import ModelError, UsageError
 from .spec import margin_spec
 
@@ -102,19 +102,18 @@ class SparsePerturbation(PerturbationLpNorm):
     ) -> None:
         super().__init__(eps=0.0, norm=np.inf)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 0:
-            raise UsageError(f"the sparse pixel budget k must be a non-negative integer, got {k!r}")
+            raise UsageError(f"the sparse pixel budget k must be a non-negative integer, got {k!r}", param="k")
         if layout not in ("nchw", "nhwc", "flat"):
-            raise UsageError(f"layout must be nchw, nhwc or flat, got {layout!r}")
+            raise UsageError(f"layout must be nchw, nhwc or flat, got {layout!r}", param="layout")
         if layout == "flat" and image_shape is None:
-            raise UsageError("layout='flat' needs image_shape=(C, H, W)")
+            raise UsageError("layout='flat' needs image_shape=(C, H, W)", param="image_shape")
         if image_shape is not None and (len(tuple(image_shape)) != 3 or any(int(d) <= 0 for d in image_shape)):
-            raise UsageError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-        if not 0.0 <= float(strength) <= 1.0:
-            raise UsageError(f"strength must be in [0, 1], got {strength}")
+            raise UsageError(f"image_shape must be (C, H, W), got {tuple(image_shape)}", param="image_shape")
+        strength = check_strength(strength)
         if domain is None:
-            domain = PixelDomain(float(value_range[0]), float(value_range[1]), mean, std)
+            domain = PixelDomain(*_value_range(value_range), mean, std)
         elif mean is not None or std is not None:
-            raise UsageError("give either domain= or mean=/std=, not both")
+            raise UsageError("give either domain= or mean=/std=, not both", param="domain")
         self.k = int(k)
         self.domain = domain
         self.layout: Layout = layout
@@ -350,7 +349,7 @@ def sparse_lower_margins(
     """
     key = str(method).lower()
     if key not in _METHODS:
-        raise UsageError(f"method must be one of {', '.join(_METHODS)}, got {method!r}")
+        raise UsageError(f"method must be one of {', '.join(_METHODS)}, got {method!r}", param="method")
     if bounded not in _CHECKED:
         check_bounded(bounded, key)
     ptb = SparsePerturbation(k, domain=domain, strength=strength)
@@ -373,6 +372,24 @@ ProgressFn = Callable[[int, int], None]
 
 SPARSE_CHUNK = 256
 """Default images per ``compute_bounds`` call in :func:`certify_sparse`."""
+
+
+def check_budget(k: int, image_shape: Sequence[int], *, param: str = "k") -> int:
+    """Check a sparse pixel budget against the images ``(C, H, W)`` before anything is allocated.
+
+    Returns:
+        ``k`` as an int.
+
+    Raises:
+        UsageError: (naming ``param``) ``k`` is not an integer >= 0 or exceeds the ``H * W`` pixels.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 0:
+        raise UsageError(f"the sparse pixel budget {param} must be a non-negative integer, got {k!r}", param=param)
+    height, width = int(image_shape[-2]), int(image_shape[-1])
+    if int(k) > height * width:
+        raise UsageError(f"{param} {int(k)} exceeds the {height * width} pixels of a {height}x{width} image",
+                         param=param)
+    return int(k)
 
 
 def certify_sparse(
@@ -402,7 +419,8 @@ def certify_sparse(
         indices: dataset index of each image, for the report (default ``0..N-1``).
         domain: pixel domain of ``images`` (default ``[0, 1]``).
         bounded: a prebuilt ``BoundedModule`` of ``model`` (built after importing this module).
-        progress: callback ``(images_done, rows_done)``.
+        progress: callback ``(images_done, rows_done)``; its ``start(images, rows)``, when
+            it has one, first receives the totals (see :data:`~lirpa_patch.engine.ProgressFn`).
 
     Returns:
         A :class:`~lirpa_patch.engine.CertifyResult` with ``shape=None``, ``num_locations=0``
@@ -412,11 +430,9 @@ def certify_sparse(
     """
     key = str(method).lower()
     if key not in _METHODS:
-        raise UsageError(f"method must be one of {', '.join(_METHODS)}, got {method!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 0:
-        raise UsageError(f"the sparse pixel budget k must be a non-negative integer, got {k!r}")
+        raise UsageError(f"method must be one of {', '.join(_METHODS)}, got {method!r}", param="method")
     _check_inputs(images, labels, chunk_size)
-    k = int(k)
+    k = check_budget(k, images.shape[1:])
     start = time.perf_counter()
     device = torch.device(device)
     model = model.to(device).eval()
@@ -425,7 +441,7 @@ def certify_sparse(
     n_img = images.shape[0]
     idx = list(range(n_img)) if indices is None else [int(i) for i in indices]
     if len(idx) != n_img:
-        raise UsageError(f"indices has {len(idx)} entries for {n_img} images")
+        raise UsageError(f"indices has {len(idx)} entries for {n_img} images", param="indices")
 
     logits = _predict(model, images, max(1, min(256, chunk_size)))
     num_classes = logits.shape[1]
@@ -439,6 +455,7 @@ def certify_sparse(
     worst = torch.full((n_img,), float("inf"), device=device)
     worst_cls = torch.zeros(n_img, dtype=torch.long)
     todo = torch.nonzero(correct).flatten().tolist()
+    start_progress(progress, len(todo), len(todo))
     done = 0
     with torch.no_grad():
         for i in range(0, len(todo), chunk_size):
