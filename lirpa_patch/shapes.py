@@ -51,7 +51,7 @@ SHAPE_NAMES: tuple[str, ...] = (
 """Named shapes accepted by :func:`make_shape`."""
 
 TRANSFER_SHAPES: tuple[str, ...] = ("square", "rectangle", "line", "diamond", "parallelogram")
-"""The shapes of the paper's Table 5, in its order (``--shape all``)."""
+"""The shapes of the paper's Table 5, in its order (the shape ``all`` of the command line)."""
 
 SizeLike = Union[int, Sequence[int]]
 

@@ -133,13 +133,13 @@ def train_val_split(
         "data": os.fspath(source), "start": start, "num": num,
         "val_data": None, "val_start": 0, "val_num": None, "val_size": None,
     }
-    why = ""
     if val_data is None and val_size is None and sample and start + len(train) <= SAMPLE_TRAIN:
-        val_data, val_start, why = "sample", SAMPLE_TRAIN, "the held-out sample digits"
+        val_data, val_start = "sample", SAMPLE_TRAIN
     if val_data is not None:
         val = _load(val_data, val_start or 0, val_num, {"source": "val_data", "start": "val_start", "num": "val_num"})
         selection.update(val_data=os.fspath(val_data), val_start=val_start or 0, val_num=val_num)
-        why = why or "val_data"
+        held_out = val_data == "sample" and (val_start or 0) >= SAMPLE_TRAIN
+        why = "the held-out sample digits" if held_out else "val_data"
     else:
         if val_size is None:
             val_size = min(5000, max(1, len(train) // 10))
