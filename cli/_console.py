@@ -10,8 +10,9 @@ from typing import Iterator, Mapping, Optional
 import click
 from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+# No emoji codes: a dataset named "mnist:train" must not print as "mnist🚋".
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 class InputError(click.ClickException):

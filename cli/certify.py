@@ -123,15 +123,18 @@ def _status(message: str, enabled: bool):
               show_default="inferred from the input shape",
               help="How images (N, C, H, W) are laid out for the model.")
 @click.option("--mean", default=None, metavar="M[,M,M]", help="Per-channel mean the model expects, e.g. 0.4914,0.4822,0.4465 "
-              "(the model sees (x - mean) / std with x in [0, 1]).")
-@click.option("--std", default=None, metavar="S[,S,S]", help="Per-channel std the model expects, e.g. 0.2471,0.2435,0.2616.")
+              "(the model sees (x - mean) / std with x in [0, 1]); give --std too.")
+@click.option("--std", default=None, metavar="S[,S,S]", help="Per-channel std the model expects, e.g. 0.2471,0.2435,0.2616; "
+              "give --mean too (--mean 0 --std S only divides, --mean M --std 1 only subtracts).")
 @click.option("--chunk", type=click.IntRange(min=1), default=None, show_default="4096 IBP, 256 CROWN",
               help=_CHUNK_HELP)
 @click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu",
               help="Where to compute the bounds.")
 @click.option("--seed", type=int, default=0, help="Random seed (recorded in the report).")
 @click.option("--output", "-o", "output", default=None, metavar="PATH",
-              help="Write the JSON report here (atomically).")
+              help="Write the JSON report here: a regular file atomically, a symlink through to its target, "
+              "a device or FIFO into it. A path that is an input of the run (MODEL, a --data file, a --shape "
+              "mask) is refused.")
 @click.option("--no-check", "no_check", is_flag=True, default=False,
               help="Skip cross-checking an ONNX model against onnxruntime on the images before certifying.")
 @click.option("--quiet", "-q", is_flag=True, default=False,
@@ -213,6 +216,7 @@ def _run(
 ) -> None:
     from lirpa_patch import report
     from lirpa_patch.data import load_dataset, source_files
+    from lirpa_patch.domain import check_normalization
     from lirpa_patch.engine import bound_model, certify as certify_images
     from lirpa_patch.locations import all_locations
     from lirpa_patch.models import check_against_onnxruntime, image_model, load_model
@@ -226,6 +230,7 @@ def _run(
     # 1. options that need nothing loaded; an output that is an input of the run is refused here
     size = parse_size(patch)
     shape_specs, mask_file = _resolve_shapes(shape) if sparse is None else ([], None)
+    check_normalization(mean, std)  # both or neither
     device = _check_device(device)
     if output is not None:
         check_outputs({"output": output}, {"model": model, "data": source_files(data), "shape": mask_file})

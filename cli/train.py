@@ -188,7 +188,10 @@ class _Display:
 @click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu", help="Device.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, show_default="torch's default",
               help="CPU threads torch may use.")
-@click.option("--out", "-o", "out", required=True, metavar="PATH", help="The ONNX model to write.")
+@click.option("--out", "-o", "out", required=True, metavar="PATH",
+              help="The ONNX model to write. Every output (--out, --checkpoint, --metrics) is written through "
+              "symlinks and into devices and FIFOs, and must not be an input of the run (--data, --val-data, "
+              "--resume; only --checkpoint may be the checkpoint being resumed).")
 @click.option("--checkpoint", default=None, metavar="PATH", show_default="OUT with .ckpt.pt",
               help="Checkpoint written after every epoch (weights, optimizer, scheduler, RNG).")
 @click.option("--resume", default=None, metavar="PATH",
@@ -226,6 +229,7 @@ def train(**opts: Any) -> None:
 
     import lirpa_patch  # noqa: F401  (auto_LiRPA shims first)
     from lirpa_patch.data import source_files
+    from lirpa_patch.domain import check_normalization
     from lirpa_patch.models.adapter import ImageModel
     from lirpa_patch.models.architectures import DEFAULT_WIDTHS, build_architecture
     from lirpa_patch.outputs import check_outputs
@@ -237,6 +241,7 @@ def train(**opts: Any) -> None:
 
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
+    check_normalization(mean, std)  # both or neither, before any data is read
 
     # 1. what the run reads and writes: a checkpoint to continue, the data selection, the outputs
     resumed = None
@@ -262,7 +267,6 @@ def train(**opts: Any) -> None:
     # 2. training and validation images: the library's split policy; say which is which
     with library_warnings_silenced():
         splits = train_val_split(**selection)
-    err_console.print(splits.description, highlight=False, markup=False, soft_wrap=True)
     train_x, train_y = splits.train.images, splits.train.labels
     val = (splits.val.images, splits.val.labels) if splits.val is not None else None
     channels = int(train_x.shape[1])
@@ -308,6 +312,7 @@ def train(**opts: Any) -> None:
             trainer.load_state_dict(resumed)
 
     width = arch["width"] or DEFAULT_WIDTHS[arch["name"]]
+    err_console.print(splits.description, highlight=False, markup=False, soft_wrap=True)
     err_console.print(
         f"[bold]train[/] {arch['name']} (width {width}, {arch['num_classes']} classes) | "
         + (f"any {config.sparse} pixels | " if config.sparse else
