@@ -32,7 +32,9 @@ a directory of CIFAR-10 python batches
     hostile file cannot run code.
 
 A directory gives its test split when it has one, otherwise its train split;
-append ``:train`` or ``:test`` (``"data/mnist:train"``) to choose.
+append ``:train`` or ``:test`` (``"data/mnist:train"``) to choose. (Training picks the
+training split itself: :func:`lirpa_patch.train.train_val_split`.) MNIST, CIFAR-10 and
+the sample have 10 classes: their labels must be 0-9 (``Dataset.num_classes``).
 
 ``start``/``num`` select images ``[start, start + num)`` of the source (``num``
 None: to the end; a slice running past the end stops at the end). Pixel values
