@@ -14,7 +14,7 @@ options map to them (``command.param_flags``, else the option of the same Python
 and :func:`flag_message` rewrites the message so that the user reads the flag they typed
 (``--chunk``). Where one library parameter stands for different options (the ``path`` of
 the checkpoint to resume and of the model to export), the command wraps the call in
-:func:`param_as`.
+:func:`~lirpa_patch_cli._console.param_as`.
 
 Nothing here imports torch: ``lirpa-patch --help`` and the errors found before the library
 is needed (a missing model file) are immediate.
@@ -31,7 +31,7 @@ from typing import Iterable, Mapping, Optional
 import click
 from rich.markup import escape
 
-from ._console import err_console, param_as  # noqa: F401  (param_as: part of this module's API)
+from ._console import err_console
 
 _COMMAND_MODULES = ("lirpa_patch_cli.certify", "lirpa_patch_cli.train", "lirpa_patch_cli.shapes")
 

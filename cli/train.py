@@ -232,7 +232,7 @@ def train(**opts: Any) -> None:
     from lirpa_patch.domain import check_normalization
     from lirpa_patch.models.adapter import ImageModel
     from lirpa_patch.models.architectures import DEFAULT_WIDTHS, build_architecture
-    from lirpa_patch.outputs import check_outputs
+    from lirpa_patch.outputs import check_outputs, check_writable
     from lirpa_patch.train import (
         MetricsLog, Trainer, TrainConfig, config_from_dict, export_onnx, load_checkpoint, preset_for,
         preset_normalization, train_val_split,
@@ -263,6 +263,12 @@ def train(**opts: Any) -> None:
          "resume": opts["resume"]},
         allow=[("checkpoint", "resume")],  # resuming writes the checkpoint it continues
     )
+    for path, what in ((out, "the ONNX model"), (checkpoint, "the checkpoint"), (metrics_path, "the metrics")):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # a new run folder is made, as before
+        except OSError as exc:
+            raise click.FileError(str(path), hint=exc.strerror or str(exc)) from None
+        check_writable(path, what=what)  # fail now, not after the first epoch
 
     # 2. training and validation images: the library's split policy; say which is which
     with library_warnings_silenced():

@@ -7,7 +7,6 @@ a command-line flag. The CLI (``lirpa_patch_cli``) is the only place that knows 
 from __future__ import annotations
 
 import ast
-import importlib
 import re
 import shutil
 import subprocess
@@ -16,7 +15,6 @@ import types
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
