@@ -60,7 +60,8 @@ def flag_message(
         flag = _flag_for(command, name) if name else None
         if flag is None:
             continue
-        pattern = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w])")
+        # the name as a word, not inside a path or file name ("/runs/out.onnx" has no parameter "out")
+        pattern = re.compile(rf"(?<![\w/.~-]){re.escape(name)}(?![\w/-])(?!\.\w)")
         if pattern.search(message):
             message = pattern.sub(flag, message, count=1)
         elif i == 0 and param:

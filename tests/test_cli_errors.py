@@ -159,3 +159,11 @@ def test_flag_message_rewrites_the_parameter_and_the_related_ones():
         "--layout nhwc needs model input shape (28, 28, 1), but the model takes (784,); check --input-shape")
     assert flag_message("must be positive", "layout", command) == "--layout: must be positive"
     assert flag_message("unknown thing", "other", command) == "unknown thing"
+
+
+def test_flag_message_leaves_paths_alone():
+    command = _Command(out="--out", checkpoint="--checkpoint")
+    message = "checkpoint /runs/out.onnx is the same file as out; two outputs would overwrite each other"
+    assert flag_message(message, "checkpoint", command, ("out",)) == (
+        "--checkpoint /runs/out.onnx is the same file as --out; two outputs would overwrite each other")
+    assert flag_message("layout. Check layout.", "layout", _Command(layout="--layout")) == "--layout. Check layout."
