@@ -221,14 +221,14 @@ def _run(
     from lirpa_patch.locations import all_locations
     from lirpa_patch.models import check_against_onnxruntime, image_model, load_model
     from lirpa_patch.outputs import check_outputs
-    from lirpa_patch.shapes import make_shape, parse_size
+    from lirpa_patch.shapes import check_pixels, make_shape
     from lirpa_patch.sparse import certify_sparse, check_budget
     from lirpa_patch.spec import check_labels
 
     from . import render
 
     # 1. options that need nothing loaded; an output that is an input of the run is refused here
-    size = parse_size(patch)
+    size = check_pixels(patch)  # a patch no image can hold fails before the data is read
     shape_specs, mask_file = _resolve_shapes(shape) if sparse is None else ([], None)
     check_normalization(mean, std)  # both or neither
     device = _check_device(device)

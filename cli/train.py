@@ -233,6 +233,7 @@ def train(**opts: Any) -> None:
     from lirpa_patch.models.adapter import ImageModel
     from lirpa_patch.models.architectures import DEFAULT_WIDTHS, build_architecture
     from lirpa_patch.outputs import check_outputs, check_writable
+    from lirpa_patch.shapes import check_pixels
     from lirpa_patch.train import (
         MetricsLog, Trainer, TrainConfig, config_from_dict, export_onnx, load_checkpoint, preset_for,
         preset_normalization, train_val_split,
@@ -242,6 +243,8 @@ def train(**opts: Any) -> None:
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
     check_normalization(mean, std)  # both or neither, before any data is read
+    if opts["sparse"] is None and not opts["resume"]:
+        check_pixels(opts["patch"])  # a patch no image can hold fails before the data is read
 
     # 1. what the run reads and writes: a checkpoint to continue, the data selection, the outputs
     resumed = None
