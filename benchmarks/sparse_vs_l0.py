@@ -33,10 +33,10 @@ import lirpa_patch  # noqa: E402  (shims before auto_LiRPA)
 from auto_LiRPA import BoundedModule, BoundedTensor  # noqa: E402
 from auto_LiRPA.perturbations import PerturbationL0Norm  # noqa: E402
 
-from lirpa_patch import bound_ops  # noqa: E402
+from lirpa_patch import ops as bound_ops  # noqa: E402
 from lirpa_patch.engine import bound_model  # noqa: E402
 from lirpa_patch.models import ImageModel  # noqa: E402
-from lirpa_patch.sparse import certify_sparse, sparse_lower_margins  # noqa: E402
+from lirpa_patch.engine import certify_sparse, sparse_lower_margins  # noqa: E402
 from lirpa_patch.spec import margin_spec  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "mnist_5k.npz"

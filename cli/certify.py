@@ -126,7 +126,7 @@ def _status(message: str, enabled: bool):
               "(the model sees (x - mean) / std with x in [0, 1]); give --std too.")
 @click.option("--std", default=None, metavar="S[,S,S]", help="Per-channel std the model expects, e.g. 0.2471,0.2435,0.2616; "
               "give --mean too (--mean 0 --std S only divides, --mean M --std 1 only subtracts).")
-@click.option("--chunk", type=click.IntRange(min=1), default=None, show_default="4096 IBP, 256 CROWN",
+@click.option("--chunk", type=click.IntRange(min=1), default=None, show_default="sized by memory (IBP), 256 (CROWN)",
               help=_CHUNK_HELP)
 @click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu",
               help="Where to compute the bounds.")
@@ -217,13 +217,13 @@ def _run(
     from lirpa_patch import report
     from lirpa_patch.data import load_dataset, source_files
     from lirpa_patch.domain import check_normalization
-    from lirpa_patch.engine import bound_model, certify as certify_images
+    from lirpa_patch.engine import bound_model, certify as certify_images, certify_sparse
     from lirpa_patch.locations import all_locations
     from lirpa_patch.models import check_against_onnxruntime, image_model, load_model
     from lirpa_patch.outputs import check_outputs
     from lirpa_patch.shapes import check_pixels, make_shape
-    from lirpa_patch.sparse import certify_sparse, check_budget
     from lirpa_patch.spec import check_labels
+    from lirpa_patch.threats.sparse import check_budget
 
     from . import render
 

@@ -43,17 +43,26 @@ with _compat.quiet_import():
         ) from exc
     _compat.apply_after_import()
 
-from .bound_ops import custom_ops
 from .data import Dataset, load_dataset
 from .domain import PixelDomain
-from .engine import CertifyResult, ImageResult, bound_model, certify, lower_margins
+from .engine import (
+    CertifyResult,
+    ImageResult,
+    bound_model,
+    certify,
+    certify_sparse,
+    lower_margins,
+    sparse_lower_margins,
+)
 from .errors import DataError, LirpaPatchError, ModelError, UsageError
 from .locations import Locations, all_locations
 from .models import ImageModel, LoadedModel, image_model, load_model
-from .perturbations import PatchPerturbation
 from .shapes import PatchShape, make_shape
-from .sparse import SparsePerturbation, certify_sparse, sparse_lower_margins
+from .ops import bounded_module, custom_ops
 from .spec import margin_spec
+from .threats import PatchPerturbation, SparsePerturbation
+from .threats.patch import PatchThreat
+from .threats.sparse import SparseThreat
 from .train import TrainConfig, Trainer
 
 
@@ -74,8 +83,10 @@ __all__ = [
     "ModelError",
     "PatchPerturbation",
     "PatchShape",
+    "PatchThreat",
     "PixelDomain",
     "SparsePerturbation",
+    "SparseThreat",
     "TrainConfig",
     "Trainer",
     "UsageError",
@@ -83,6 +94,7 @@ __all__ = [
     "all_locations",
     "auto_lirpa_version",
     "bound_model",
+    "bounded_module",
     "certify",
     "certify_sparse",
     "custom_ops",

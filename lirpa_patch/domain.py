@@ -78,23 +78,9 @@ def check_normalization(
     return result[0], result[1]
 
 
-def check_strength(strength: object) -> float:
-    """A threat strength (the warm-up's interval scale): a number in ``[0, 1]``.
-
-    Raises:
-        UsageError: (``param="strength"``) anything else.
-    """
-    try:
-        value = float(strength)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise UsageError(f"strength must be a number in [0, 1], got {strength!r}", param="strength") from None
-    if isinstance(strength, bool) or not 0.0 <= value <= 1.0:
-        raise UsageError(f"strength must be in [0, 1], got {strength!r}", param="strength")
-    return value
-
-
-def _value_range(value_range: object) -> tuple[float, float]:
-    """``(low, high)`` floats from a ``value_range`` argument (UsageError otherwise)."""
+def check_value_range(value_range: object) -> tuple[float, float]:
+    """``(low, high)`` floats from a ``value_range`` argument (UsageError naming it otherwise;
+    :class:`PixelDomain` checks that they are finite and ordered)."""
     try:
         low, high = (float(v) for v in value_range)  # type: ignore[union-attr]
     except (TypeError, ValueError):

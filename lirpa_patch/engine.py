@@ -1,39 +1,77 @@
-"""The certification engine (paper eq. 11).
+"""The certification engine (paper eq. 11), one for every threat.
 
-For every image and every patch location, auto_LiRPA bounds the margins
-``z_true - z_other`` with the specification merged into the last linear layer
-(``C`` in ``compute_bounds``). An image is certified when the smallest lower
-margin over all locations and all other classes is ``>= 0``.
+A *threat* (:class:`~lirpa_patch.threats.patch.PatchThreat`,
+:class:`~lirpa_patch.threats.sparse.SparseThreat`) says which rows an image has (one
+per patch location; one for the sparse threat) and builds the auto_LiRPA
+perturbation for some of them. The engine does the rest, the same way for all:
 
-(image, location) rows go through ``compute_bounds`` in chunks of at most
-``chunk_size`` rows; that is the one memory knob. Images the model already
-misclassifies are skipped (not certified, margin not computed).
+* it bounds rows in memory-sized chunks with auto_LiRPA's ``compute_bounds`` and
+  the plugin operators (:mod:`lirpa_patch.ops`), which use the structure of the
+  threat (a patch row differs from its clean image in a few pixels);
+* it bounds the input of the model's last linear layer (:mod:`lirpa_patch.head`)
+  and merges the specification ``C`` (``z_true - z_other``) into that layer once per
+  image, for every form of it (Gemm, MatMul, MatMul + Add, ...);
+* it keeps per image the smallest lower margin over rows and other classes: the
+  image is certified when it is ``>= 0``. Images the model already misclassifies
+  are skipped (not certified, margin not computed).
+
+``lower_margins`` is the differentiable building block the trainer uses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Literal, Optional, Sequence
 
+import numpy as np
 import torch
 from auto_LiRPA import BoundedModule, BoundedTensor
 
 from .domain import PixelDomain
 from .errors import ModelError, UsageError
-from .locations import Locations, all_locations
-from .perturbations import PatchPerturbation
-from .shapes import PatchShape, SizeLike, make_shape
+from .head import Head, find_head, strip_monotone_output
+from .locations import Locations
+from .ops.graph import all_nodes, consumers, is_data_input, prepare
+from .ops.registry import custom_ops
+from .ops.state import ElementState, WindowState
+from .ops.window import linear_window
+from .shapes import PatchShape, SizeLike
 from .spec import margin_spec, other_classes
+from .threats.patch import PatchPerturbation, PatchThreat
+from .threats.sparse import SparsePerturbation, SparseThreat, check_bounded, check_k
 
 Method = Literal["ibp", "crown"]
-_METHODS = {"ibp": "IBP", "crown": "CROWN"}
+METHODS: dict[str, str] = {"ibp": "IBP", "crown": "CROWN"}
 
-DEFAULT_CHUNK: dict[str, int] = {"ibp": 4096, "crown": 256}
-"""Default rows per ``compute_bounds`` call. CROWN keeps a linear bound per row and
-hidden neuron, so it needs far smaller chunks than IBP (and runs faster with them)."""
+DEFAULT_MAX_MEMORY = 1 << 30
+"""Default budget for the working tensors of one bound computation (1 GiB)."""
+
+DEFAULT_CHUNK: dict[str, Optional[int]] = {"ibp": None, "crown": 256}
+"""Default rows per ``compute_bounds`` call: IBP sizes chunks by memory
+(:data:`DEFAULT_MAX_MEMORY`); CROWN keeps a linear bound per row and hidden neuron,
+so it works in chunks of 256 rows."""
+
+MAX_ROWS_PER_CALL = 8192
+"""Upper limit on rows per call when sizing by memory (larger calls stop paying off)."""
+
+ProgressFn = Callable[[int, int], None]
+"""``progress(images_done, rows_done)``, called after every chunk.
+
+When the callback also has a method ``start(images, rows)``, it is called once, before
+any bound is computed, with the totals: the images that will be bounded (those the
+model classifies correctly) and their rows. A progress bar needs no forward pass of
+its own to size itself."""
+
+
+def start_progress(progress: Optional[ProgressFn], images: int, rows: int) -> None:
+    """Give ``progress`` the totals, when it has a ``start`` method (see :data:`ProgressFn`)."""
+    start = getattr(progress, "start", None)
+    if callable(start):
+        start(images, rows)
 
 
 @contextlib.contextmanager
@@ -41,6 +79,17 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def check_method(method) -> str:
+    """``method`` as a key of :data:`METHODS` (UsageError naming ``method`` otherwise)."""
+    key = str(method).lower()
+    if key not in METHODS:
+        raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}", param="method")
+    return key
+
+
+# ----------------------------------------------------------------------------- the bounded model
 
 
 def bound_model(
@@ -53,8 +102,9 @@ def bound_model(
     """Wrap a model that maps images ``(N, C, H, W)`` to logits in an auto_LiRPA ``BoundedModule``.
 
     The module carries the plugin bound operators (:func:`lirpa_patch.custom_ops`)
-    that make :class:`~lirpa_patch.sparse.SparsePerturbation` exact; they behave
-    like auto_LiRPA's own operators for every other perturbation.
+    that make both threats exact and fast; they behave like auto_LiRPA's own
+    operators for every other perturbation. A final ``Softmax``/``LogSoftmax`` is
+    left out (certifying the logits certifies the argmax; see :mod:`lirpa_patch.head`).
 
     ``conv_mode`` is auto_LiRPA's representation of convolutions under CROWN. The
     default ``"matrix"`` works through every graph we build (auto_LiRPA 0.3's
@@ -64,15 +114,133 @@ def bound_model(
     Raises:
         ModelError: when auto_LiRPA cannot parse the model (e.g. an unsupported op).
     """
-    from .bound_ops import custom_ops
-
+    stripped_model, stripped = strip_monotone_output(model)
     dummy = torch.zeros(1, *[int(v) for v in image_shape], device=device)
     try:
         with _quiet():
-            return BoundedModule(model, dummy, bound_opts={"conv_mode": conv_mode}, device=str(device),
-                                 custom_ops=custom_ops())
+            bounded = BoundedModule(stripped_model, dummy, bound_opts={"conv_mode": conv_mode}, device=str(device),
+                                    custom_ops=custom_ops())
     except Exception as exc:  # auto_LiRPA raises assorted errors for unsupported graphs
-        raise ModelError(f"auto_LiRPA cannot bound this model: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelError(f"auto_LiRPA cannot bound this model: {type(exc).__name__}: {first}") from exc
+    prepare(bounded)
+    object.__setattr__(bounded, "_lp_stripped", list(stripped))
+    return bounded
+
+
+def head_of(bounded: BoundedModule) -> Head:
+    """The (cached) :class:`~lirpa_patch.head.Head` of a module built by :func:`bound_model`."""
+    head = bounded.__dict__.get("_lp_head")
+    if head is None:
+        prepare(bounded)
+        head = find_head(bounded)
+        head.stripped = list(getattr(bounded, "_lp_stripped", [])) + head.stripped
+        object.__setattr__(bounded, "_lp_head", head)
+        inputs = [n for n in all_nodes(bounded) if is_data_input(n)]
+        ready = all(consumers(n) and all(getattr(u, "_lp_plugin", False) for u in consumers(n)) for n in inputs)
+        object.__setattr__(bounded, "_lp_virtual_ready", ready)
+    return head
+
+
+# ----------------------------------------------------------------------------- margins
+
+
+def _merge_head(head: Head, spec: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, state, ptb,
+                row_img: torch.Tensor) -> torch.Tensor:
+    """Lower margins ``(R, K - 1)`` from the bounds at the head node, ``spec`` ``(B, K - 1, K)`` per image."""
+    if head.kind == "linear":
+        w, bias = head.weights()
+        coef = spec.matmul(w)  # (B, K-1, J)
+        cb = spec.matmul(bias) if bias is not None else None  # (B, K-1)
+        if isinstance(state, WindowState) and state.flat:
+            return linear_window(state, coef, cb)[0]
+        if isinstance(state, ElementState):
+            out = ptb.mix_linear(state, coef, cb)
+            if out is not None:
+                return out[0].reshape(row_img.shape[0], -1)
+        if state is not None and getattr(state, "virtual", False):
+            from .ops.base import dense
+            from auto_LiRPA.operators.base import Interval
+
+            d = dense(Interval(lower, upper, ptb=ptb), (state, ptb))
+            lower, upper = d[0], d[1]
+        # lower margin = C+ lower + C- upper: two products, no centre/radius temporaries
+        lo, hi = lower.reshape(lower.shape[0], -1), upper.reshape(upper.shape[0], -1)
+        pos, neg = coef.clamp(min=0), coef.clamp(max=0)
+        n_img = spec.shape[0]
+        rows = lo.shape[0]
+        if rows % n_img == 0 and torch.equal(row_img, torch.arange(rows, device=row_img.device) // (rows // n_img)):
+            per = rows // n_img
+            out = torch.baddbmm(torch.bmm(lo.view(n_img, per, -1), pos.transpose(1, 2)), hi.view(n_img, per, -1),
+                                neg.transpose(1, 2))
+            if cb is not None:
+                out = out + cb.unsqueeze(1)
+            return out.reshape(rows, -1)
+        out = torch.einsum("rkj,rj->rk", pos[row_img], lo) + torch.einsum("rkj,rj->rk", neg[row_img], hi)
+        if cb is not None:
+            out = out + cb[row_img]
+        return out
+    lo, hi = lower.reshape(lower.shape[0], -1), upper.reshape(upper.shape[0], -1)
+    c = spec[row_img]
+    return torch.einsum("rkj,rj->rk", c.clamp(min=0), lo) + torch.einsum("rkj,rj->rk", c.clamp(max=0), hi)
+
+
+def _ibp_margins(bounded: BoundedModule, x: torch.Tensor, ptb, spec: torch.Tensor) -> torch.Tensor:
+    """IBP lower margins ``(R, K - 1)`` of the rows ``x`` under ``ptb``; ``spec`` per image."""
+    head = head_of(bounded)
+    ptb.virtual = bool(getattr(bounded, "_lp_virtual_ready", False)) and isinstance(ptb, PatchPerturbation)
+    ptb.virtual_output = head.node if head.kind == "linear" else None
+    try:
+        with _quiet():
+            lower, upper = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method="IBP",
+                                                  final_node_name=head.node)
+        state = ptb._lp_states.get(id(lower))
+        if state is not None and state.lower is not lower:
+            state = None
+        return _merge_head(head, spec, lower, upper, state, ptb, ptb.row_img)
+    finally:
+        ptb._lp_states = {}  # drop the per-call descriptions (they hold autograd graphs)
+
+
+def _crown_margins(bounded: BoundedModule, x: torch.Tensor, ptb, spec: torch.Tensor) -> torch.Tensor:
+    """CROWN lower margins ``(R, K - 1)`` (dense rows, specification per row)."""
+    ptb.virtual = False
+    per_image = x.shape[0] // spec.shape[0]  # rows are image-major, the same count per image
+    try:
+        with _quiet():
+            lb, _ = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=spec.repeat_interleave(per_image, dim=0),
+                                           method="CROWN", bound_upper=False)
+        return lb
+    finally:
+        ptb._lp_states = {}
+
+
+def threat_margins(
+    bounded: BoundedModule,
+    threat,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    rows: slice,
+    *,
+    num_classes: int,
+    method: str = "ibp",
+    domain: Optional[PixelDomain] = None,
+    strength: float = 1.0,
+) -> torch.Tensor:
+    """Certified lower margins ``(N, r, K - 1)`` of rows ``rows`` of every image, for any threat.
+
+    Differentiable with respect to the model's parameters.
+    """
+    key = check_method(method)
+    spec = margin_spec(labels, num_classes, dtype=images.dtype)
+    x, ptb = threat.perturbation(images, rows, domain=domain, strength=strength)
+    if isinstance(ptb, SparsePerturbation):
+        check_bounded(bounded, key)
+    lb = _ibp_margins(bounded, x, ptb, spec)
+    if key == "crown":
+        x, ptb = threat.perturbation(images, rows, domain=domain, strength=strength)
+        lb = torch.maximum(lb, _crown_margins(bounded, x, ptb, spec))
+    return lb.reshape(images.shape[0], -1, num_classes - 1)
 
 
 def lower_margins(
@@ -91,7 +259,8 @@ def lower_margins(
     Differentiable with respect to the model's parameters (the trainer uses it).
 
     Args:
-        bounded: the ``BoundedModule`` of a model mapping images to logits.
+        bounded: the ``BoundedModule`` of a model mapping images to logits (from
+            :func:`bound_model`).
         images: ``(N, C, H, W)`` in the model's input space (image space for
             :class:`~lirpa_patch.models.ImageModel`).
         labels: ``(N,)`` true labels.
@@ -105,22 +274,50 @@ def lower_margins(
         ``(N, L, K - 1)``: lower bound of ``z_true - z_other`` over the patch box,
         others in increasing class order (see :func:`~lirpa_patch.spec.other_classes`).
     """
-    key = str(method).lower()
-    if key not in _METHODS:
-        raise UsageError(f"method must be one of {', '.join(_METHODS)}, got {method!r}", param="method")
+    key = check_method(method)
     n = images.shape[0]
+    masks = torch.as_tensor(masks).to(device=images.device, dtype=torch.bool)
+    if masks.ndim not in (3, 4):
+        raise UsageError(f"masks must be (L, H, W) or (N, L, H, W), got {tuple(masks.shape)}", param="masks")
     n_loc = masks.shape[-3]
-    ptb = PatchPerturbation(masks=masks, domain=domain, strength=strength)
-    rows = images.repeat_interleave(n_loc, dim=0)
-    spec = margin_spec(labels, num_classes, dtype=images.dtype).repeat_interleave(n_loc, dim=0)
-    with _quiet():
-        lb, _ = bounded.compute_bounds(x=(BoundedTensor(rows, ptb),), C=spec, method="IBP", bound_upper=False)
-        if key == "crown":
-            crown, _ = bounded.compute_bounds(
-                x=(BoundedTensor(rows, ptb),), C=spec, method="CROWN", bound_upper=False
-            )
-            lb = torch.maximum(lb, crown)
+    spec = margin_spec(labels, num_classes, dtype=images.dtype)
+
+    def build():
+        ptb = PatchPerturbation(masks=masks, domain=domain, strength=strength)
+        x = images.expand(n_loc, *images.shape[1:]) if n == 1 else images.repeat_interleave(n_loc, dim=0)
+        ptb._images_hint = images
+        return x, ptb
+
+    x, ptb = build()
+    lb = _ibp_margins(bounded, x, ptb, spec)
+    if key == "crown":
+        x, ptb = build()
+        lb = torch.maximum(lb, _crown_margins(bounded, x, ptb, spec))
     return lb.reshape(n, n_loc, num_classes - 1)
+
+
+def sparse_lower_margins(
+    bounded: BoundedModule,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    k: int,
+    num_classes: int,
+    method: str = "ibp",
+    domain: Optional[PixelDomain] = None,
+    strength: float = 1.0,
+) -> torch.Tensor:
+    """Certified lower bounds of ``z_true - z_other`` under the k-pixel threat model, ``(N, K - 1)``.
+
+    Differentiable with respect to the model's parameters (the trainer uses it).
+    """
+    threat = SparseThreat(k)
+    lb = threat_margins(bounded, threat, images, labels, slice(None), num_classes=num_classes, method=method,
+                        domain=domain, strength=strength)
+    return lb.reshape(images.shape[0], num_classes - 1)
+
+
+# ----------------------------------------------------------------------------- results
 
 
 @dataclass
@@ -148,52 +345,55 @@ class ImageResult:
 
 @dataclass
 class CertifyResult:
-    """Outcome of :func:`certify` on a batch of images."""
+    """Outcome of :func:`certify` on a batch of images.
+
+    ``shape`` is the patch shape (None for the sparse threat), ``num_locations`` the
+    rows per image of a patch threat (0 for sparse), ``extra`` threat details
+    (``{"threat": "sparse", "k": k}``), ``head`` how the specification was merged
+    (:meth:`lirpa_patch.head.Head.describe`).
+    """
 
     images: list[ImageResult]
-    shape: PatchShape
+    shape: Optional[PatchShape]
     num_locations: int
     method: str
     seconds: float
     chunk_size: int
     extra: dict = field(default_factory=dict)
+    head: dict = field(default_factory=dict)
+
+    @property
+    def threat(self) -> str:
+        return str(self.extra.get("threat", "patch"))
 
     @property
     def num_images(self) -> int:
         return len(self.images)
 
     @property
+    def num_correct(self) -> int:
+        return sum(r.correct for r in self.images)
+
+    @property
+    def num_certified(self) -> int:
+        return sum(r.certified for r in self.images)
+
+    @property
     def clean_accuracy(self) -> float:
-        return sum(r.correct for r in self.images) / max(1, len(self.images))
+        return self.num_correct / max(1, len(self.images))
 
     @property
     def certified_accuracy(self) -> float:
-        return sum(r.certified for r in self.images) / max(1, len(self.images))
+        return self.num_certified / max(1, len(self.images))
 
     @property
     def images_per_second(self) -> float:
         return len(self.images) / self.seconds if self.seconds > 0 else float("inf")
 
 
-ProgressFn = Callable[[int, int], None]
-"""``progress(images_done, locations_done)``, called after every chunk.
-
-When the callback also has a method ``start(images, locations)``, it is called once,
-before any bound is computed, with the totals: the images that will be bounded (those
-the model classifies correctly) and their (image, location) rows. A progress bar needs
-no forward pass of its own to size itself."""
-
-
-def start_progress(progress: Optional[ProgressFn], images: int, locations: int) -> None:
-    """Give ``progress`` the totals, when it has a ``start`` method (see :data:`ProgressFn`)."""
-    start = getattr(progress, "start", None)
-    if callable(start):
-        start(images, locations)
-
-
-def _check_inputs(images: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> None:
-    """One-line :class:`UsageError` for malformed engine inputs (shared by every threat model)."""
-    if chunk_size < 1:
+def check_inputs(images: torch.Tensor, labels: torch.Tensor, chunk_size: Optional[int]) -> None:
+    """One-line :class:`UsageError` for malformed engine inputs."""
+    if chunk_size is not None and chunk_size < 1:
         raise UsageError(f"chunk_size must be at least 1, got {chunk_size}", param="chunk_size")
     if images.ndim != 4:
         raise UsageError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}", param="images")
@@ -204,50 +404,12 @@ def _check_inputs(images: torch.Tensor, labels: torch.Tensor, chunk_size: int) -
         raise UsageError("images contain NaN or infinite values", param="images")
 
 
-def _image_results(
-    indices: Sequence[int],
-    labels: torch.Tensor,
-    preds: torch.Tensor,
-    correct: torch.Tensor,
-    worst: torch.Tensor,
-    worst_class: torch.Tensor,
-    num_classes: int,
-    location: Callable[[int], Optional[dict]],
-) -> list[ImageResult]:
-    """Per-image records from the running minima.
-
-    Args:
-        indices: dataset index of each of the ``N`` images.
-        labels, preds, correct: ``(N,)``.
-        worst: ``(N,)`` smallest certified lower margin (ignored where not correct).
-        worst_class: ``(N,)`` position of that margin among the other classes.
-        location: image number -> JSON description of its worst location (or None).
-    """
-    others = other_classes(labels.cpu(), num_classes)
-    results = []
-    for k in range(len(indices)):
-        ok = bool(correct[k])
-        margin = float(worst[k]) if ok else None
-        results.append(
-            ImageResult(
-                index=int(indices[k]),
-                label=int(labels[k]),
-                prediction=int(preds[k]),
-                correct=ok,
-                certified=ok and margin is not None and margin >= 0.0,
-                worst_margin=margin,
-                worst_location=location(k) if ok else None,
-                worst_class=int(others[k, worst_class[k]]) if ok else None,
-            )
-        )
-    return results
-
-
-def _predict(model: torch.nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
+def predict(model: torch.nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Logits ``(N, K)`` of ``images`` (checked: 2-D, finite)."""
     outs = []
     with torch.no_grad():
         for i in range(0, images.shape[0], batch):
-            outs.append(model(images[i : i + batch]))
+            outs.append(model(images[i: i + batch]))
     logits = torch.cat(outs)
     if logits.ndim != 2:
         raise ModelError(f"the model must output logits (N, K), got shape {tuple(logits.shape)}")
@@ -256,116 +418,185 @@ def _predict(model: torch.nn.Module, images: torch.Tensor, batch: int) -> torch.
     return logits
 
 
+def rows_per_call(bounded: BoundedModule, max_memory: int, method: str) -> int:
+    """Rows per ``compute_bounds`` call that keep its working tensors near ``max_memory`` bytes.
+
+    Estimated from the activation sizes: IBP holds a lower and an upper bound of every
+    activation per row, plus as much again in temporaries; CROWN also a linear bound
+    per row and hidden neuron (so it is sized by the largest activation squared).
+    """
+    sizes = []
+    for node in all_nodes(bounded):
+        shape = getattr(node, "output_shape", None)
+        if shape is None or not getattr(node, "perturbed", True):
+            continue
+        try:
+            sizes.append(int(np.prod([int(d) for d in shape[1:]])))
+        except (TypeError, ValueError):
+            continue
+    per_row = 4 * 4 * max(1, sum(sizes))
+    if method != "ibp":
+        per_row += 4 * 2 * max(sizes or [1]) ** 2
+    return int(max(1, min(MAX_ROWS_PER_CALL, max_memory // per_row)))
+
+
+def _image_results(indices, labels, preds, correct, worst, worst_class, num_classes, location) -> list[ImageResult]:
+    """Per-image records from the running minima."""
+    others = other_classes(labels.cpu(), num_classes)
+    results = []
+    for k in range(len(indices)):
+        ok = bool(correct[k])
+        margin = float(worst[k]) if ok else None
+        results.append(ImageResult(
+            index=int(indices[k]), label=int(labels[k]), prediction=int(preds[k]), correct=ok,
+            certified=ok and margin is not None and margin >= 0.0, worst_margin=margin,
+            worst_location=location(k) if ok else None,
+            worst_class=int(others[k, worst_class[k]]) if ok else None,
+        ))
+    return results
+
+
 def certify(
     model: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
+    threat: Optional[PatchThreat | SparseThreat] = None,
     *,
     size: SizeLike | str = 2,
     shape: str | PatchShape | torch.Tensor = "square",
     locations: Optional[Locations] = None,
+    k: Optional[int] = None,
     method: Method | str = "ibp",
     chunk_size: Optional[int] = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
     device: str | torch.device = "cpu",
     indices: Optional[Sequence[int]] = None,
     domain: Optional[PixelDomain] = None,
     bounded: Optional[BoundedModule] = None,
     progress: Optional[ProgressFn] = None,
 ) -> CertifyResult:
-    """Certify images against every patch location (paper eq. 11).
+    """Certify images against a threat: every patch location (paper eq. 11), or any ``k`` pixels.
 
     Args:
         model: maps images ``(N, C, H, W)`` in ``[0, 1]`` to logits ``(N, K)``
             (wrap ONNX or layout-specific models in :class:`~lirpa_patch.models.ImageModel`).
         images: ``(N, C, H, W)`` float in the pixel domain (default ``[0, 1]``).
         labels: ``(N,)`` int64.
+        threat: a :class:`~lirpa_patch.threats.patch.PatchThreat` or
+            :class:`~lirpa_patch.threats.sparse.SparseThreat`; by default the patch
+            given by ``size``, ``shape`` and ``locations``, or the sparse threat when
+            ``k`` is given.
         size, shape: the patch (see :func:`~lirpa_patch.shapes.make_shape`).
         locations: explicit location set; default every valid position.
+        k: the sparse threat's pixel budget (instead of a patch).
         method: ``"ibp"`` (default) or ``"crown"``.
-        chunk_size: maximum (image, location) rows per ``compute_bounds`` call; the
-            memory knob (default :data:`DEFAULT_CHUNK` for the method).
+        chunk_size: rows per ``compute_bounds`` call; default sized by ``max_memory``
+            (IBP) or 256 (CROWN).
+        max_memory: bytes of working tensors per call when ``chunk_size`` is not given.
         indices: dataset index of each image, for the report (default ``0..N-1``).
         domain: pixel domain of ``images`` (default ``[0, 1]``, no normalization).
-        bounded: a prebuilt ``BoundedModule`` of ``model`` (reused across calls).
-        progress: callback ``(images_done, locations_done)``; its ``start(images, locations)``,
-            when it has one, first receives the totals (see :data:`ProgressFn`).
+        bounded: a prebuilt ``BoundedModule`` of ``model`` from :func:`bound_model`
+            (reused across calls).
+        progress: callback ``(images_done, rows_done)``; its ``start(images, rows)``, when it
+            has one, first receives the totals (see :data:`ProgressFn`).
 
     Returns:
         A :class:`CertifyResult` with one :class:`ImageResult` per image.
     """
-    key = str(method).lower()
-    if key not in _METHODS:
-        raise UsageError(f"method must be one of {', '.join(_METHODS)}, got {method!r}", param="method")
-    if chunk_size is None:
-        chunk_size = DEFAULT_CHUNK[key]
-    _check_inputs(images, labels, chunk_size)
+    key = check_method(method)
+    if threat is None:
+        threat = SparseThreat(check_k(k)) if k is not None else PatchThreat(size, shape, locations)
+    elif k is not None:
+        raise UsageError("give either threat= or k=, not both", param="k")
+    check_inputs(images, labels, chunk_size)
+    if max_memory < 1:
+        raise UsageError(f"max_memory must be positive, got {max_memory}", param="max_memory")
     start = time.perf_counter()
     device = torch.device(device)
     was_training = model.training
     model = model.to(device).eval()
-    images = images.to(device=device, dtype=torch.float32)
-    labels = labels.to(device=device, dtype=torch.long)
-    patch_shape = shape if isinstance(shape, PatchShape) else make_shape(shape, size)
-    if locations is None:
-        locations = all_locations(patch_shape, images.shape[-2:])
-    elif tuple(locations.image_size) != tuple(images.shape[-2:]):
-        raise UsageError(f"locations are for {locations.image_size} images, got {tuple(images.shape[-2:])}",
-                         param="locations")
-    masks = locations.masks.to(device)
-    n_img, n_loc = images.shape[0], len(locations)
-    idx = list(range(n_img)) if indices is None else [int(i) for i in indices]
+    try:
+        images = images.to(device=device, dtype=torch.float32)
+        labels = labels.to(device=device, dtype=torch.long)
+        threat.prepare(images.shape[-2:])
+        n_img, n_rows = images.shape[0], threat.rows_per_image
+        idx = list(range(n_img)) if indices is None else [int(i) for i in indices]
+        if len(idx) != n_img:
+            raise UsageError(f"indices has {len(idx)} entries for {n_img} images", param="indices")
 
-    logits = _predict(model, images, max(1, min(256, chunk_size)))
-    num_classes = logits.shape[1]
-    margin_spec(labels, num_classes)  # validates label range with a clear message
-    preds = logits.argmax(1)
-    correct = preds == labels
+        logits = predict(model, images)
+        num_classes = logits.shape[1]
+        margin_spec(labels, num_classes)  # validates the label range with a clear message
+        preds = logits.argmax(1)
+        correct = preds == labels
 
-    if bounded is None:
-        bounded = bound_model(model, images.shape[1:], device)
+        if bounded is None:
+            bounded = bound_model(model, images.shape[1:], device)
+        head = head_of(bounded)
+        if chunk_size is None:
+            chunk_size = DEFAULT_CHUNK[key] or rows_per_call(bounded, max_memory, key)
 
-    worst = torch.full((n_img,), float("inf"), device=device)
-    worst_loc = torch.zeros(n_img, dtype=torch.long)
-    worst_cls = torch.zeros(n_img, dtype=torch.long)
-    todo = torch.nonzero(correct).flatten().tolist()
-    start_progress(progress, len(todo), len(todo) * n_loc)
-    loc_chunk = min(n_loc, chunk_size)
-    img_chunk = max(1, chunk_size // loc_chunk)
-    done_images, done_locations = 0, 0
-    with torch.no_grad():
-        for i in range(0, len(todo), img_chunk):
-            batch = torch.tensor(todo[i : i + img_chunk], device=device)
-            for j in range(0, n_loc, loc_chunk):
-                lb = lower_margins(
-                    bounded, images[batch], labels[batch], masks[j : j + loc_chunk],
-                    num_classes=num_classes, method=key, domain=domain,
-                )  # (b, l, K-1)
-                if not torch.isfinite(lb).all():
-                    raise ModelError("auto_LiRPA returned NaN/infinite bounds; the model cannot be certified")
-                per_loc, cls = lb.min(dim=2)  # (b, l)
-                value, loc = per_loc.min(dim=1)  # (b,)
-                better = value < worst[batch]
-                worst[batch] = torch.where(better, value, worst[batch])
-                sel = batch[better].cpu()
-                worst_loc[sel] = (loc[better] + j).cpu()
-                worst_cls[sel] = cls[better, loc[better]].cpu()
-                done_locations += batch.numel() * lb.shape[1]
+        worst = torch.full((n_img,), float("inf"), device=device)
+        worst_row = torch.zeros(n_img, dtype=torch.long)
+        worst_cls = torch.zeros(n_img, dtype=torch.long)
+        todo = torch.nonzero(correct).flatten().tolist()
+        start_progress(progress, len(todo), len(todo) * n_rows)
+        row_chunk = min(n_rows, chunk_size)
+        img_chunk = max(1, chunk_size // row_chunk)
+        done_images, done_rows = 0, 0
+        with torch.no_grad():
+            for i in range(0, len(todo), img_chunk):
+                batch = torch.tensor(todo[i: i + img_chunk], device=device)
+                for j in range(0, n_rows, row_chunk):
+                    lb = threat_margins(bounded, threat, images[batch], labels[batch], slice(j, j + row_chunk),
+                                        num_classes=num_classes, method=key, domain=domain)  # (b, r, K-1)
+                    if not torch.isfinite(lb).all():
+                        raise ModelError("auto_LiRPA returned NaN/infinite bounds; the model cannot be certified")
+                    per_row, cls = lb.min(dim=2)  # (b, r)
+                    value, row = per_row.min(dim=1)  # (b,)
+                    better = value < worst[batch]
+                    worst[batch] = torch.where(better, value, worst[batch])
+                    sel = batch[better].cpu()
+                    worst_row[sel] = (row[better] + j).cpu()
+                    worst_cls[sel] = cls[better, row[better]].cpu()
+                    done_rows += batch.numel() * lb.shape[1]
+                    if progress is not None:
+                        progress(done_images, done_rows)
+                done_images += batch.numel()
                 if progress is not None:
-                    progress(done_images, done_locations)
-            done_images += batch.numel()
-            if progress is not None:
-                progress(done_images, done_locations)
+                    progress(done_images, done_rows)
+    finally:
+        model.train(was_training)
 
-    model.train(was_training)
-    results = _image_results(
-        idx, labels, preds, correct, worst, worst_cls, num_classes,
-        lambda k: locations.describe(int(worst_loc[k])),
-    )
+    results = _image_results(idx, labels, preds, correct, worst, worst_cls, num_classes,
+                             lambda k_: threat.locate(int(worst_row[k_])))
+    extra: dict = {}
+    if isinstance(threat, SparseThreat):
+        extra = {"threat": "sparse", "k": threat.k}
+        from .ops.registry import plugin_report
+
+        report = plugin_report(bounded)
+        fallback = dict(report["fallback"])
+        fallback.update({name: "stock auto_LiRPA operator" for name in report["stock_first_mixing"]})
+        if fallback:
+            extra["fallback"] = fallback
     return CertifyResult(
         images=results,
-        shape=patch_shape,
-        num_locations=n_loc,
+        shape=getattr(threat, "shape", None),
+        num_locations=len(threat.locations) if isinstance(threat, PatchThreat) else 0,
         method=key,
         seconds=time.perf_counter() - start,
-        chunk_size=chunk_size,
+        chunk_size=int(chunk_size),
+        extra=extra,
+        head=head.describe(),
     )
+
+
+SPARSE_CHUNK = 256
+"""Default images per ``compute_bounds`` call of :func:`certify_sparse` (kept for compatibility)."""
+
+
+def certify_sparse(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, k: int,
+                   chunk_size: int = SPARSE_CHUNK, **kwargs) -> CertifyResult:
+    """``certify(model, images, labels, SparseThreat(k), ...)`` (the older spelling)."""
+    return certify(model, images, labels, SparseThreat(check_k(k)), chunk_size=chunk_size, **kwargs)

@@ -133,7 +133,7 @@ class RunInfo:
     num: Optional[int]
     patch: Optional[str]
     method: str
-    chunk: int
+    chunk: Optional[int]
     device: str
     seed: int
     model_input: Mapping[str, Any] = field(default_factory=dict)
@@ -176,24 +176,17 @@ class RunInfo:
             start, num: the slice as asked (default: ``dataset``'s first index; ``num`` None).
             patch: the patch size (``n``, ``(h, w)`` or ``"HxW"``; recorded as ``"HxW"``);
                 None for a sparse run (``sparse_k``).
-            method, chunk, device, seed: as used (``chunk`` None: the engine's default).
+            method, chunk, device, seed: as used (``chunk`` None: the result's ``chunk_size``,
+                what the engine chose).
             onnxruntime_max_abs_diff: the cross-check's result, None when not run.
             mask_file: the patch mask file, when one was used.
         """
-        from .engine import DEFAULT_CHUNK
         from .shapes import parse_size
 
         if not isinstance(model, (str, os.PathLike)):
             num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
             model = getattr(model, "source", model)
         image_shape = tuple(int(d) for d in dataset.images.shape[1:])
-        if chunk is None:
-            if sparse_k is not None:
-                from .sparse import SPARSE_CHUNK
-
-                chunk = SPARSE_CHUNK
-            else:
-                chunk = DEFAULT_CHUNK[str(method).lower()]
         mean, std = getattr(net, "mean", None), getattr(net, "std", None)
         size = None
         if patch is not None and sparse_k is None:
@@ -208,7 +201,7 @@ class RunInfo:
             num=num,
             patch=size,
             method=str(method).lower(),
-            chunk=int(chunk),
+            chunk=None if chunk is None else int(chunk),
             device=str(device),
             seed=int(seed),
             model_input={
@@ -273,7 +266,7 @@ def shape_summary(result: CertifyResult) -> dict[str, Any]:
     }
 
 
-def _run_fields(run: RunInfo) -> dict[str, Any]:
+def _run_fields(run: RunInfo, result: CertifyResult) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model": run.model,
         "model_input": dict(run.model_input),
@@ -283,7 +276,7 @@ def _run_fields(run: RunInfo) -> dict[str, Any]:
         "image_shape": [int(d) for d in run.image_shape],
         "start": int(run.start),
         "num": None if run.num is None else int(run.num),
-        "chunk": int(run.chunk),
+        "chunk": int(run.chunk if run.chunk is not None else result.chunk_size),
         "device": run.device,
         "seed": int(run.seed),
         "versions": dict(run.versions),
@@ -296,7 +289,7 @@ def _run_fields(run: RunInfo) -> dict[str, Any]:
 def build_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
     """The report of a one-shape run, or of a sparse run: ``{"summary": ..., "images": [...]}``.
 
-    A result of :func:`~lirpa_patch.sparse.certify_sparse` gives :func:`build_sparse_report`.
+    A sparse result (:func:`~lirpa_patch.engine.certify_sparse`) gives :func:`build_sparse_report`.
     """
     if result.extra.get("threat") == "sparse":
         return build_sparse_report(result, run)
@@ -319,7 +312,7 @@ def build_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
         "seconds": per_shape["seconds"],
         "images_per_second": per_shape["images_per_second"],
     }
-    summary.update(_run_fields(run))
+    summary.update(_run_fields(run, result))
     return {"summary": summary, "images": image_entries(result)}
 
 
@@ -344,7 +337,7 @@ def build_sparse_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
         "images_per_second": _number(result.images_per_second),
         "sparse_fallback": dict(result.extra.get("fallback", {})),
     }
-    summary.update(_run_fields(run))
+    summary.update(_run_fields(run, result))
     return {"summary": summary, "images": image_entries(result)}
 
 
@@ -370,7 +363,7 @@ def build_transfer_report(results: Mapping[str, CertifyResult], run: RunInfo) ->
         "clean_accuracy": _number(first.clean_accuracy),
         "seconds": _number(sum(r.seconds for r in results.values())),
     }
-    summary.update(_run_fields(run))
+    summary.update(_run_fields(run, first))
     return {"summary": summary, "shapes": sections}
 
 

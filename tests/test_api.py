@@ -155,12 +155,13 @@ def test_a_huge_patch_is_refused_before_any_mask_is_built(monkeypatch):
     assert _raises(lambda: shapes.make_shape("rectangle:100000x100000", 2, image_size=(28, 28))).param == "shape"
 
 
-def test_certify_sparse_checks_k_against_the_image():
-    from lirpa_patch import certify_sparse
+def test_a_sparse_budget_is_checked_against_the_image():
+    from lirpa_patch.threats.sparse import check_budget
 
-    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-    error = _raises(lambda: certify_sparse(net, torch.rand(1, 1, 4, 4), torch.zeros(1, dtype=torch.long), k=17))
-    assert error.param == "k" and "16 pixels" in str(error)
+    assert check_budget(16, (1, 4, 4)) == 16
+    error = _raises(lambda: check_budget(17, (1, 4, 4)))
+    assert error.param == "k" and "17 exceeds the 16 pixels of a 4x4 image" in str(error)
+    assert _raises(lambda: check_budget(2.5, (1, 4, 4))).param == "k"
 
 
 # --------------------------------------------------------------------------- one label rule

@@ -10,7 +10,7 @@ from lirpa_patch.engine import bound_model, lower_margins
 from lirpa_patch.domain import PixelDomain
 from lirpa_patch.errors import UsageError
 from lirpa_patch.locations import all_locations
-from lirpa_patch.perturbations import PatchPerturbation
+from lirpa_patch import PatchPerturbation
 from lirpa_patch.shapes import make_shape
 from tests.toy_models import NUM_CLASSES, Normalized, ToyCNN, ToyMLP, toy_images
 

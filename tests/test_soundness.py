@@ -25,7 +25,7 @@ from auto_LiRPA import BoundedModule
 from lirpa_patch.engine import bound_model, certify, lower_margins
 from lirpa_patch.domain import PixelDomain
 from lirpa_patch.locations import all_locations
-from lirpa_patch.perturbations import PatchPerturbation
+from lirpa_patch import PatchPerturbation
 from lirpa_patch.shapes import TRANSFER_SHAPES, make_shape
 from tests.attacks import assert_sound, attack_patch, rounding_tolerance, soundness_violations
 from tests.toy_models import ARCHITECTURES, NUM_CLASSES, Normalized, toy_images, toy_model, train_briefly
@@ -258,15 +258,15 @@ def test_attack_catches_a_bound_over_the_wrong_pixels(toys):
 
 
 def test_certify_check_catches_a_broken_perturbation(monkeypatch, toys):
-    """If PatchPerturbation.bounds dropped the patch (box = the clean image), certify's worst
-    margin would exceed an attacked margin; the check used above detects it."""
+    """If the perturbation dropped the patch (box = the clean image: no pixel may move), certify's
+    worst margin would exceed an attacked margin; the check used above detects it."""
     images, labels, models, attacked = toys
     model, bounded = models["resnet"]
 
     def clean_only(self, x):
-        return x, x
+        return torch.zeros_like(x), torch.zeros_like(x)
 
-    monkeypatch.setattr(PatchPerturbation, "bounds", clean_only)
+    monkeypatch.setattr(PatchPerturbation, "moves", clean_only)
     result = certify(model, images, labels, size=2, method="ibp", bounded=bounded)
     found = attacked("resnet", "square", 2)
     tol = rounding_tolerance(model, images).flatten()

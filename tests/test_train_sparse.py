@@ -15,7 +15,7 @@ from lirpa_patch_cli.main import app
 from lirpa_patch.engine import bound_model
 from lirpa_patch.models.adapter import ImageModel
 from lirpa_patch.models.architectures import build_architecture
-from lirpa_patch.sparse import certify_sparse, sparse_lower_margins
+from lirpa_patch.engine import certify_sparse, sparse_lower_margins
 from lirpa_patch.train import Trainer, TrainConfig
 from lirpa_patch.train.sparse_strategy import SparsePixels
 from lirpa_patch.train.trainer import margin_logits

@@ -1,6 +1,6 @@
 """Training against the sparse (k-pixel) threat: a strategy for the patch trainer.
 
-Plugs :func:`lirpa_patch.sparse.sparse_lower_margins` (the exact top-k first-layer
+Plugs :func:`lirpa_patch.engine.sparse_lower_margins` (the exact top-k first-layer
 bound, IBP after it) into :class:`~lirpa_patch.train.trainer.Trainer`, so sparse
 training shares the trainer's loss (cross-entropy on the negated worst lower
 margins), warm-up, schedules, checkpoints and exports.
@@ -9,7 +9,7 @@ margins), warm-up, schedules, checkpoints and exports.
 from __future__ import annotations
 
 from ..errors import UsageError
-from ..sparse import sparse_lower_margins
+from ..engine import sparse_lower_margins
 from .strategies import Margins, Strategy
 
 

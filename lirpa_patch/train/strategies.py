@@ -58,7 +58,7 @@ from ..engine import _quiet, bound_model, lower_margins
 from ..domain import PixelDomain
 from ..errors import UsageError
 from ..locations import Locations
-from ..perturbations import PatchPerturbation
+from ..threats.patch import PatchPerturbation
 from ..spec import margin_spec, other_classes
 from .unet import MarginUNet
 

@@ -94,7 +94,7 @@ class TrainConfig:
         sparse: ``k`` of the sparse threat (any ``k`` pixels change); 0 trains against
             patches. When set, the strategy is
             :class:`~lirpa_patch.train.sparse_strategy.SparsePixels` and evaluation
-            uses :func:`~lirpa_patch.sparse.certify_sparse`.
+            uses :func:`~lirpa_patch.engine.certify_sparse`.
     """
 
     patch: str = "2x2"
@@ -316,7 +316,7 @@ class Trainer:
         if self.val_labels is not None:
             check_labels(self.val_labels, self.num_classes, name="validation labels")
         if config.sparse:
-            from ..sparse import check_budget
+            from ..threats.sparse import check_budget
 
             check_budget(config.sparse, self.image_shape, param="sparse")
         self.domain = domain
@@ -495,7 +495,7 @@ class Trainer:
         was_training = self.model.training
         try:
             if self.config.sparse:
-                from ..sparse import certify_sparse
+                from ..engine import certify_sparse
 
                 return certify_sparse(
                     self.model, images, labels, k=self.config.sparse, method="ibp", device=self.device,

@@ -1,0 +1,241 @@
+"""The model's head: where the logits come from, so the specification can be merged into it.
+
+Certified margins ``z_true - z_other = C z`` are tightest when ``C`` is multiplied
+into the last linear layer before interval arithmetic (``(C W) h + C b`` instead
+of ``C [z_lo, z_hi]``). Models end in many forms: ``Gemm``; ``MatMul`` with or
+without a following constant ``Add`` (every TensorFlow/Keras export); a ``Linear``
+with or without bias; shape ops after it; a ``Softmax``/``LogSoftmax`` that keeps
+the argmax. :func:`find_head` recognises them all in a ``BoundedModule`` and returns
+a :class:`Head`: the node whose bounds the engine computes, and the live weight and
+bias it then merges with ``C`` once per image (every row of an image shares it).
+Any other last op (a ReLU on the logits, ...) gives an ``interval`` head: the
+logits are bounded and the margins follow by interval arithmetic, as before.
+
+:func:`strip_monotone_output` removes a final ``Softmax``/``LogSoftmax`` from a
+PyTorch model before auto_LiRPA sees it (auto_LiRPA cannot parse ``LogSoftmax``);
+certifying the logits certifies the argmax.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from auto_LiRPA import bound_ops as _ops
+from torch import nn
+
+from .ops.graph import reaches_input
+
+__all__ = ["Head", "constant_value", "find_head", "strip_monotone_output"]
+
+_SHAPE_TYPES = tuple(getattr(_ops, n) for n in ("BoundReshape", "BoundFlatten", "BoundSqueeze", "BoundUnsqueeze",
+                                                "BoundIdentity") if hasattr(_ops, n))
+_MONOTONE = tuple(getattr(_ops, n) for n in ("BoundSoftmax", "BoundLogSoftmax") if hasattr(_ops, n))
+
+
+@dataclass
+class Head:
+    """How the engine turns bounds into margins.
+
+    Attributes:
+        kind: ``"linear"`` (merge ``C`` into ``weights()``) or ``"interval"`` (bound the
+            logits, then interval arithmetic).
+        node: name of the node whose bounds the engine computes: the input of the last
+            linear layer, or the model output for ``"interval"``.
+        weights: returns ``(W (K, J), b (K,) or None)`` with ``logits = h @ W^T + b``
+            (live parameters, so gradients flow); None for ``"interval"``.
+        form: the recognised last layer, e.g. ``"Gemm"``, ``"MatMul+Add"``.
+        stripped: the monotone output op certified *before* (``"Softmax"``,
+            ``"LogSoftmax"``), if any.
+    """
+
+    kind: str
+    node: str
+    weights: Optional[Callable[[], tuple[torch.Tensor, Optional[torch.Tensor]]]] = None
+    form: str = ""
+    stripped: list = field(default_factory=list)
+
+    def describe(self) -> dict:
+        """JSON-friendly summary for reports."""
+        return {"merged": self.kind == "linear", "form": self.form, "stripped": list(self.stripped)}
+
+
+def constant_value(node) -> torch.Tensor:
+    """The value of a node that does not depend on the model input (parameters keep their gradients)."""
+    inputs = list(getattr(node, "inputs", []) or [])
+    if isinstance(node, _ops.BoundInput) or not inputs:
+        return node.forward()
+    return node.forward(*[constant_value(i) for i in inputs])
+
+
+def _per_sample_identity(node) -> bool:
+    """A shape op that keeps the per-sample element order (only size-1 dims change)."""
+    inner = node.inputs[0] if node.inputs else None
+    out_shape = getattr(node, "output_shape", None)
+    in_shape = getattr(inner, "output_shape", None)
+    if out_shape is None or in_shape is None:
+        return False
+    strip = lambda s: tuple(int(d) for d in s[1:] if int(d) != 1)  # noqa: E731
+    return strip(out_shape) == strip(in_shape) and len(strip(out_shape)) <= 1
+
+
+def _attr(node, name: str, key: str, default):
+    value = getattr(node, name, None)
+    if value is None:
+        value = (node.attr or {}).get(key, default)
+    return value
+
+
+def find_head(bounded) -> Head:
+    """Recognise the last linear layer of ``bounded`` (see the module docstring)."""
+    final = bounded.final_node()
+    node = final
+    stripped: list[str] = []
+    while True:
+        if isinstance(node, _SHAPE_TYPES) and node.inputs and reaches_input(node.inputs[0]) \
+                and all(not reaches_input(i) for i in node.inputs[1:]) and _per_sample_identity(node):
+            node = node.inputs[0]
+            continue
+        if _MONOTONE and isinstance(node, _MONOTONE) and node.inputs:
+            axis = _attr(node, "axis", "axis", -1)
+            shape = getattr(node, "output_shape", None)
+            if shape is not None and int(axis) in (-1, len(shape) - 1):
+                stripped.append(type(node).__name__[5:])
+                node = node.inputs[0]
+                continue
+        break
+    bias_node = None
+    form = []
+    if isinstance(node, _ops.BoundAdd) and len(node.inputs) == 2:
+        perturbed = [reaches_input(i) for i in node.inputs]
+        if sum(perturbed) == 1:
+            bias_node = node.inputs[1 if perturbed[0] else 0]
+            node = node.inputs[0 if perturbed[0] else 1]
+            form.append("Add")
+    if isinstance(node, _ops.BoundMatMul) and len(node.inputs) == 2 and reaches_input(node.inputs[0]) \
+            and not reaches_input(node.inputs[1]):
+        mm = node
+
+        def weights():
+            w = constant_value(mm.inputs[1])
+            bias = constant_value(bias_node).reshape(-1) if bias_node is not None else None
+            return w.t(), bias
+
+        if _head_ok(mm, bias_node):
+            return Head("linear", mm.inputs[0].name, weights, "+".join(["MatMul", *form]), stripped)
+    elif isinstance(node, _ops.BoundLinear) and not isinstance(node, _ops.BoundMatMul) and node.inputs \
+            and reaches_input(node.inputs[0]) and all(not reaches_input(i) for i in node.inputs[1:]) \
+            and not _attr(node, "transA", "transA", 0):
+        gemm = node
+
+        def weights():
+            w = constant_value(gemm.inputs[1])
+            if not _attr(gemm, "transB", "transB", 0):
+                w = w.t()
+            alpha = float(_attr(gemm, "alpha_linear", "alpha", 1.0))
+            if alpha != 1.0:
+                w = w * alpha
+            bias = None
+            if len(gemm.inputs) > 2:
+                bias = constant_value(gemm.inputs[2]).reshape(-1)
+                beta = float(_attr(gemm, "beta_linear", "beta", 1.0))
+                if beta != 1.0:
+                    bias = bias * beta
+            if bias_node is not None:
+                extra = constant_value(bias_node).reshape(-1)
+                bias = extra if bias is None else bias + extra
+            return w, bias
+
+        if _head_ok(gemm, bias_node):
+            return Head("linear", gemm.inputs[0].name, weights, "+".join(["Gemm", *form]), stripped)
+    return Head("interval", final.name, None, type(final).__name__[5:], stripped)
+
+
+def _head_ok(layer, bias_node) -> bool:
+    """The layer maps a (B, J) input to (B, K) logits with a 2-D weight and a (K,) bias."""
+    try:
+        w = constant_value(layer.inputs[1])
+    except Exception:  # noqa: BLE001 - a constant we cannot evaluate: no merge
+        return False
+    in_shape = getattr(layer.inputs[0], "output_shape", None)
+    out_shape = getattr(layer, "output_shape", None)
+    if w.dim() != 2 or in_shape is None or len(in_shape) != 2 or out_shape is None or len(out_shape) != 2:
+        return False
+    if bias_node is not None:
+        try:
+            b = constant_value(bias_node)
+        except Exception:  # noqa: BLE001
+            return False
+        if b.numel() != int(out_shape[-1]) or (b.dim() == 2 and b.shape[0] != 1) or b.dim() > 2:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- torch-level stripping
+_MONOTONE_MODULES = (nn.Softmax, nn.LogSoftmax)
+
+
+def _last_dim_op(module: nn.Module) -> bool:
+    dim = getattr(module, "dim", None)
+    return isinstance(module, _MONOTONE_MODULES) and dim in (-1, 1, None)
+
+
+def strip_monotone_output(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """``model`` without a final ``Softmax``/``LogSoftmax`` over the classes, and what was removed.
+
+    Handles ``nn.Sequential``, :class:`~lirpa_patch.models.ImageModel` (its ``net``) and
+    ``torch.fx`` graphs (what onnx2torch produces). The model itself is not modified;
+    anything else is returned as is.
+    """
+    from .models.adapter import ImageModel
+
+    if isinstance(model, ImageModel):
+        net, removed = strip_monotone_output(model.net)
+        if not removed:
+            return model, []
+        wrapped = copy.copy(model)
+        wrapped._modules = dict(model._modules)
+        wrapped._modules["net"] = net
+        return wrapped, removed
+    if isinstance(model, nn.Sequential):
+        removed = []
+        layers = list(model)
+        while layers and _last_dim_op(layers[-1]):
+            removed.append(type(layers.pop()).__name__)
+        return (nn.Sequential(*layers).train(model.training), removed) if removed else (model, [])
+    graph = getattr(model, "graph", None)
+    if isinstance(model, torch.fx.GraphModule) and graph is not None:
+        return _strip_fx(model)
+    return model, []
+
+
+def _strip_fx(model: "torch.fx.GraphModule") -> tuple[nn.Module, list[str]]:
+    graph = copy.deepcopy(model.graph)
+    output = next(n for n in graph.nodes if n.op == "output")
+    removed: list[str] = []
+    while True:
+        arg = output.args[0]
+        if not isinstance(arg, torch.fx.Node) or len(arg.users) != 1:
+            break
+        if arg.op == "call_module":
+            mod = model.get_submodule(arg.target)
+            if not _last_dim_op(mod):
+                break
+            removed.append(type(mod).__name__)
+        elif arg.op in ("call_function", "call_method") and getattr(arg.target, "__name__", str(arg.target)) in (
+                "softmax", "log_softmax"):
+            dim = arg.kwargs.get("dim", arg.args[1] if len(arg.args) > 1 else None)
+            if dim not in (-1, 1):
+                break
+            removed.append("Softmax" if "log" not in getattr(arg.target, "__name__", str(arg.target)) else "LogSoftmax")
+        else:
+            break
+        output.args = (arg.args[0],)
+        graph.erase_node(arg)
+    if not removed:
+        return model, []
+    stripped = torch.fx.GraphModule(model, graph)
+    stripped.train(model.training)
+    return stripped, removed

@@ -1,0 +1,203 @@
+"""Elementwise plugin operators: ``Sub``/``Add``/``Mul``/``Div``/``Neg``.
+
+With one operand constant they are affine maps of every element:
+
+* on an :class:`~lirpa_patch.ops.state.ElementState` (normalization in front of the
+  first layer) they scale the moves ``m_lo``/``m_hi`` and keep the sources;
+* on a :class:`~lirpa_patch.ops.state.WindowState` (per-channel scaling after a
+  convolution, a bias) they apply to the clean maps and scale the window.
+
+``Add`` of two window states over the same rows is a residual connection: the
+windows are placed in their union. Anything else takes the stock path.
+
+Compatibility: in auto_LiRPA 0.7.x stock ``BoundDiv`` is a stub that a graph pass
+rewrites into ``Mul``/``Reciprocal``; our ``Div`` (used only for constant divisors)
+implements IBP, backward and forward bounds itself there.
+"""
+
+from __future__ import annotations
+
+import torch
+from auto_LiRPA import bound_ops as _ops
+
+from .base import Plugin, Unsupported, emit_element, emit_window
+from .state import ElementState, WindowState
+from .window import gather_window, scale_window, union_add
+
+__all__ = ["PluginAdd", "PluginDiv", "PluginMul", "PluginNeg", "PluginSub"]
+
+
+def _as_tensor(c, like: torch.Tensor) -> torch.Tensor:
+    if torch.is_tensor(c):
+        return c.to(dtype=like.dtype) if c.dtype != like.dtype and c.is_floating_point() else c
+    return torch.as_tensor(c, dtype=like.dtype, device=like.device)
+
+
+def _map_constant(c: torch.Tensor, ws: WindowState) -> torch.Tensor:
+    """A constant operand as a map ``(1, C, H, W)`` (raises Unsupported if it depends on the row)."""
+    channels, height, width = ws.clean.shape[1:]
+    if ws.flat:
+        if c.dim() >= 2 and c.shape[0] != 1:
+            raise Unsupported("a constant with a batch dimension")
+        flat = c.reshape(-1) if c.dim() else c.reshape(1)
+        if flat.numel() not in (1, channels * height * width):
+            raise Unsupported("a constant that does not broadcast over the flattened map")
+        return flat.expand(channels * height * width).reshape(1, channels, height, width)
+    if c.dim() > 4 or (c.dim() == 4 and c.shape[0] != 1):
+        raise Unsupported("a constant with a batch dimension")
+    try:
+        return c.expand(1, channels, height, width) if c.dim() == 4 else c.expand(channels, height, width)[None]
+    except RuntimeError:
+        raise Unsupported("a constant that does not broadcast over the map") from None
+
+
+class _Elementwise(Plugin):
+    _kind = ""
+    _lp_carries_elements = True
+
+    def _operands(self, v, found):
+        """``(i, state, ptb, const)``: which operand carries the state, and the constant other one."""
+        if self._kind == "neg":
+            st, ptb = found[0]
+            return 0, st, ptb, None
+        if len(v) != 2:
+            raise Unsupported("not a binary operation")
+        (s0, p0), (s1, p1) = found
+        if s0 is not None and s1 is not None:
+            return None
+        i = 0 if s0 is not None else 1
+        j = 1 - i
+        if self.inputs[j].perturbed:
+            raise Unsupported("both operands are perturbed")
+        st, ptb = found[i]
+        return i, st, ptb, v[j][0]
+
+    def _scale(self, i: int, const):
+        """``(scale, shift_sign)``: the operation is ``y = scale * s + (shift_sign * const or none)``."""
+        if self._kind == "neg":
+            return -1.0, None
+        if self._kind == "sub":
+            return (1.0, -1.0) if i == 0 else (-1.0, 1.0)
+        if self._kind == "add":
+            return 1.0, 1.0
+        if self._kind == "mul":
+            return const, None
+        if self._kind == "div" and i == 0:
+            return 1.0 / const, None
+        raise Unsupported("division by a perturbed value")
+
+    def _lp_propagate(self, v, found, **kwargs):
+        ops = self._operands(v, found)
+        if ops is None:  # two states: only a sum of two windows
+            (a, ptb), (b, _) = found
+            if self._kind == "add" and isinstance(a, WindowState) and isinstance(b, WindowState):
+                return emit_window(self, ptb, union_add(a, b))
+            raise Unsupported("both operands carry states")
+        i, st, ptb, const = ops
+        if isinstance(st, WindowState):
+            return self._window(i, st, ptb, const)
+        return self._element(v, i, st, ptb, const)
+
+    def _window(self, i: int, ws: WindowState, ptb, const):
+        c = None if const is None else _map_constant(_as_tensor(const, ws.clean), ws)
+        scale, shift = self._scale(i, c)
+        if torch.is_tensor(scale):
+            if not torch.isfinite(scale).all():
+                raise Unsupported("a non-finite constant")
+            window_scale = gather_window(scale, torch.zeros_like(ws.row_img), ws.oy, ws.ox, ws.dlo.shape[-2:])
+            out = scale_window(ws, None, None)
+            out.clean = ws.clean * scale
+            a, b = ws.dlo * window_scale, ws.dhi * window_scale
+            out.dlo, out.dhi = torch.minimum(a, b), torch.maximum(a, b)
+        else:
+            out = scale_window(ws, torch.tensor(scale, dtype=ws.clean.dtype) if scale != 1.0 else None, None)
+        if shift is not None:
+            out.clean = out.clean + shift * c
+        return emit_window(self, ptb, out)
+
+    def _element(self, v, i: int, st: ElementState, ptb, const):
+        virtual_in = st.virtual
+        if const is None:
+            x_new = self.forward(st.x)
+        else:
+            const = _as_tensor(const, st.x)
+            if const.dim() == st.x.dim() and const.shape[0] not in (1, st.x.shape[0]):
+                raise Unsupported("a constant with a batch dimension")
+            x_new = self.forward(st.x, const) if i == 0 else self.forward(const, st.x)
+        scale, _ = self._scale(i, None if const is None else const)
+        if torch.is_tensor(scale):
+            if not torch.isfinite(scale).all() or scale.dim() > st.x.dim():
+                raise Unsupported("a non-finite or higher-rank constant")
+        if x_new.dim() != st.x.dim() or x_new.shape[0] != st.x.shape[0]:
+            raise Unsupported("the operation changes the batch")
+        shape = x_new.shape[1:]
+        m_lo = st.m_lo * scale
+        m_hi = st.m_hi * scale
+        m_lo = m_lo.expand(m_lo.shape[0], *shape)
+        m_hi = m_hi.expand(m_hi.shape[0], *shape)
+        src = st.src.expand(1, *shape)
+        out = ElementState(x_new, m_lo, m_hi, src)
+        real = None
+        if not virtual_in:
+            real = self._lp_stock(*v)
+        return emit_element(self, ptb, out, real, virtual_in)
+
+
+class PluginSub(_Elementwise, _ops.BoundSub):
+    _kind = "sub"
+
+
+class PluginAdd(_Elementwise, _ops.BoundAdd):
+    _kind = "add"
+
+
+class PluginMul(_Elementwise, _ops.BoundMul):
+    _kind = "mul"
+
+
+class PluginNeg(_Elementwise, _ops.BoundNeg):
+    _kind = "neg"
+
+
+_DIV_COMPLETE = "interval_propagate" in _ops.BoundDiv.__dict__
+
+
+class PluginDiv(_Elementwise, _ops.BoundDiv):
+    """Division by a constant. Where stock ``BoundDiv`` is a stub (auto_LiRPA 0.7.x), bounds it itself."""
+
+    _kind = "div"
+
+    if not _DIV_COMPLETE:
+
+        def _lp_stock(self, *v, **kwargs):
+            x, y = v
+            c = y[0]
+            a, b = x[0] / c, x[1] / c
+            return torch.minimum(a, b), torch.maximum(a, b)
+
+        def update_requires_input_bounds(self):  # noqa: D102 - auto_LiRPA hook
+            self.requires_input_bounds = []
+
+        def bound_backward(self, last_lA, last_uA, x, y, **kwargs):  # noqa: D102
+            factor = 1.0 / y.forward_value
+
+            def one(A):
+                if A is None:
+                    return None
+                return self.broadcast_backward(_ops.BoundMul._multiply_by_const(A, factor), x)
+
+            return [(one(last_lA), one(last_uA)), (None, None)], 0.0, 0.0
+
+        def bound_forward(self, dim_in, x, y):  # noqa: D102
+            from auto_LiRPA.linear_bound import LinearBound
+
+            c = 1.0 / y.lb
+            pos, neg = c.clamp(min=0), c.clamp(max=0)
+            lb = pos * x.lb + neg * x.ub
+            ub = pos * x.ub + neg * x.lb
+            wpos, wneg = pos, neg
+            if self.inputs[1].batch_dim != -1:
+                wpos, wneg = pos.unsqueeze(1), neg.unsqueeze(1)
+            lw = wpos * x.lw + wneg * x.uw
+            uw = wpos * x.uw + wneg * x.lw
+            return LinearBound(lw, lb, uw, ub)

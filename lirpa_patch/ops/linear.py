@@ -1,0 +1,180 @@
+"""Linear plugin operators: ``Gemm`` (``BoundLinear``) and ``MatMul`` with one constant operand.
+
+* At the first layer that mixes pixels (an element-state input) the threat's rule
+  gives the bounds: exact top-k for the sparse threat, the incremental patch rule
+  (clean pre-activation once per image, the patch columns per row) for patches.
+* After convolutions (a flattened window-state input) only the window's columns
+  are visited per row (:func:`~lirpa_patch.ops.window.linear_window`).
+* A specification ``C`` that IBP merges into the last layer is merged here too,
+  for every form: ``Gemm``, ``MatMul`` with or without a bias.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from auto_LiRPA import bound_ops as _ops
+
+from .base import Plugin, Unsupported
+from .state import ElementState, WindowState
+from .window import linear_window
+
+__all__ = ["PluginLinear", "PluginMatMul", "merged_interval"]
+
+
+def merged_interval(v0, coef: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """IBP of ``x @ coef^T + bias`` for an input box ``v0`` ``(N, J)``; ``coef`` ``(O, J)`` or ``(N, O, J)``."""
+    lo, hi = v0[0], v0[1]
+    mid, rad = (lo + hi) * 0.5, (hi - lo) * 0.5
+    if coef.dim() == 3:
+        centre = torch.einsum("noj,nj->no", coef, mid)
+        dev = torch.einsum("noj,nj->no", coef.abs(), rad)
+    else:
+        centre = mid.matmul(coef.t())
+        dev = rad.matmul(coef.abs().t())
+    if bias is not None:
+        centre = centre + bias
+    return centre - dev, centre + dev
+
+
+def _attr(node, name: str, key: str, default):
+    value = getattr(node, name, None)
+    if value is None:
+        value = (node.attr or {}).get(key, default)
+    return value
+
+
+class _Linear(Plugin):
+    """Shared rule: a data operand with a state times a constant weight."""
+
+    _lp_first_mixing = False
+
+    def _weights(self, v) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(W (O, J), bias (O,) or None)`` of ``y = x @ W^T + bias`` (data operand first)."""
+        raise NotImplementedError
+
+    def _with_spec(self, w: torch.Tensor, bias, C, images: int, ptb):
+        """Merge a specification ``C`` into the weights: ``(coef, bias)`` shared or per image."""
+        if C is None:
+            return w, bias
+        if not torch.is_tensor(C) or C.dim() != 3:
+            raise Unsupported("a specification that is not a matrix")
+        rows = C.shape[0]
+        if rows == 1:
+            C = C[0]
+        elif rows != images:
+            if rows != ptb.num_rows:
+                raise Unsupported("a specification for another batch")
+            row_img = ptb.row_img
+            firsts = torch.zeros(images, dtype=torch.long, device=C.device).scatter_(
+                0, row_img.flip(0), torch.arange(rows - 1, -1, -1, device=C.device))
+            per_image = C[firsts]
+            if not torch.equal(per_image[row_img], C):
+                raise Unsupported("a specification that differs between rows of an image")
+            C = per_image
+        coef = C.matmul(w)
+        merged_bias = C.matmul(bias) if bias is not None else None
+        return coef, merged_bias
+
+    def _lp_propagate(self, v, found, C=None, w=None, **kwargs):
+        if w is not None:
+            raise Unsupported("an explicit weight")
+        data = self._data_index(found)
+        st, ptb = found[data]
+        if any(self.is_input_perturbed(i) for i in range(len(v)) if i != data):
+            raise Unsupported("perturbed weights")
+        weight, bias = self._weights(v, data)
+        if isinstance(st, WindowState):
+            if not st.flat or data != 0:
+                raise Unsupported("a linear layer on an unflattened window")
+            coef, b = self._with_spec(weight, bias, C, st.clean.shape[0], ptb)
+            return linear_window(st, coef, b)
+        transposed = data == 1
+        if transposed:  # W (O, J) @ x (B, J, L): work on x^T
+            if st.x.dim() != 3:
+                raise Unsupported("MatMul with a data operand of rank other than 3")
+            st = ElementState(st.x.transpose(-1, -2), st.m_lo.transpose(-1, -2), st.m_hi.transpose(-1, -2),
+                              st.src.transpose(-1, -2))
+            if C is not None:
+                raise Unsupported("a specification after W @ x")
+        coef, b = self._with_spec(weight, bias, C, st.x.shape[0], ptb)
+        out = ptb.mix_linear(st, coef, b, cache=self.__dict__.setdefault("_lp_cache", {}))
+        if out is None:
+            raise Unsupported("the threat's first-layer rule does not apply")
+        if transposed:
+            out = (out[0].transpose(-1, -2), out[1].transpose(-1, -2))
+        return out
+
+    def _data_index(self, found) -> int:
+        for i, (st, _) in enumerate(found):
+            if st is not None:
+                return i
+        raise Unsupported("no state")
+
+    def _lp_no_state(self, v, **kwargs) -> None:
+        if getattr(self, "_lp_first_mixing", False):
+            _check_sparse_root(self, v)
+
+
+def _check_sparse_root(node, v) -> None:
+    """At a first mixing layer whose input carries no description: warn if the input is sparse."""
+    from .graph import data_roots, path_ops
+    from ..threats.sparse import SparsePerturbation
+
+    if not any(i < len(v) and node.is_input_perturbed(i) for i in node._lp_data_inputs):
+        return
+    if any(isinstance(getattr(r, "perturbation", None), SparsePerturbation) for r in data_roots(node)):
+        ops = path_ops(node, lambda n: getattr(n, "_lp_carries_elements", False))
+        reason = f"the input passes through {', '.join(ops)}" if ops else "unsupported input"
+        ptb = next(getattr(r, "perturbation") for r in data_roots(node)
+                   if isinstance(getattr(r, "perturbation", None), SparsePerturbation))
+        node._lp_fallback(reason, [(None, ptb)])
+
+
+class PluginLinear(_Linear, _ops.BoundLinear):
+    """``Gemm``."""
+
+    _lp_data_inputs = (0,)
+
+    def _weights(self, v, data):
+        if data != 0:
+            raise Unsupported("Gemm with a constant first operand")
+        if _attr(self, "transA", "transA", 0):
+            raise Unsupported("Gemm with transA")
+        weight = v[1][0]
+        if weight.dim() != 2:
+            raise Unsupported("Gemm with a weight of rank other than 2")
+        w = weight if _attr(self, "transB", "transB", 0) else weight.t()
+        alpha = float(_attr(self, "alpha_linear", "alpha", 1.0))
+        if alpha != 1.0:
+            w = w * alpha
+        bias = None
+        if len(v) > 2:
+            bias = v[2][0]
+            beta = float(_attr(self, "beta_linear", "beta", 1.0))
+            if beta != 1.0:
+                bias = bias * beta
+        return w, bias
+
+
+class PluginMatMul(_Linear, _ops.BoundMatMul):
+    """``MatMul`` with one constant 2-D operand (either side)."""
+
+    _lp_data_inputs = (0, 1)
+
+    def _weights(self, v, data):
+        const = v[1 - data][0]
+        if not torch.is_tensor(const) or const.dim() != 2:
+            raise Unsupported("MatMul without a constant 2-D operand")
+        return (const.t() if data == 0 else const), None
+
+    def _lp_stock(self, *v, C=None, **kwargs):
+        if C is None:
+            return super()._lp_stock(*v, **kwargs)
+        # Stock MatMul (auto_LiRPA 0.3) does not take the specification IBP merges into a
+        # last layer: merge it here for a constant right operand, as Gemm does.
+        if self.is_input_perturbed(1) or v[0][0].dim() != 2 or not torch.is_tensor(v[1][0]) or v[1][0].dim() != 2:
+            lo, hi = super()._lp_stock(*v, **kwargs)
+            return merged_interval((lo, hi), C, None)
+        return merged_interval(v[0], C.matmul(v[1][0].t()), None)

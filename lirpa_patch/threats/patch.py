@@ -1,0 +1,556 @@
+"""The patch threat: :class:`PatchPerturbation` (an auto_LiRPA perturbation) and its first-layer rules.
+
+For one location the feasible set is a box: pixels inside the patch range over
+the valid pixel domain, every other pixel is fixed. Locations are a batch
+dimension: the tensor handed to ``BoundedTensor`` holds one row per
+(image, location) pair, image-major, so row ``r`` is image ``r // L`` with
+location ``r % L``. :meth:`PatchPerturbation.expand` builds that tensor.
+
+Because the perturbation is a box (a ``PerturbationLpNorm`` with ``norm=inf`` and
+explicit ``x_L``/``x_U``), every auto_LiRPA bound method that handles boxes works:
+IBP, CROWN/backward, CROWN-IBP, and any graph auto_LiRPA parses.
+
+With the plugin operators (``BoundedModule(..., custom_ops=lirpa_patch.custom_ops())``)
+IBP exploits that a row differs from its clean image in a few pixels:
+
+* the first linear layer computes the clean image's pre-activation once per image
+  and adds, per row, only the patch pixels' columns (centre shift and radius);
+* the first convolution convolves the clean image once per image and, per row,
+  only the window of outputs the patch reaches; later convolutions, ReLUs and
+  residual additions carry that window while it is smaller than the map
+  (:mod:`lirpa_patch.ops.window`).
+
+The bounds equal plain IBP on the rows (up to float rounding). The engine
+(:func:`lirpa_patch.certify`) also avoids building the ``(rows, C, H, W)`` box
+itself (``virtual`` mode).
+
+Example::
+
+    ptb = PatchPerturbation(size=2, shape="square")           # all 729 locations on 28x28
+    rows = ptb.expand(images)                                 # (N * 729, 1, 28, 28)
+    lb, ub = model.compute_bounds(x=(BoundedTensor(rows, ptb),), method="IBP")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..domain import PixelDomain
+from ..errors import UsageError
+from ..locations import Locations, all_locations, explicit_locations, position_rows
+from ..ops.state import ElementState, WindowState
+from ..ops.window import conv_window, gather_window
+from ..shapes import PatchShape, SizeLike, make_shape
+from .box import BoxPerturbation, Layout
+
+__all__ = ["PatchPerturbation", "PatchRows", "patch_rows"]
+
+
+@dataclass
+class PatchRows:
+    """What changes in each row of one bound computation.
+
+    Attributes:
+        images: ``(B, ...)`` the distinct clean images, in the bounded tensor's layout.
+        row_img: ``(R,)`` image of each row.
+        row_loc: ``(R,)`` location (index into the tables below) of each row.
+        pix: ``(M, P)`` int64 pixels (``h * W + w``) of each location, ``-1`` padding.
+        top, left: ``(M,)`` int64 corner of each location's bounding box.
+        inbox: ``(M, bh, bw)`` bool, the location's pixels inside its bounding box.
+        size: ``(H, W)`` of the images.
+        grid: every image has the same ``M`` locations, in order (``row_loc = r % M``,
+            ``row_img = r // M``).
+    """
+
+    images: torch.Tensor
+    row_img: torch.Tensor
+    row_loc: torch.Tensor
+    pix: torch.Tensor
+    top: torch.Tensor
+    left: torch.Tensor
+    inbox: torch.Tensor
+    size: tuple[int, int]
+    grid: bool = False
+
+    @property
+    def rows(self) -> int:
+        return int(self.row_img.shape[0])
+
+
+def patch_rows(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixel lists and bounding boxes of location masks ``(M, H, W)``.
+
+    Returns ``(pix (M, P), top (M,), left (M,), inbox (M, bh, bw))``; see :class:`PatchRows`.
+    """
+    m, height, width = masks.shape
+    flat = masks.reshape(m, -1)
+    counts = flat.sum(1)
+    p = int(counts.max()) if m else 0
+    which, pixel = flat.nonzero(as_tuple=True)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(which.numel(), device=masks.device) - first[which]
+    pix = torch.full((m, max(p, 1)), -1, dtype=torch.long, device=masks.device)
+    pix[which, rank] = pixel
+    rows_any, cols_any = masks.any(2), masks.any(1)
+    empty = counts == 0
+    top = torch.where(empty, 0, rows_any.float().argmax(1))
+    bottom = torch.where(empty, 0, height - 1 - rows_any.flip(1).float().argmax(1))
+    left = torch.where(empty, 0, cols_any.float().argmax(1))
+    right = torch.where(empty, 0, width - 1 - cols_any.flip(1).float().argmax(1))
+    bh = int((bottom - top).max()) + 1 if m else 1
+    bw = int((right - left).max()) + 1 if m else 1
+    padded = F.pad(masks, (0, bw, 0, bh))
+    iy = top[:, None] + torch.arange(bh, device=masks.device)[None, :]
+    ix = left[:, None] + torch.arange(bw, device=masks.device)[None, :]
+    inbox = padded[torch.arange(m, device=masks.device)[:, None, None], iy[:, :, None], ix[:, None, :]]
+    return pix, top.long(), left.long(), inbox
+
+
+def _elements_of_pixel(el_pix: torch.Tensor, pixels: int) -> torch.Tensor:
+    """``(pixels + 1, G)`` int64: the element positions whose source is each pixel (``-1`` padding).
+
+    Row ``pixels`` is all ``-1`` (the slot of padded pixel lists).
+    """
+    valid = el_pix >= 0
+    pos = torch.nonzero(valid).flatten()
+    pix = el_pix[pos]
+    order = torch.argsort(pix, stable=True)
+    pos, pix = pos[order], pix[order]
+    counts = torch.bincount(pix, minlength=pixels)
+    g = int(counts.max()) if pix.numel() else 1
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(pix.numel(), device=el_pix.device) - first[pix]
+    table = torch.full((pixels + 1, max(g, 1)), -1, dtype=torch.long, device=el_pix.device)
+    table[pix, rank] = pos
+    return table
+
+
+class PatchPerturbation(BoxPerturbation):
+    """Patch attack on a batch of (image, location) rows.
+
+    Args:
+        size: patch size ``n``, ``(h, w)`` or ``"HxW"``; sets the pixel count of ``shape``.
+        shape: a shape name (see :mod:`lirpa_patch.shapes`), a :class:`PatchShape`,
+            or a 2-D boolean mask.
+        locations: where the patch may go. ``None``/``"all"``: every valid position
+            (resolved from the image size of the first tensor bounded); a
+            :class:`Locations`; or positions ``(L, 2)`` ``(top, left)`` / ``(L, 3)``
+            ``(variant, top, left)``.
+        masks: instead of ``locations``, boolean pixel masks: ``(L, H, W)`` shared by
+            all images, or ``(N, L, H, W)`` one set per image (e.g. sampled locations).
+        domain: the pixel domain; default ``[0, 1]`` in image space. ``mean``/``std``
+            (and ``value_range``) are shortcuts that build one.
+        layout: how the bounded tensor stores an image: ``"nchw"`` ``(C, H, W)``,
+            ``"nhwc"`` ``(H, W, C)`` or ``"flat"`` (any shape with ``C*H*W``
+            elements, C-major like a flattened NCHW image; needs ``image_shape``).
+        image_shape: ``(C, H, W)``; needed for ``layout="flat"``, optional otherwise.
+        strength: in ``[0, 1]``; the patch interval is ``[x + s(lo - x), x + s(hi - x)]``
+            (warm-up during training). 1 is the full threat model.
+    """
+
+    def __init__(
+        self,
+        size: SizeLike | str = 2,
+        shape: str | PatchShape | torch.Tensor | np.ndarray = "square",
+        locations: Optional[str | Locations | torch.Tensor | Sequence] = None,
+        *,
+        masks: Optional[torch.Tensor] = None,
+        domain: Optional[PixelDomain] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        value_range: tuple[float, float] = (0.0, 1.0),
+        layout: Layout = "nchw",
+        image_shape: Optional[Sequence[int]] = None,
+        strength: float = 1.0,
+    ) -> None:
+        super().__init__(domain=domain, mean=mean, std=std, value_range=value_range, layout=layout,
+                         image_shape=image_shape, strength=strength)
+        image_size = self.image_shape[1:] if self.image_shape is not None else None
+        self.patch_shape = shape if isinstance(shape, PatchShape) else make_shape(shape, size, image_size=image_size)
+        self._positions = None
+        self._locations: Optional[Locations] = None
+        self._masks: Optional[torch.Tensor] = None
+        if masks is not None:
+            if locations is not None:
+                raise UsageError("give either locations= or masks=, not both", param="masks")
+            masks = torch.as_tensor(masks).to(torch.bool)
+            if masks.ndim not in (3, 4):
+                raise UsageError(f"masks must be (L, H, W) or (N, L, H, W), got {tuple(masks.shape)}", param="masks")
+            if masks.shape[-3] == 0:
+                raise UsageError("masks must hold at least one location", param="masks")
+            self._masks = masks
+        elif isinstance(locations, Locations):
+            self._locations = locations
+        elif locations is not None and not (isinstance(locations, str) and locations == "all"):
+            if isinstance(locations, str):
+                raise UsageError(f"locations must be 'all', a Locations set or positions, got {locations!r}",
+                                 param="locations")
+            self._positions = position_rows(locations, self.patch_shape)  # UsageError now, not when bounding
+        self._rows: Optional[PatchRows] = None
+        self._table_cache: dict = {}
+        self._images_hint: Optional[torch.Tensor] = None
+        self._tables_hint: Optional[tuple] = None
+
+    # ------------------------------------------------------------------ locations
+    def _image_size_from(self, x: Optional[torch.Tensor]) -> tuple[int, int]:
+        if self.image_shape is not None:
+            return self.image_shape[1], self.image_shape[2]
+        if x is None:
+            raise UsageError("the image size is unknown: pass image_shape= or bound a tensor first",
+                             param="image_shape")
+        if self.layout == "nchw":
+            return int(x.shape[-2]), int(x.shape[-1])
+        return int(x.shape[-3]), int(x.shape[-2])
+
+    def locations(self, x: Optional[torch.Tensor] = None) -> Optional[Locations]:
+        """The resolved :class:`Locations` (None when built from raw ``masks``)."""
+        if self._masks is not None:
+            return None
+        if self._locations is None:
+            size = self._image_size_from(x)
+            if self._positions is not None:
+                self._locations = explicit_locations(self.patch_shape, size, self._positions)
+            else:
+                self._locations = all_locations(self.patch_shape, size)
+        return self._locations
+
+    def masks(self, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Location masks: ``(L, H, W)`` shared, or ``(N, L, H, W)`` per image."""
+        if self._masks is not None:
+            return self._masks
+        return self.locations(x).masks
+
+    @property
+    def num_locations(self) -> int:
+        """``L``, the number of locations per image."""
+        return int(self.masks().shape[-3])
+
+    def expand(self, images: torch.Tensor) -> torch.Tensor:
+        """Repeat each image once per location: ``(N, ...)`` -> ``(N * L, ...)``, image-major."""
+        return images.repeat_interleave(int(self.masks(images).shape[-3]), dim=0)
+
+    # ------------------------------------------------------------------ the box
+    def _to_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "nchw":
+            return x
+        if self.layout == "nhwc":
+            return x.permute(0, 3, 1, 2)
+        return x.reshape(x.shape[0], *self.image_shape)
+
+    def _from_nchw(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if self.layout == "nchw":
+            return x
+        if self.layout == "nhwc":
+            return x.permute(0, 2, 3, 1)
+        return x.reshape(like.shape)
+
+    def _row_masks(self, rows: int, x: torch.Tensor) -> torch.Tensor:
+        masks = self.masks(x).to(x.device)
+        if masks.ndim == 4:
+            masks = masks.reshape(-1, *masks.shape[-2:])
+            if masks.shape[0] != rows:
+                raise UsageError(
+                    f"per-image masks give {masks.shape[0]} rows but the bounded tensor has {rows}", param="masks"
+                )
+            return masks
+        n_loc = masks.shape[0]
+        if rows % n_loc:
+            raise UsageError(
+                f"the bounded tensor has {rows} rows, not a multiple of the {n_loc} locations; "
+                "build it with PatchPerturbation.expand(images)", param="masks"
+            )
+        return masks.repeat(rows // n_loc, 1, 1)
+
+    def bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The box ``(x_L, x_U)`` for rows ``x`` (same shape and layout as ``x``)."""
+        img = self._to_nchw(x)
+        if img.ndim != 4:
+            raise UsageError(f"expected image rows (R, C, H, W) in layout {self.layout}, got {tuple(x.shape)}",
+                             param="layout")
+        rows, channels, height, width = img.shape
+        masks = self._row_masks(rows, x)
+        if tuple(masks.shape[-2:]) != (height, width):
+            raise UsageError(
+                f"location masks are {masks.shape[-2]}x{masks.shape[-1]} but images are {height}x{width}",
+                param="masks",
+            )
+        m_lo, m_hi = self.moves(x)
+        m = self._from_nchw(masks[:, None, :, :].expand(rows, channels, height, width), x)
+        return x + torch.where(m, m_lo, torch.zeros_like(m_lo)), x + torch.where(m, m_hi, torch.zeros_like(m_hi))
+
+    # ------------------------------------------------------------------ rows
+    def _tables(self, masks: torch.Tensor):
+        hint = self._tables_hint
+        if hint is not None and hint[0].shape[0] == masks.reshape(-1, *masks.shape[-2:]).shape[0]:
+            return hint
+        key = (id(masks), tuple(masks.shape), masks.device)
+        cached = self._table_cache.get(key)
+        if cached is None or cached[0] is not masks:
+            flat = masks.reshape(-1, *masks.shape[-2:])
+            cached = (masks, patch_rows(flat))
+            self._table_cache[key] = cached
+        return cached[1]
+
+    def _prepare_rows(self, x: torch.Tensor) -> None:
+        rows = int(x.shape[0])
+        masks = self.masks(x).to(x.device)
+        pix, top, left, inbox = self._tables(masks)
+        if masks.ndim == 4:
+            n_img, n_loc = masks.shape[0], masks.shape[1]
+            if n_img * n_loc != rows:
+                raise UsageError(
+                    f"per-image masks give {n_img * n_loc} rows but the bounded tensor has {rows}", param="masks"
+                )
+            row_loc = torch.arange(rows, device=x.device)
+        else:
+            n_loc = masks.shape[0]
+            if rows % n_loc:
+                raise UsageError(
+                    f"the bounded tensor has {rows} rows, not a multiple of the {n_loc} locations; "
+                    "build it with PatchPerturbation.expand(images)", param="masks"
+                )
+            n_img = rows // n_loc
+            row_loc = torch.arange(rows, device=x.device) % n_loc
+        images = self._images_hint
+        if images is None or images.shape[0] != n_img or images.shape[1:] != x.shape[1:]:
+            images = self._distinct_images(x, n_img, n_loc)
+        if images.shape[0] == n_img:
+            row_img = torch.arange(rows, device=x.device) // n_loc
+        else:  # rows of one image differ: every row is its own image
+            row_img = torch.arange(rows, device=x.device)
+        size = self._image_size_from(x)
+        grid = masks.ndim == 3 and images.shape[0] == n_img
+        self._rows = PatchRows(images, row_img, row_loc, pix, top, left, inbox, size, grid)
+
+    @staticmethod
+    def _distinct_images(x: torch.Tensor, n_img: int, n_loc: int) -> torch.Tensor:
+        """The images of image-major rows ``x``, or ``x`` itself when the rows of an image differ."""
+        firsts = x[::n_loc]
+        if n_loc == 1 or x.stride(0) == 0:
+            return firsts
+        grouped = x.reshape(n_img, n_loc, -1)
+        if torch.equal(grouped, firsts.reshape(n_img, 1, -1).expand_as(grouped)):
+            return firsts
+        return x
+
+    def _root(self, x: torch.Tensor):
+        rows = self._rows
+        return self.root_state(rows.images), bool(self.virtual)
+
+    @property
+    def num_rows(self) -> int:
+        return self._rows.rows
+
+    @property
+    def row_img(self) -> torch.Tensor:
+        return self._rows.row_img
+
+    @property
+    def pixel_of(self) -> torch.Tensor:
+        return self.geometry(self._rows.images)[1]
+
+    def _element_pixels(self, src: torch.Tensor) -> torch.Tensor:
+        """Pixel of each element given its source ids (any shape; ``-1`` stays ``-1``)."""
+        pix_of = self.pixel_of
+        return torch.where(src >= 0, pix_of[src.clamp(min=0)], src.new_full((), -1))
+
+    def _row_pixel_masks(self) -> torch.Tensor:
+        """``(R, H*W + 1)`` bool: the patch pixels of each row (last column: padding slot)."""
+        rows = self._rows
+        height, width = rows.size
+        pix = rows.pix[rows.row_loc]
+        out = torch.zeros(rows.rows, height * width + 1, dtype=torch.bool, device=pix.device)
+        out.scatter_(1, torch.where(pix >= 0, pix, height * width), True)
+        out[:, -1] = False
+        return out
+
+    def materialize(self, st: ElementState) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._rows
+        el_pix = self._element_pixels(st.src[0])  # (*S)
+        hw = rows.size[0] * rows.size[1]
+        inside = self._row_pixel_masks()[:, torch.where(el_pix >= 0, el_pix, hw)]  # (R, *S)
+        x = st.x[rows.row_img]
+        lo, hi = torch.minimum(st.m_lo, st.m_hi), torch.maximum(st.m_lo, st.m_hi)
+        if lo.shape[0] > 1:
+            lo, hi = lo[rows.row_img], hi[rows.row_img]
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        return x + torch.where(inside, lo, zero), x + torch.where(inside, hi, zero)
+
+    # ------------------------------------------------------------------ first-layer rules
+    def mix_linear(self, st: ElementState, coef: torch.Tensor, bias: Optional[torch.Tensor],
+                   cache: Optional[dict] = None):
+        rows = self._rows
+        x = st.x
+        if x.dim() < 2:
+            return None
+        n_b, width = x.shape[0], x.shape[-1]
+        lead = tuple(x.shape[1:-1])
+        n_lead = int(np.prod(lead)) if lead else 1
+        hw = rows.size[0] * rows.size[1]
+        el_pix = self._element_pixels(st.src.reshape(-1))
+        table = self._table_cache.get(("elements", id(st.src)))
+        if table is None or table[0] is not st.src:
+            table = (st.src, _elements_of_pixel(el_pix, hw))
+            self._table_cache[("elements", id(st.src))] = table
+        table = table[1]
+        per_image = coef.dim() == 3
+        coef_t = coef.transpose(-1, -2)  # (J, O) or (B, J, O)
+        m_lo = st.m_lo.reshape(st.m_lo.shape[0], -1)
+        m_hi = st.m_hi.reshape(st.m_hi.shape[0], -1)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        if rows.grid and not per_image and n_lead == 1:
+            return self._mix_linear_grid(x, m_lo, m_hi, table, coef_t, bias, cache)
+        pix = rows.pix[rows.row_loc]  # (R, P)
+        elems = table[torch.where(pix >= 0, pix, hw)].reshape(rows.rows, -1)  # (R, P*G)
+        valid = elems >= 0
+        e = elems.clamp(min=0)
+        bi = rows.row_img if m_lo.shape[0] > 1 else torch.zeros_like(rows.row_img)
+        lo_e, hi_e = m_lo[bi[:, None], e], m_hi[bi[:, None], e]
+        centre = torch.where(valid, (lo_e + hi_e) * 0.5, zero)  # (R, E)
+        radius = torch.where(valid, (hi_e - lo_e).abs() * 0.5, zero)
+        col = e % width
+        gathered = coef_t[rows.row_img[:, None], col] if per_image else coef_t[col]  # (R, E, O)
+        if n_lead == 1:
+            d_c = torch.bmm(centre.unsqueeze(1), gathered).squeeze(1)  # (R, O)
+            d_r = torch.bmm(radius.unsqueeze(1), gathered.abs()).squeeze(1)
+            y = x.reshape(n_b, width)
+            clean = torch.einsum("bj,bjo->bo", y, coef_t) if per_image else y.matmul(coef_t)
+        else:
+            lead_idx = (e // width).unsqueeze(-1).expand_as(gathered)
+            n_out = gathered.shape[-1]
+            d_c = gathered.new_zeros(rows.rows, n_lead, n_out).scatter_add_(1, lead_idx, centre.unsqueeze(-1) * gathered)
+            d_r = gathered.new_zeros(rows.rows, n_lead, n_out).scatter_add_(
+                1, lead_idx, radius.unsqueeze(-1) * gathered.abs())
+            y = x.reshape(n_b, n_lead, width)
+            clean = torch.bmm(y, coef_t) if per_image else y.matmul(coef_t)
+        if bias is not None:
+            clean = clean + (bias.unsqueeze(1) if (per_image and n_lead > 1 and bias.dim() == 2) else bias)
+        centre_rows = clean[rows.row_img] + d_c
+        lower, upper = centre_rows - d_r, centre_rows + d_r
+        shape = (rows.rows, *lead, lower.shape[-1])
+        return lower.reshape(shape), upper.reshape(shape)
+
+    def _mix_linear_grid(self, x, m_lo, m_hi, table, coef_t, bias, cache: Optional[dict]):
+        """:meth:`mix_linear` when every image has the same locations, in order (the engine's rows).
+
+        The columns of each location are gathered once, ``(M, E, O)``, and every image's
+        rows go through them in one batched product per location. Without gradients the
+        gathered columns are kept in ``cache`` (the calling operator's) while the weight
+        and the locations stay the same.
+        """
+        rows = self._rows
+        n_loc = rows.pix.shape[0]
+        n_img = rows.rows // n_loc
+        hw = rows.size[0] * rows.size[1]
+        elems = table[torch.where(rows.pix >= 0, rows.pix, hw)].reshape(n_loc, -1)  # (M, E)
+        valid = elems >= 0
+        e = elems.clamp(min=0)
+        cols = e % x.shape[-1]
+        reuse = cache is not None and not (torch.is_grad_enabled() and coef_t.requires_grad)
+        key = (coef_t.data_ptr(), tuple(coef_t.shape), tuple(coef_t.stride()), coef_t._version)
+        hit = cache.get("grid") if reuse else None
+        if hit is not None and hit[0] == key and hit[1] is not None and torch.equal(hit[1], cols):
+            weights, weights_abs = hit[2], hit[3]
+        else:
+            weights = coef_t[cols]  # (M, E, O)
+            weights_abs = weights.abs()
+            if reuse:
+                cache["grid"] = (key, cols, weights, weights_abs, coef_t)
+        lo_e, hi_e = m_lo[:, e], m_hi[:, e]  # (B|1, M, E)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        centre = torch.where(valid, (lo_e + hi_e) * 0.5, zero).expand(n_img, n_loc, -1).transpose(0, 1)
+        radius = torch.where(valid, (hi_e - lo_e).abs() * 0.5, zero).expand(n_img, n_loc, -1).transpose(0, 1)
+        clean = x.reshape(x.shape[0], -1).matmul(coef_t)  # (B, O)
+        if bias is not None:
+            clean = clean + bias
+        if clean.shape[0] != n_img:
+            clean = clean[rows.row_img[::n_loc]]
+        # Per location m: rows = clean + centre @ W_m -/+ radius @ |W_m|, fused into the products.
+        mid = torch.baddbmm(clean.unsqueeze(0), centre, weights)  # (M, B, O)
+        lower = torch.baddbmm(mid, radius, weights_abs, alpha=-1.0)
+        upper = torch.baddbmm(mid, radius, weights_abs)
+        return lower.transpose(0, 1).reshape(rows.rows, -1), upper.transpose(0, 1).reshape(rows.rows, -1)
+
+    def mix_conv(self, node, st: ElementState, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        rows = self._rows
+        x = st.x
+        height, width = rows.size
+        if x.dim() != 4 or tuple(x.shape[-2:]) != (height, width) or getattr(node, "conv_dim", 2) != 2:
+            return None
+        el_pix = self._element_pixels(st.src[0])  # (C, H, W)
+        expected = torch.arange(height * width, device=x.device).view(1, height, width).expand_as(el_pix)
+        if not torch.equal(el_pix, expected):
+            return None  # the conv input is not laid out like the image: no window
+        inbox = rows.inbox[rows.row_loc].unsqueeze(1).to(x.dtype)  # (R, 1, bh, bw)
+        top, left = rows.top[rows.row_loc], rows.left[rows.row_loc]
+        lo, hi = torch.minimum(st.m_lo, st.m_hi), torch.maximum(st.m_lo, st.m_hi)
+        idx = rows.row_img if lo.shape[0] > 1 else torch.zeros_like(rows.row_img)
+        size = inbox.shape[-2:]
+        dlo = gather_window(lo, idx, top, left, size) * inbox
+        dhi = gather_window(hi, idx, top, left, size) * inbox
+        ws = WindowState(x, dlo, dhi, top, left, rows.row_img)
+        return conv_window(ws, weight, bias, node.stride, node.padding, node.dilation, node.groups)
+
+    def __repr__(self) -> str:
+        where = "masks" if self._masks is not None else (
+            "all" if self._positions is None and self._locations is None else "explicit")
+        return (
+            f"PatchPerturbation(shape={self.patch_shape.describe()}, locations={where}, "
+            f"strength={self.strength}, layout={self.layout})"
+        )
+
+
+class PatchThreat:
+    """The patch threat as the engine sees it: which rows an image has and how to bound some of them.
+
+    Args:
+        size, shape: the patch (see :func:`~lirpa_patch.shapes.make_shape`); ``shape`` may
+            also be a :class:`PatchShape` or a 2-D mask.
+        locations: an explicit :class:`Locations` set (default: every valid position,
+            resolved on the image size).
+    """
+
+    name = "patch"
+
+    def __init__(self, size: SizeLike | str = 2, shape: str | PatchShape | torch.Tensor | np.ndarray = "square",
+                 locations: Optional[Locations] = None) -> None:
+        self.shape: PatchShape = shape if isinstance(shape, PatchShape) else make_shape(shape, size)
+        self.locations: Optional[Locations] = locations
+        self._tables: Optional[tuple] = None
+
+    def prepare(self, image_size: Sequence[int]) -> None:
+        """Resolve the locations on ``(H, W)`` images (UsageError if the patch does not fit)."""
+        size = (int(image_size[0]), int(image_size[1]))
+        if self.locations is None:
+            self.locations = all_locations(self.shape, size)
+        elif tuple(self.locations.image_size) != size:
+            raise UsageError(f"locations are for {self.locations.image_size} images, got {size}", param="locations")
+        self._tables = patch_rows(self.locations.masks)
+
+    @property
+    def rows_per_image(self) -> int:
+        return len(self.locations)
+
+    def perturbation(self, images: torch.Tensor, rows: slice, *, domain: Optional[PixelDomain], strength: float):
+        """``(x_rows, ptb)`` bounding locations ``rows`` of every image in ``images`` ``(b, C, H, W)``."""
+        masks = self.locations.masks[rows].to(images.device)
+        ptb = PatchPerturbation(masks=masks, domain=domain, strength=strength)
+        n_loc = masks.shape[0]
+        if images.shape[0] == 1:
+            x = images.expand(n_loc, *images.shape[1:])
+        else:
+            x = images.repeat_interleave(n_loc, dim=0)
+        ptb._images_hint = images
+        ptb._tables_hint = tuple(t[rows] for t in self._tables)
+        return x, ptb
+
+    def locate(self, row: int) -> Optional[dict]:
+        return self.locations.describe(int(row))
+
+    def describe(self) -> dict:
+        return {"threat": "patch", "shape": self.shape.name, "num_locations": len(self.locations)}
