@@ -5,13 +5,20 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional
 
 import click
 from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+# No emoji codes: a dataset named "mnist:train" must not print as "mnist🚋".
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
+
+
+class InputError(click.ClickException):
+    """A missing input file found before the library is imported: one line, exit 1 (not a usage error)."""
+
+    exit_code = 1
 
 
 def parse_floats(value: Optional[str], name: str) -> Optional[tuple[float, ...]]:
@@ -37,6 +44,24 @@ def parse_shape(value: Optional[str], name: str) -> Optional[tuple[int, ...]]:
     return dims
 
 
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
+          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+
+
+def parse_bytes(value: str, name: str) -> int:
+    """Parse ``"512M"``, ``"2G"``, ``"1.5GiB"`` or a plain byte count (click.BadParameter on bad input)."""
+    text = str(value).strip().upper().replace(" ", "")
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number):]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = float("nan")
+    if unit not in _UNITS or not amount > 0 or amount != amount:
+        raise click.BadParameter(f"{value!r} is not a positive size such as 512M or 2G", param_hint=name)
+    return max(1, int(amount * _UNITS[unit]))
+
+
 @contextlib.contextmanager
 def library_warnings_silenced() -> Iterator[None]:
     """Library warnings (onnx2torch, auto_LiRPA, torch) are noise on a CLI; LIRPA_PATCH_DEBUG shows them."""
@@ -46,3 +71,19 @@ def library_warnings_silenced() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+@contextlib.contextmanager
+def param_as(names: Mapping[str, str]) -> Iterator[None]:
+    """Inside the block, a library error about parameter ``p`` is about ``names[p]`` instead.
+
+    E.g. ``with param_as({"path": "resume"}): load_checkpoint(opts["resume"])``: the
+    library's ``path`` is this command's ``resume`` (``--resume``).
+    """
+    try:
+        yield
+    except Exception as exc:
+        param = getattr(exc, "param", None)
+        if param in names:
+            exc.param = names[param]  # type: ignore[attr-defined]
+        raise

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import click
 from rich.markup import escape
 
-from ._console import console, err_console, library_warnings_silenced, parse_floats, parse_shape
+from ._console import parse_bytes, InputError, console, err_console, library_warnings_silenced, parse_floats, parse_shape
 
 _SHAPE_HELP = (
     "Patch shape: square, rectangle, line, hline, vline, diamond, parallelogram, rectangle:HxW, "
@@ -30,12 +30,6 @@ _CHUNK_HELP = (
     "with it. IBP keeps a few activations per row; CROWN also keeps linear bounds of every layer "
     "in terms of the input per row, far more, so it defaults lower. Lower it if memory runs out."
 )
-
-
-def _parse_patch(value: str) -> tuple[int, int]:
-    from lirpa_patch.shapes import parse_size
-
-    return parse_size(value)
 
 
 def _load_mask(path: Path):
@@ -62,23 +56,26 @@ def _load_mask(path: Path):
     return mask
 
 
-def _resolve_shapes(shape: str, size: tuple[int, int]) -> tuple[list, Optional[str]]:
-    """The PatchShape(s) to certify and the mask file (if any); raises UsageError on unknown names."""
+def _resolve_shapes(shape: str) -> tuple[list, Optional[str]]:
+    """What ``--shape`` names: shape names (built later, on the image size) or a mask; and the mask file.
+
+    Nothing is allocated here beyond the mask file's own array.
+    """
     from lirpa_patch.errors import UsageError
-    from lirpa_patch.shapes import SHAPE_NAMES, TRANSFER_SHAPES, make_shape
+    from lirpa_patch.shapes import SHAPE_NAMES, TRANSFER_SHAPES
 
     text = shape.strip()
     key = text.lower()
     if key == "all":
-        return [make_shape(name, size) for name in TRANSFER_SHAPES], None
+        return list(TRANSFER_SHAPES), None
     if key in SHAPE_NAMES or key.startswith("rectangle:"):
-        return [make_shape(key, size)], None
+        return [key], None
     if key.endswith(".npy") or Path(text).expanduser().is_file():
         path = Path(text).expanduser()
-        return [make_shape(_load_mask(path))], str(path)
+        return [_load_mask(path)], str(path)
     raise UsageError(
-        f"unknown --shape {shape!r}; choose one of {', '.join(SHAPE_NAMES)}, rectangle:HxW, all, "
-        "or a .npy mask file"
+        f"unknown shape {shape!r}; choose one of {', '.join(SHAPE_NAMES)}, rectangle:HxW, all, "
+        "or a .npy mask file", param="shape"
     )
 
 
@@ -99,33 +96,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _check_labels(labels, indices, num_classes: Optional[int], dataset: str) -> None:
-    from lirpa_patch.errors import DataError, ModelError
-
-    if num_classes is None:
-        return
-    if num_classes < 2:
-        raise ModelError(f"the model has {num_classes} output; at least 2 classes are needed to certify")
-    bad = (labels >= num_classes).nonzero().flatten()
-    if bad.numel():
-        first = int(bad[0])
-        raise DataError(
-            f"{dataset}: {bad.numel()} label(s) out of range for a model with {num_classes} outputs "
-            f"(labels must be 0-{num_classes - 1}; image {int(indices[first])} has label {int(labels[first])})"
-        )
-
-
-def _predictions(model, images, device: str, batch: int = 256):
-    """The predicted class per image (to size the progress bars); ``model`` is on ``device``."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            out.append(model(images[i : i + batch].to(device)).argmax(1).cpu())
-    return torch.cat(out)
 
 
 def _status(message: str, enabled: bool):
@@ -153,15 +123,21 @@ def _status(message: str, enabled: bool):
               show_default="inferred from the input shape",
               help="How images (N, C, H, W) are laid out for the model.")
 @click.option("--mean", default=None, metavar="M[,M,M]", help="Per-channel mean the model expects, e.g. 0.4914,0.4822,0.4465 "
-              "(the model sees (x - mean) / std with x in [0, 1]).")
-@click.option("--std", default=None, metavar="S[,S,S]", help="Per-channel std the model expects, e.g. 0.2471,0.2435,0.2616.")
-@click.option("--chunk", type=click.IntRange(min=1), default=None, show_default="sized by memory",
+              "(the model sees (x - mean) / std with x in [0, 1]); give --std too.")
+@click.option("--std", default=None, metavar="S[,S,S]", help="Per-channel std the model expects, e.g. 0.2471,0.2435,0.2616; "
+              "give --mean too (--mean 0 --std S only divides, --mean M --std 1 only subtracts).")
+@click.option("--max-memory", "max_memory", default="1G", metavar="SIZE",
+              help="Memory for the working tensors of one bound computation (e.g. 512M, 2G); sets the rows "
+              "per call from the model's activation sizes.")
+@click.option("--chunk", type=click.IntRange(min=1), default=None, show_default="sized by --max-memory",
               help=_CHUNK_HELP)
 @click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu",
               help="Where to compute the bounds.")
 @click.option("--seed", type=int, default=0, help="Random seed (recorded in the report).")
 @click.option("--output", "-o", "output", default=None, metavar="PATH",
-              help="Write the JSON report here (atomically).")
+              help="Write the JSON report here: a regular file atomically, a symlink through to its target, "
+              "a device or FIFO into it. A path that is an input of the run (MODEL, a --data file, a --shape "
+              "mask) is refused.")
 @click.option("--no-check", "no_check", is_flag=True, default=False,
               help="Skip cross-checking an ONNX model against onnxruntime on the images before certifying.")
 @click.option("--quiet", "-q", is_flag=True, default=False,
@@ -179,6 +155,7 @@ def certify(
     layout: Optional[str],
     mean: Optional[str],
     std: Optional[str],
+    max_memory: str,
     chunk: Optional[int],
     device: str,
     seed: int,
@@ -203,17 +180,22 @@ def certify(
     if sparse is not None:
         for name in ("patch", "shape"):
             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
-                from lirpa_patch.errors import UsageError
-
-                raise UsageError(f"--sparse cannot be combined with --{name} (a sparse attack has no patch)")
+                raise click.UsageError(f"--sparse cannot be combined with --{name} (a sparse attack has no patch)")
+    if not Path(model).expanduser().exists():  # before importing torch: a typo fails at once
+        raise InputError(f"model file not found: {model}")
     with library_warnings_silenced():
         _run(
             model=model, patch=patch, shape=shape, data=data, start=start, num=num, sparse=sparse,
             method=method.lower(),
             input_shape=parse_shape(input_shape, "--input-shape"), layout=layout.lower() if layout else None,
             mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), chunk=chunk,
+            max_memory=parse_bytes(max_memory, "--max-memory"),
             device=device.lower(), seed=seed, output=output, check=not no_check, quiet=quiet,
         )
+
+
+certify.param_flags = {"size": "--patch", "k": "--sparse", "chunk_size": "--chunk", "source": "--data",
+                       "model": "MODEL"}
 
 
 def _run(
@@ -230,6 +212,7 @@ def _run(
     layout: Optional[str],
     mean: Optional[Sequence[float]],
     std: Optional[Sequence[float]],
+    max_memory: int,
     chunk: Optional[int],
     device: str,
     seed: int,
@@ -237,104 +220,78 @@ def _run(
     check: bool,
     quiet: bool,
 ) -> None:
+    from lirpa_patch import report
+    from lirpa_patch.data import load_dataset, source_files
+    from lirpa_patch.domain import check_normalization
     from lirpa_patch.engine import bound_model, certify as certify_images
-    from lirpa_patch.errors import UsageError
-    from lirpa_patch.engine import SPARSE_CHUNK, certify_sparse
-    from lirpa_patch.data import load_dataset
     from lirpa_patch.locations import all_locations
     from lirpa_patch.models import check_against_onnxruntime, image_model, load_model
-
-    from lirpa_patch import report
+    from lirpa_patch.outputs import check_outputs
+    from lirpa_patch.shapes import check_pixels, make_shape
+    from lirpa_patch.spec import check_labels
+    from lirpa_patch.threats.sparse import check_budget
 
     from . import render
 
-    # 1. options that need nothing loaded
-    size = _parse_patch(patch)
-    shapes, mask_file = _resolve_shapes(shape, size)
+    # 1. options that need nothing loaded; an output that is an input of the run is refused here
+    size = check_pixels(patch)  # a patch no image can hold fails before the data is read
+    shape_specs, mask_file = _resolve_shapes(shape) if sparse is None else ([], None)
+    check_normalization(mean, std)  # both or neither
     device = _check_device(device)
     if output is not None:
+        check_outputs({"output": output}, {"model": model, "data": source_files(data), "shape": mask_file})
         report.check_writable(output)
-    if sparse is not None:
-        chunk_size = chunk if chunk is not None else SPARSE_CHUNK
-    else:
-        chunk_size = chunk
     _seed_everything(seed)
     interactive = not quiet and err_console.is_terminal
 
-    # 2. data, and the patch locations on its image size
+    # 2. data; then the patch shapes and locations, checked against its image size before allocating
     dataset = load_dataset(data, start=start, num=num)
     image_shape = tuple(int(d) for d in dataset.images.shape[1:])
     if sparse is None:
+        shapes = [make_shape(spec, size, image_size=image_shape[1:]) for spec in shape_specs]
         locations = [all_locations(s, image_shape[1:]) for s in shapes]  # UsageError if a patch does not fit
     else:
+        check_budget(sparse, image_shape)
         shapes, locations = [], []
-        if sparse > image_shape[1] * image_shape[2]:
-            raise UsageError(
-                f"--sparse {sparse} exceeds the {image_shape[1] * image_shape[2]} pixels of a "
-                f"{image_shape[1]}x{image_shape[2]} image"
-            )
 
     # 3. the model, wrapped to take images (N, C, H, W) in [0, 1]
     with _status(f"Loading {escape(Path(model).name)}...", interactive):
         loaded = load_model(model, input_shape=input_shape)
         net = image_model(loaded, image_shape=image_shape, layout=layout, mean=mean, std=std)
-    _check_labels(dataset.labels, dataset.indices, loaded.num_classes, dataset.name)
+    if loaded.num_classes is not None:
+        check_labels(dataset.labels, loaded.num_classes, name=dataset.name, indices=dataset.indices)
     max_diff: Optional[float] = None
     if check and loaded.onnx_path is not None:
         with _status("Cross-checking the model against onnxruntime...", interactive):
             max_diff = check_against_onnxruntime(net, loaded.onnx_path, dataset.images)
 
-    # 4. certify: every patch shape, or the sparse threat.
+    # 4. certify: every patch shape, or the sparse threat
     net = net.to(device).eval()
     with _status("Building the bounded model...", interactive):
         bounded = bound_model(net, image_shape, device)
-    to_bound = int((_predictions(net, dataset.images, device) == dataset.labels).sum())
     results = {}
+    indices = dataset.indices.tolist()
     with render.CertifyProgress(err_console, enabled=interactive) as progress:
+        common = dict(method=method, chunk_size=chunk, max_memory=max_memory, device=device, indices=indices,
+                      bounded=bounded)
         if sparse is not None:
-            results["sparse"] = certify_sparse(
-                net, dataset.images, dataset.labels, k=sparse, method=method, chunk_size=chunk_size,
-                device=device, indices=dataset.indices.tolist(), bounded=bounded,
-                progress=progress.task("Certifying", to_bound),
-            )
+            results["sparse"] = certify_images(net, dataset.images, dataset.labels, k=sparse,
+                                               progress=progress.task("Certifying"), **common)
         for patch_shape, locs in zip(shapes, locations):
             label = patch_shape.name if len(shapes) > 1 else "Certifying"
             results[patch_shape.name] = certify_images(
-                net, dataset.images, dataset.labels,
-                shape=patch_shape, locations=locs, method=method, chunk_size=chunk_size, device=device,
-                indices=dataset.indices.tolist(), bounded=bounded, progress=progress.task(label, to_bound),
+                net, dataset.images, dataset.labels, shape=patch_shape, locations=locs,
+                progress=progress.task(label), **common,
             )
 
     # 5. report and tables
-    run = report.RunInfo(
-        model=model,
-        data=data,
-        dataset=dataset.name,
-        image_shape=image_shape,
-        start=start,
-        num=num,
-        patch=None if sparse is not None else f"{size[0]}x{size[1]}",
-        threat="sparse" if sparse is not None else "patch",
-        sparse_k=sparse,
-        method=method,
-        chunk=next(iter(results.values())).chunk_size,
-        device=device,
-        seed=seed,
-        model_input={
-            "input_shape": list(net.input_shape),
-            "layout": net.layout,
-            "mean": list(net.mean) if net.mean is not None else None,
-            "std": list(net.std) if net.std is not None else None,
-            "num_classes": loaded.num_classes,
-        },
-        onnxruntime_max_abs_diff=max_diff,
-        versions=report.collect_versions(onnxruntime=max_diff is not None),
-        mask_file=mask_file,
+    run = report.RunInfo.of(
+        model, dataset, net=net, num_classes=loaded.num_classes, data=data, start=start, num=num,
+        patch=None if sparse is not None else size, sparse_k=sparse, method=method,
+        chunk=next(iter(results.values())).chunk_size, device=device, seed=seed,
+        onnxruntime_max_abs_diff=max_diff, mask_file=mask_file,
     )
-    if sparse is not None:
-        doc = report.build_sparse_report(results["sparse"], run)
-        table = render.summary_table(doc["summary"])
-    elif len(results) == 1:
+    if len(results) == 1:
         doc = report.build_report(next(iter(results.values())), run)
         table = render.summary_table(doc["summary"])
     else:

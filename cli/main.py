@@ -10,8 +10,14 @@ The CLI owns all printing (rich) and every exit code:
 Errors are one line on stderr. Set ``LIRPA_PATCH_DEBUG=1`` to see tracebacks.
 
 The library's errors name Python parameters (``chunk_size``); a command lists how its
-options map to them (``PARAM_FLAGS``), and :func:`flag_message` rewrites the message
-so that the user reads the flag they typed (``--chunk``).
+options map to them (``command.param_flags``, else the option of the same Python name),
+and :func:`flag_message` rewrites the message so that the user reads the flag they typed
+(``--chunk``). Where one library parameter stands for different options (the ``path`` of
+the checkpoint to resume and of the model to export), the command wraps the call in
+:func:`~lirpa_patch_cli._console.param_as`.
+
+Nothing here imports torch: ``lirpa-patch --help`` and the errors found before the library
+is needed (a missing model file) are immediate.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import importlib
 import os
 import re
 import sys
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 import click
 from rich.markup import escape
@@ -44,17 +50,23 @@ def _flag_for(command: Optional[click.Command], param: str) -> Optional[str]:
     return None
 
 
-def flag_message(message: str, param: Optional[str], command: Optional[click.Command]) -> str:
-    """``message`` with the library parameter ``param`` replaced by the command's flag for it."""
-    if not param:
-        return message
-    flag = _flag_for(command, param)
-    if flag is None:
-        return message
-    pattern = re.compile(rf"(?<![\w-]){re.escape(param)}(?![\w])")
-    if pattern.search(message):
-        return pattern.sub(flag, message, count=1)
-    return f"{flag}: {message}"
+def flag_message(
+    message: str, param: Optional[str], command: Optional[click.Command], related: Iterable[str] = ()
+) -> str:
+    """``message`` with the library parameter ``param`` (and the ``related`` ones it names)
+    replaced by the command's flags for them; ``"--flag: message"`` when ``param`` is not named."""
+    names = [param, *related] if param else list(related)
+    for i, name in enumerate(names):
+        flag = _flag_for(command, name) if name else None
+        if flag is None:
+            continue
+        # the name as a word, not inside a path or file name ("/runs/out.onnx" has no parameter "out")
+        pattern = re.compile(rf"(?<![\w/.~-]){re.escape(name)}(?![\w/-])(?!\.\w)")
+        if pattern.search(message):
+            message = pattern.sub(flag, message, count=1)
+        elif i == 0 and param:
+            message = f"{flag}: {message}"
+    return message
 
 
 def _print_error(message: str) -> None:
@@ -65,25 +77,22 @@ class _Group(click.Group):
     """A group that turns library errors into one clean line and an exit code."""
 
     def invoke(self, ctx: click.Context):
-        from lirpa_patch.errors import LirpaPatchError, UsageError  # deferred: imports torch
-
         try:
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except LirpaPatchError as exc:
-            if os.environ.get("LIRPA_PATCH_DEBUG"):
-                raise
-            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
-            param = getattr(exc, "param", None)
-            _print_error(flag_message(str(exc), param, command))
-            ctx.exit(2 if isinstance(exc, UsageError) else 1)
         except KeyboardInterrupt:
             err_console.print("[bold red]Interrupted.[/]")
             ctx.exit(130)
-        except Exception as exc:  # anything else: still one line, never a traceback
+        except Exception as exc:  # a library error, or anything else: one line, never a traceback
             if os.environ.get("LIRPA_PATCH_DEBUG"):
                 raise
+            errors = sys.modules.get("lirpa_patch.errors")  # not imported here: that imports torch
+            if errors is not None and isinstance(exc, errors.LirpaPatchError):
+                command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+                message = flag_message(str(exc), getattr(exc, "param", None), command, getattr(exc, "related", ()))
+                _print_error(message)
+                ctx.exit(2 if isinstance(exc, errors.UsageError) else 1)
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             _print_error(f"unexpected {type(exc).__name__}: {message} (set LIRPA_PATCH_DEBUG=1 for the traceback)")
             ctx.exit(1)

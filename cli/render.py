@@ -36,9 +36,9 @@ _ON, _OFF = "#", "."
 class CertifyProgress:
     """A progress bar on ``console`` (stderr): images done of those bounded, locations/s.
 
-    Use as a context manager; :meth:`task` returns the ``progress(images_done,
-    locations_done)`` callback of :func:`lirpa_patch.engine.certify`. When
-    ``enabled`` is False (``--quiet``, or stderr is not a terminal) nothing is shown.
+    Use as a context manager; :meth:`task` returns the ``progress`` callback of
+    :func:`lirpa_patch.engine.certify` (a :class:`ProgressTask`). When ``enabled`` is
+    False (``--quiet``, or stderr is not a terminal) nothing is shown.
     """
 
     def __init__(self, console: Console, *, enabled: bool = True) -> None:
@@ -69,17 +69,33 @@ class CertifyProgress:
     ) -> None:
         self._progress.__exit__(exc_type, exc, tb)
 
-    def task(self, description: str, images: int) -> ProgressFn:
-        """Add a bar for ``images`` images to bound; return its callback."""
-        task_id: TaskID = self._progress.add_task(description, total=max(images, 0), rate="")
-        started = time.perf_counter()
+    def task(self, description: str, images: Optional[int] = None) -> "ProgressTask":
+        """Add a bar; return its engine callback. Its total is ``images``, or what the engine
+        announces through :meth:`ProgressTask.start` (the images it will bound)."""
+        task_id: TaskID = self._progress.add_task(description, total=images, rate="")
+        return ProgressTask(self._progress, task_id)
 
-        def update(images_done: int, locations_done: int) -> None:
-            elapsed = time.perf_counter() - started
-            rate = f"{locations_done / elapsed:,.0f} loc/s" if elapsed > 0 else ""
-            self._progress.update(task_id, completed=images_done, rate=rate)
 
-        return update
+class ProgressTask:
+    """The ``progress`` callback of :func:`lirpa_patch.engine.certify` for one bar.
+
+    The engine calls :meth:`start` with the totals before bounding, then the task itself
+    with ``(images_done, locations_done)`` after every chunk.
+    """
+
+    def __init__(self, progress: Progress, task_id: TaskID) -> None:
+        self._progress = progress
+        self._task_id = task_id
+        self._started = time.perf_counter()
+
+    def start(self, images: int, locations: int) -> None:
+        self._started = time.perf_counter()
+        self._progress.update(self._task_id, total=max(images, 0), completed=0)
+
+    def __call__(self, images_done: int, locations_done: int) -> None:
+        elapsed = time.perf_counter() - self._started
+        rate = f"{locations_done / elapsed:,.0f} loc/s" if elapsed > 0 else ""
+        self._progress.update(self._task_id, completed=images_done, rate=rate)
 
 
 # --------------------------------------------------------------------------- formatting

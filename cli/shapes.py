@@ -4,7 +4,7 @@ For ``--patch HxW`` each shape gets the pixel count of the H x W rectangle, or
 the closest the shape allows (see :mod:`lirpa_patch.shapes`). For each shape it
 prints the variants' masks (``#`` = a pixel the attacker controls), the pixel
 count used, and how many locations (variant, top, left) fit on an image of
-``--image-size``: for each variant ``h x w`` that fits, ``(H - h + 1) * (W - w + 1)``;
+``--image-size`` (:func:`lirpa_patch.locations.num_locations`, the engine's count);
 then a summary table.
 """
 
@@ -21,17 +21,6 @@ from rich.text import Text
 from ._console import console
 
 
-def count_locations(variants: Sequence, image_size: tuple[int, int]) -> int:
-    """Placements of the variants ``(h, w)`` masks entirely inside an image (same rule as ``all_locations``)."""
-    height, width = image_size
-    total = 0
-    for v in variants:
-        h, w = int(v.shape[0]), int(v.shape[1])
-        if h <= height and w <= width:
-            total += (height - h + 1) * (width - w + 1)
-    return total
-
-
 def _image_size(value: str) -> tuple[int, int]:
     from lirpa_patch.errors import UsageError
     from lirpa_patch.shapes import parse_size
@@ -39,24 +28,26 @@ def _image_size(value: str) -> tuple[int, int]:
     try:
         return parse_size(value)
     except UsageError:
-        raise UsageError(f"--image-size {value!r} is not of the form HxW (e.g. 28x28)") from None
+        raise click.BadParameter(f"{value!r} is not of the form HxW (e.g. 28x28)", param_hint="--image-size") from None
 
 
 def shape_rows(names: Sequence[str], patch: str, image_size: tuple[int, int]) -> list[dict]:
     """For each shape: name, variants ("hxw"), pixel counts, locations on ``image_size``, the masks."""
+    from lirpa_patch.locations import num_locations
     from lirpa_patch.shapes import make_shape, parse_size
 
     h, w = parse_size(patch)
     rows = []
     for name in names:
-        shape = make_shape(name, (h, w))  # UsageError for an unknown name, before anything is printed
+        # UsageError for an unknown name or a patch larger than the image, before anything is printed
+        shape = make_shape(name, (h, w), image_size=image_size)
         rows.append(
             {
                 "shape": name,
                 "variants": [f"{int(v.shape[0])}x{int(v.shape[1])}" for v in shape.variants],
                 "pixel_count": shape.pixel_count,
                 "requested_pixel_count": shape.requested_pixels,
-                "num_locations": count_locations(shape.variants, image_size),
+                "num_locations": num_locations(shape, image_size),
                 "masks": list(shape.variants),
             }
         )
@@ -110,9 +101,7 @@ def render_shapes(rows: Sequence[dict], patch: str, image_size: tuple[int, int])
               "parallelogram, rectangle:HxW.")
 def shapes(patch: str, image_size: str, shape_names: tuple[str, ...]) -> None:
     """Print every patch shape for a --patch budget: masks, pixel counts, number of locations."""
-    from lirpa_patch.shapes import SHAPE_NAMES
-
-    from lirpa_patch.shapes import parse_size
+    from lirpa_patch.shapes import SHAPE_NAMES, parse_size
 
     names = [n.strip().lower() for n in shape_names] or list(SHAPE_NAMES)
     size = _image_size(image_size)
@@ -120,5 +109,7 @@ def shapes(patch: str, image_size: str, shape_names: tuple[str, ...]) -> None:
     for renderable in render_shapes(shape_rows(names, patch, size), f"{h}x{w}", size):
         console.print(renderable)
 
+
+shapes.param_flags = {"size": "--patch", "image_size": "--image-size", "shape": "--shape"}
 
 COMMANDS = [shapes]

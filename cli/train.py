@@ -1,8 +1,11 @@
 """``lirpa-patch train``: certified training against patches, then ONNX export.
 
-Flow: parse options -> load the training (and validation) data -> pick the
-dataset preset (MNIST for 1-channel images, CIFAR for 3) -> build the
-architecture with the normalization in front -> train with
+Flow: parse options -> refuse outputs that are inputs of the run
+(:func:`lirpa_patch.outputs.check_outputs`) -> split the data into training and
+validation images (:func:`lirpa_patch.train.train_val_split`; which images each phase
+uses is printed) -> pick the dataset preset and its normalization
+(:mod:`lirpa_patch.train.presets`) -> build the architecture with the normalization in
+front -> train with
 :class:`lirpa_patch.train.Trainer` (a live table per epoch on stdout, a progress
 line for the current epoch, metrics to a JSONL/CSV file, a checkpoint after
 every epoch) -> certify the whole validation split with IBP over every location
@@ -17,11 +20,7 @@ from typing import Any
 
 import click
 
-from ._console import console, err_console, library_warnings_silenced, parse_floats
-
-_SAMPLE_TRAIN = 4000  # the bundled sample: digits 0-3999 train, 4000-4999 held out
-_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-_CIFAR_STD = (0.2471, 0.2435, 0.2616)
+from ._console import InputError, console, err_console, library_warnings_silenced, param_as, parse_floats
 
 _STRATEGY_HELP = (
     "Which locations the loss bounds: 'all' (every location, eq. 11-12), 'random' (--patches "
@@ -35,6 +34,9 @@ _PATCHES_HELP = (
 )
 
 
+_SELECTION = ("data", "start", "num", "val_data", "val_start", "val_num", "val_size")
+
+
 def _parse_pool(value: str) -> tuple[int, ...]:
     try:
         pool = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
@@ -43,44 +45,6 @@ def _parse_pool(value: str) -> tuple[int, ...]:
     if not pool or any(p < 1 for p in pool):
         raise click.BadParameter(f"{value!r}: window sizes must be positive", param_hint="--pool")
     return pool
-
-
-def _load_splits(opts: dict) -> tuple[Any, Any, dict]:
-    """Training and validation datasets, and how they were chosen (stored in the checkpoint)."""
-    from lirpa_patch.data import load_dataset
-    from lirpa_patch.errors import UsageError
-
-    data, start, num = opts["data"], opts["start"] or 0, opts["num"]
-    sample = data == "sample"
-    if sample and num is None and start < _SAMPLE_TRAIN:
-        num = _SAMPLE_TRAIN - start
-    train = load_dataset(data, start=start, num=num)
-    images, labels = train.images, train.labels
-    how: dict[str, Any] = {"data": data, "start": start, "num": num}
-    if opts["val_data"]:
-        val = load_dataset(opts["val_data"], start=opts["val_start"] or 0, num=opts["val_num"])
-        how.update(val_data=opts["val_data"], val_start=opts["val_start"] or 0, val_num=opts["val_num"])
-        return (images, labels), (val.images, val.labels), how
-    val_size = opts["val_size"]
-    end = start + len(train)
-    if val_size is None and sample and end <= _SAMPLE_TRAIN:
-        val = load_dataset("sample", start=_SAMPLE_TRAIN, num=opts["val_num"])
-        how.update(val_data="sample", val_start=_SAMPLE_TRAIN, val_num=opts["val_num"])
-        return (images, labels), (val.images, val.labels), how
-    if val_size is None:
-        val_size = min(5000, max(1, len(train) // 10))
-    if val_size >= len(train):
-        raise UsageError(f"--val-size {val_size} leaves no training images (the training slice has {len(train)})")
-    how.update(val_size=val_size)
-    if val_size == 0:
-        return (images, labels), None, how
-    return (images[:-val_size], labels[:-val_size]), (images[-val_size:], labels[-val_size:]), how
-
-
-def _preset(channels: int, preset: str) -> str:
-    if preset != "auto":
-        return preset
-    return "cifar" if channels == 3 else "mnist"
 
 
 class _Display:
@@ -157,15 +121,18 @@ class _Display:
 @click.command("train", context_settings={"show_default": True})
 @click.option("--data", default="sample", metavar="SOURCE",
               help="Training data: 'sample' (bundled MNIST digits; digits 0-3999 by default), an .npz file (x, y), "
-              "an MNIST IDX directory or a CIFAR-10 batches directory (append :train/:test to pick a split).")
+              "or an MNIST IDX / CIFAR-10 batches directory, whose training split is used (DIR:test to train on "
+              "its test split).")
 @click.option("--start", type=int, default=None, show_default="0", help="First training image of --data.")
 @click.option("--num", type=int, default=None, show_default="4000 for sample, else all",
               help="Number of training images (before the validation split is taken off).")
-@click.option("--val-data", default=None, metavar="SOURCE", help="Separate validation data (default: see --val-size).")
+@click.option("--val-data", default=None, metavar="SOURCE",
+              help="Separate validation data, e.g. DIR:test to validate on a directory's test split "
+              "(default: see --val-size).")
 @click.option("--val-start", type=int, default=None, show_default="0", help="First image of --val-data.")
 @click.option("--val-num", type=int, default=None, show_default="all", help="Number of validation images.")
 @click.option("--val-size", type=click.IntRange(min=0), default=None,
-              show_default="sample: the held-out digits 4000-4999; else 10% of the training images",
+              show_default="sample: the held-out digits 4000-4999; else 10% of the training images, at most 5000",
               help="Hold out the last N training images for validation (0: no validation).")
 @click.option("--arch", type=click.Choice(["mlp", "cnn2", "cnn4", "cnn5wide"], case_sensitive=False), default="mlp",
               help="Architecture of the paper's App. A.1.")
@@ -203,8 +170,9 @@ class _Display:
 @click.option("--natural-weight", type=float, default=0.0,
               help="w in (1 - w) robust loss + w natural loss.")
 @click.option("--mean", default=None, metavar="M[,M,M]", show_default="preset",
-              help="Normalization mean, folded into the exported model (cifar preset: CIFAR-10's).")
-@click.option("--std", default=None, metavar="S[,S,S]", show_default="preset", help="Normalization std.")
+              help="Normalization mean, folded into the exported model (cifar preset: CIFAR-10's); give --std too.")
+@click.option("--std", default=None, metavar="S[,S,S]", show_default="preset",
+              help="Normalization std; give --mean too.")
 @click.option("--crop", type=click.IntRange(min=0), default=None, show_default="preset: mnist 0, cifar 4",
               help="Random crop after zero padding by N pixels (random shifts of up to N pixels); 0: off.")
 @click.option("--flip/--no-flip", default=None, show_default="preset: cifar flips", help="Random horizontal flip.")
@@ -220,7 +188,10 @@ class _Display:
 @click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu", help="Device.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, show_default="torch's default",
               help="CPU threads torch may use.")
-@click.option("--out", "-o", "out", required=True, metavar="PATH", help="The ONNX model to write.")
+@click.option("--out", "-o", "out", required=True, metavar="PATH",
+              help="The ONNX model to write. Every output (--out, --checkpoint, --metrics) is written through "
+              "symlinks and into devices and FIFOs, and must not be an input of the run (--data, --val-data, "
+              "--resume; only --checkpoint may be the checkpoint being resumed).")
 @click.option("--checkpoint", default=None, metavar="PATH", show_default="OUT with .ckpt.pt",
               help="Checkpoint written after every epoch (weights, optimizer, scheduler, RNG).")
 @click.option("--resume", default=None, metavar="PATH",
@@ -239,39 +210,78 @@ def train(**opts: Any) -> None:
       lirpa-patch certify m.onnx --patch 2x2 --data sample --start 4000
       lirpa-patch train --data sample --arch mlp --sparse 4 --out mnist_sparse4.onnx
     """
-    import torch
-
-    import lirpa_patch  # noqa: F401  (auto_LiRPA shims first)
-    from lirpa_patch.errors import UsageError
-    from lirpa_patch.models.adapter import ImageModel
-    from lirpa_patch.models.architectures import build_architecture
-    from lirpa_patch.train import MetricsLog, Trainer, TrainConfig, config_from_dict, export_onnx, load_checkpoint
-    from lirpa_patch.train.trainer import EpochMetrics
-
     if opts["sparse"] is not None:
         ctx = click.get_current_context()
         for name in ("patch", "shape", "strategy", "patches"):
             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
-                raise UsageError(f"--sparse cannot be combined with --{name} (a sparse attack has no patch)")
-    if opts["threads"]:
-        torch.set_num_threads(opts["threads"])
+                raise click.UsageError(f"--sparse cannot be combined with --{name} (a sparse attack has no patch)")
     out = Path(opts["out"])
     if out.suffix.lower() != ".onnx":
-        raise UsageError(f"--out must be an .onnx file, got {out}")
+        raise click.BadParameter(f"must be an .onnx file, got {out}", param_hint="--out")
     checkpoint = Path(opts["checkpoint"]) if opts["checkpoint"] else out.with_suffix(".ckpt.pt")
     metrics_path = Path(opts["metrics"]) if opts["metrics"] else out.with_suffix(".metrics.jsonl")
+    if opts["resume"] and not Path(opts["resume"]).expanduser().exists():  # before importing torch
+        raise InputError(f"checkpoint {opts['resume']} does not exist")
+    mean = parse_floats(opts["mean"], "--mean")
+    std = parse_floats(opts["std"], "--std")
 
-    resumed = load_checkpoint(opts["resume"]) if opts["resume"] else None
+    import torch
+
+    import lirpa_patch  # noqa: F401  (auto_LiRPA shims first)
+    from lirpa_patch.data import source_files
+    from lirpa_patch.domain import check_normalization
+    from lirpa_patch.models.adapter import ImageModel
+    from lirpa_patch.models.architectures import DEFAULT_WIDTHS, build_architecture
+    from lirpa_patch.outputs import check_outputs, check_writable
+    from lirpa_patch.shapes import check_pixels
+    from lirpa_patch.train import (
+        MetricsLog, Trainer, TrainConfig, config_from_dict, export_onnx, load_checkpoint, preset_for,
+        preset_normalization, train_val_split,
+    )
+    from lirpa_patch.train.trainer import EpochMetrics
+
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    check_normalization(mean, std)  # both or neither, before any data is read
+    if opts["sparse"] is None and not opts["resume"]:
+        check_pixels(opts["patch"])  # a patch no image can hold fails before the data is read
+
+    # 1. what the run reads and writes: a checkpoint to continue, the data selection, the outputs
+    resumed = None
+    if opts["resume"]:
+        with param_as({"path": "resume", "state": "resume"}):
+            resumed = load_checkpoint(opts["resume"])
     if resumed is not None:
-        meta = resumed.get("meta", {})
-        for key in ("data", "start", "num", "val_data", "val_start", "val_num", "val_size"):
-            opts[key] = meta.get("data_selection", {}).get(key)
-        opts["data"] = opts["data"] or "sample"
+        saved = dict(resumed.get("meta", {}).get("data_selection", {}))
+        selection = {key: saved.get(key) for key in _SELECTION}
+        selection["data"] = selection["data"] or "sample"
+    else:
+        selection = {key: opts[key] for key in _SELECTION}
+    selection["start"] = selection["start"] or 0
+    selection["val_start"] = selection["val_start"] or 0
+    check_outputs(
+        {"out": out, "checkpoint": checkpoint, "metrics": metrics_path},
+        {"data": source_files(selection["data"]),
+         "val_data": source_files(selection["val_data"]) if selection["val_data"] else None,
+         "resume": opts["resume"]},
+        allow=[("checkpoint", "resume")],  # resuming writes the checkpoint it continues
+    )
+    for path, what in ((out, "the ONNX model"), (checkpoint, "the checkpoint"), (metrics_path, "the metrics")):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # a new run folder is made, as before
+        except OSError as exc:
+            raise click.FileError(str(path), hint=exc.strerror or str(exc)) from None
+        check_writable(path, what=what)  # fail now, not after the first epoch
+
+    # 2. training and validation images: the library's split policy; say which is which
     with library_warnings_silenced():
-        (train_x, train_y), val, selection = _load_splits(opts)
+        splits = train_val_split(**selection)
+    train_x, train_y = splits.train.images, splits.train.labels
+    val = (splits.val.images, splits.val.labels) if splits.val is not None else None
     channels = int(train_x.shape[1])
     image_shape = tuple(int(v) for v in train_x.shape[1:])
 
+    # 3. configuration and architecture: the checkpoint's, or the preset's with the options
     if resumed is not None:
         overrides: dict[str, Any] = {"device": opts["device"]}
         if opts["epochs"] is not None:
@@ -279,13 +289,8 @@ def train(**opts: Any) -> None:
         config = config_from_dict(resumed["config"], **overrides)
         arch = resumed["meta"]["architecture"]
     else:
-        preset = _preset(channels, opts["preset"])
-        chosen = {k: opts[k] for k in ("epochs", "warmup", "lr") if opts[k] is not None}
-        if opts["warmup_start"] is not None:
-            chosen["warmup_start"] = opts["warmup_start"]
-        for key in ("crop", "flip"):
-            if opts[key] is not None:
-                chosen[key] = opts[key]
+        preset = preset_for(channels, opts["preset"])
+        chosen = {k: opts[k] for k in ("epochs", "warmup", "warmup_start", "lr", "crop", "flip") if opts[k] is not None}
         config = TrainConfig.for_dataset(
             preset, patch=opts["patch"], shape=opts["shape"], strategy=opts["strategy"].lower(),
             patches=opts["patches"], temperature=opts["temperature"], pool=_parse_pool(opts["pool"]),
@@ -294,14 +299,12 @@ def train(**opts: Any) -> None:
             eval_every=opts["eval_every"], eval_images=opts["eval_images"], seed=opts["seed"],
             device=opts["device"], sparse=opts["sparse"] or 0, **chosen,
         )
-        mean = parse_floats(opts["mean"], "--mean")
-        std = parse_floats(opts["std"], "--std")
-        if preset == "cifar" and mean is None and std is None and channels == 3:
-            mean, std = _CIFAR_MEAN, _CIFAR_STD
-        num_classes = int(max(train_y.max(), val[1].max() if val is not None else 0)) + 1
+        mean, std = preset_normalization(preset, channels, mean, std)
+        labels = torch.cat([train_y, val[1]]) if val is not None else train_y
+        num_classes = splits.num_classes or max(2, int(labels.max()) + 1)
         arch = {
             "name": opts["arch"].lower(), "width": opts["width"], "in_channels": channels,
-            "image_size": list(image_shape[1:]), "num_classes": max(2, num_classes),
+            "image_size": list(image_shape[1:]), "num_classes": num_classes,
             "mean": list(mean) if mean else None, "std": list(std) if std else None,
         }
     config.validate()
@@ -310,21 +313,17 @@ def train(**opts: Any) -> None:
     net = build_architecture(arch["name"], arch["in_channels"], arch["image_size"], arch["num_classes"],
                              width=arch["width"])
     model = ImageModel(net, image_shape=image_shape, mean=arch["mean"], std=arch["std"])
-    meta = {"architecture": arch, "data_selection": selection}
-    with library_warnings_silenced():
+    meta = {"architecture": arch, "data_selection": splits.selection}
+    with library_warnings_silenced(), param_as({"state": "resume"}):
         trainer = Trainer(model, config, train_x, train_y, *(val if val is not None else (None, None)),
                           num_classes=arch["num_classes"], meta=meta)
         if resumed is not None:
             trainer.load_state_dict(resumed)
-    log = MetricsLog(metrics_path)
-
-    from lirpa_patch.models.architectures import DEFAULT_WIDTHS
 
     width = arch["width"] or DEFAULT_WIDTHS[arch["name"]]
-    n_val = 0 if val is None else len(val[1])
+    err_console.print(splits.description, highlight=False, markup=False, soft_wrap=True)
     err_console.print(
-        f"[bold]train[/] {arch['name']} (width {width}) on {selection['data']} ({len(train_y)} images, "
-        f"{n_val} validation) | "
+        f"[bold]train[/] {arch['name']} (width {width}, {arch['num_classes']} classes) | "
         + (f"any {config.sparse} pixels | " if config.sparse else
            f"patch {config.patch} {config.shape} ({len(trainer.locations)} locations) | ")
         + f"{trainer.strategy.describe()} | {config.epochs} epochs, warm-up {config.warmup_start}+{config.warmup}, "
@@ -333,27 +332,32 @@ def train(**opts: Any) -> None:
     )
     display = _Display(not opts["quiet"], config.epochs, trainer.strategy.describe())
 
-    def callback(event) -> None:
-        if event.kind == "epoch":
-            log.append(event.metrics)
-        display.event(event)
+    # 4. train (checkpoint after every epoch), evaluate, export
+    with param_as({"path": "metrics"}):
+        log = MetricsLog(metrics_path)
+    with log:
 
-    start = time.perf_counter()
-    with library_warnings_silenced(), display:
-        trainer.fit(callback, checkpoint=checkpoint)
-    train_seconds = time.perf_counter() - start
+        def callback(event) -> None:
+            if event.kind == "epoch":
+                log.append(event.metrics)
+            display.event(event)
 
-    final = None
-    if opts["final_eval"] and val is not None:
-        t0 = time.perf_counter()
-        with library_warnings_silenced():
-            final = trainer.evaluate()
-        log.append(EpochMetrics(
-            kind="final", epoch=trainer.epoch, val_images=final.num_images,
-            val_clean_accuracy=final.clean_accuracy, val_certified_accuracy=final.certified_accuracy,
-            eval_seconds=time.perf_counter() - t0,
-        ))
-    with library_warnings_silenced():
+        start = time.perf_counter()
+        with library_warnings_silenced(), display:
+            trainer.fit(callback, checkpoint=checkpoint)
+        train_seconds = time.perf_counter() - start
+
+        final = None
+        if opts["final_eval"] and val is not None:
+            t0 = time.perf_counter()
+            with library_warnings_silenced():
+                final = trainer.evaluate()
+            log.append(EpochMetrics(
+                kind="final", epoch=trainer.epoch, val_images=final.num_images,
+                val_clean_accuracy=final.clean_accuracy, val_certified_accuracy=final.certified_accuracy,
+                eval_seconds=time.perf_counter() - t0,
+            ))
+    with library_warnings_silenced(), param_as({"path": "out"}):
         check = val[0][:64] if val is not None else train_x[:64]
         diff = export_onnx(trainer.model, out, image_shape, check_images=check)
 
@@ -369,5 +373,7 @@ def train(**opts: Any) -> None:
             highlight=False,
         )
 
+
+train.param_flags = {"chunk_size": "--chunk", "size": "--patch", "k": "--sparse", "dataset": "--preset"}
 
 COMMANDS = [train]

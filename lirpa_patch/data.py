@@ -32,7 +32,9 @@ a directory of CIFAR-10 python batches
     hostile file cannot run code.
 
 A directory gives its test split when it has one, otherwise its train split;
-append ``:train`` or ``:test`` (``"data/mnist:train"``) to choose.
+append ``:train`` or ``:test`` (``"data/mnist:train"``) to choose. (Training picks the
+training split itself: :func:`lirpa_patch.train.train_val_split`.) MNIST, CIFAR-10 and
+the sample have 10 classes: their labels must be 0-9 (``Dataset.num_classes``).
 
 ``start``/``num`` select images ``[start, start + num)`` of the source (``num``
 None: to the end; a slice running past the end stops at the end). Pixel values
@@ -90,12 +92,16 @@ class Dataset:
             ``"cifar10:test_batch"``.
         indices: ``(N,)`` int64, each image's index in the source
             (``start=4000`` gives 4000, 4001, ...).
+        num_classes: the number of classes of the source when the format fixes it
+            (10 for the sample, MNIST and CIFAR-10, whose labels are checked to be
+            0-9), None for an ``.npz`` file.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     name: str
     indices: torch.Tensor
+    num_classes: Optional[int] = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -129,21 +135,24 @@ def load_dataset(
     if num is not None:
         _check_int("num", num)
         if num <= 0:
-            raise UsageError(f"num must be positive, got {num}")
+            raise UsageError(f"num must be positive, got {num}", param="num")
     if start < 0:
-        raise UsageError(f"start must be >= 0, got {start}")
+        raise UsageError(f"start must be >= 0, got {start}", param="start")
 
+    classes: Optional[int] = None
     if isinstance(source, str) and source == _SAMPLE:
         x, y = _load_sample()
-        name = _SAMPLE
+        name, classes = _SAMPLE, 10
     else:
         x, y, name = _load_path(source)
+        if name.startswith(("mnist:", "cifar10:")):
+            classes = 10
     x = _to_nchw(x, name)
-    _check_labels(y, len(x), name)
+    _check_labels(y, len(x), name, classes)
 
     n = len(x)
     if start >= n:
-        raise UsageError(f"start {start} is beyond the end of {name} ({n} images)")
+        raise UsageError(f"start {start} is beyond the end of {name} ({n} images)", param="start")
     stop = n if num is None else min(n, start + num)
     images = _to_unit_float(x[start:stop], name)
     return Dataset(
@@ -151,7 +160,68 @@ def load_dataset(
         labels=torch.from_numpy(y[start:stop].astype(np.int64)),
         name=name,
         indices=torch.arange(start, stop, dtype=torch.int64),
+        num_classes=classes,
     )
+
+
+def available_splits(source: Union[str, os.PathLike]) -> tuple[str, ...]:
+    """The splits (``"train"``, ``"test"``) an MNIST IDX or CIFAR-10 directory holds.
+
+    Empty for the sample, a file, a path with a ``:train``/``:test`` suffix (the split
+    is already chosen) or anything that does not exist. Never raises.
+    """
+    if isinstance(source, str) and source == _SAMPLE:
+        return ()
+    try:
+        path = Path(os.fsdecode(source)).expanduser()
+    except TypeError:
+        return ()
+    if not path.is_dir():
+        return ()
+    found = tuple(s for s in ("train", "test") if _find_mnist(path, s) != (None, None))
+    if found:
+        return found
+    for sub in _CIFAR_SUBDIRS:
+        root = path / sub
+        cifar = tuple(
+            s for s, names in (("train", _CIFAR_TRAIN[:1]), ("test", ("test_batch",)))
+            if any((root / b).is_file() for b in names)
+        )
+        if cifar:
+            return cifar
+    return ()
+
+
+def source_files(source: Union[str, os.PathLike]) -> list[Path]:
+    """The files ``source`` may be read from, for :func:`lirpa_patch.outputs.check_outputs`.
+
+    The bundled sample's file, an ``.npz`` file, or every MNIST IDX / CIFAR-10 file of
+    a directory (both splits, whichever ``:train``/``:test`` suffix is given). Never
+    raises: a source that does not exist reads no files (:func:`load_dataset` reports it).
+    """
+    if isinstance(source, str) and source == _SAMPLE:
+        try:
+            ref = resources.files(__package__) / "_data" / "mnist_sample.npz"
+            return [Path(os.fspath(ref))] if ref.is_file() else []
+        except (TypeError, OSError):  # pragma: no cover - a zipped install
+            return []
+    try:
+        text = os.fsdecode(source)
+    except TypeError:
+        return []
+    path = Path(text).expanduser()
+    if not path.exists() and ":" in text:
+        head, tail = text.rsplit(":", 1)
+        if head and tail in _SPLITS:
+            path = Path(head).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        return []
+    files = [f for s in _SPLITS for f in _find_mnist(path, s) if f is not None]
+    for sub in _CIFAR_SUBDIRS:
+        files += [path / sub / b for b in ("test_batch",) + _CIFAR_TRAIN if (path / sub / b).is_file()]
+    return files
 
 
 # --- sources -----------------------------------------------------------------
@@ -175,14 +245,14 @@ def _load_path(source: Union[str, os.PathLike]) -> tuple[np.ndarray, np.ndarray,
     try:
         text = os.fsdecode(source)
     except TypeError:
-        raise UsageError(f"dataset source must be 'sample' or a path, got {source!r}") from None
+        raise UsageError(f"source must be 'sample' or a path, got {source!r}", param="source") from None
     path = Path(text).expanduser()
     split: Optional[str] = None
     if not path.exists() and ":" in text:
         head, tail = text.rsplit(":", 1)
         if head and Path(head).expanduser().exists():
             if tail not in _SPLITS:
-                raise UsageError(f"unknown split {tail!r} in {text!r}: use :train or :test")
+                raise UsageError(f"unknown split {tail!r} in source {text!r}: use :train or :test", param="source")
             path, split = Path(head).expanduser(), tail
     if not path.exists():
         raise DataError(f"dataset not found: {text} (use 'sample', an .npz file or a directory)")
@@ -191,7 +261,7 @@ def _load_path(source: Union[str, os.PathLike]) -> tuple[np.ndarray, np.ndarray,
         return _load_dir(path, split)
     if split is not None:
         raise UsageError(
-            f"a :{split} split applies to MNIST/CIFAR-10 directories, but {path} is a file"
+            f"a :{split} split applies to MNIST/CIFAR-10 directories, but source {path} is a file", param="source"
         )
     try:
         with open(path, "rb") as f:
@@ -381,8 +451,8 @@ def _to_nchw(x: Any, name: str) -> np.ndarray:
     return x
 
 
-def _check_labels(y: Any, n: int, name: str) -> None:
-    """``y`` must be (n,) non-negative integers."""
+def _check_labels(y: Any, n: int, name: str, classes: Optional[int] = None) -> None:
+    """``y`` must be (n,) non-negative integers, below ``classes`` when the format fixes it."""
     y = np.asarray(y)
     if y.ndim != 1:
         raise DataError(f"{name}: labels must be a 1-D array (N,), got shape {y.shape}")
@@ -392,6 +462,12 @@ def _check_labels(y: Any, n: int, name: str) -> None:
         raise DataError(f"{name}: {n} images but {len(y)} labels")
     if y.dtype.kind == "i" and (y < 0).any():
         raise DataError(f"{name}: labels must be >= 0, found {int(y.min())}")
+    if classes is not None and len(y) and int(y.max()) >= classes:
+        first = int(np.argmax(y >= classes))
+        raise DataError(
+            f"{name}: labels must be 0-{classes - 1} ({classes} classes), found label {int(y[first])} "
+            f"at image {first}"
+        )
 
 
 def _to_unit_float(x: np.ndarray, name: str) -> np.ndarray:
@@ -411,7 +487,7 @@ def _to_unit_float(x: np.ndarray, name: str) -> np.ndarray:
 
 def _check_int(what: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise UsageError(f"{what} must be an integer, got {value!r}")
+        raise UsageError(f"{what} must be an integer, got {value!r}", param=what)
 
 
 def _why(exc: BaseException) -> str:

@@ -55,7 +55,19 @@ MAX_ROWS_PER_CALL = 8192
 """Upper limit on rows per call when sizing by memory (larger calls stop paying off)."""
 
 ProgressFn = Callable[[int, int], None]
-"""``progress(images_done, rows_done)``, called after every chunk."""
+"""``progress(images_done, rows_done)``, called after every chunk.
+
+When the callback also has a method ``start(images, rows)``, it is called once, before
+any bound is computed, with the totals: the images that will be bounded (those the
+model classifies correctly) and their rows. A progress bar needs no forward pass of
+its own to size itself."""
+
+
+def start_progress(progress: Optional[ProgressFn], images: int, rows: int) -> None:
+    """Give ``progress`` the totals, when it has a ``start`` method (see :data:`ProgressFn`)."""
+    start = getattr(progress, "start", None)
+    if callable(start):
+        start(images, rows)
 
 
 @contextlib.contextmanager
@@ -482,7 +494,8 @@ def certify(
         domain: pixel domain of ``images`` (default ``[0, 1]``, no normalization).
         bounded: a prebuilt ``BoundedModule`` of ``model`` from :func:`bound_model`
             (reused across calls).
-        progress: callback ``(images_done, rows_done)``.
+        progress: callback ``(images_done, rows_done)``; its ``start(images, rows)``, when it
+            has one, first receives the totals (see :data:`ProgressFn`).
 
     Returns:
         A :class:`CertifyResult` with one :class:`ImageResult` per image.
@@ -524,6 +537,7 @@ def certify(
         worst_row = torch.zeros(n_img, dtype=torch.long)
         worst_cls = torch.zeros(n_img, dtype=torch.long)
         todo = torch.nonzero(correct).flatten().tolist()
+        start_progress(progress, len(todo), len(todo) * n_rows)
         row_chunk = min(n_rows, chunk_size)
         img_chunk = max(1, chunk_size // row_chunk)
         done_images, done_rows = 0, 0

@@ -10,7 +10,7 @@ never decides exit codes.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 
 class LirpaPatchError(Exception):
@@ -27,11 +27,15 @@ class UsageError(LirpaPatchError, ValueError):
     Attributes:
         param: the name of the Python parameter the error is about (``"chunk_size"``),
             or None when it concerns several or none.
+        related: other parameters the message names (``("input_shape",)`` in "layout
+            'nhwc' does not fit ...; check input_shape"), so that a front end can
+            rewrite those names too.
     """
 
-    def __init__(self, message: str, *, param: Optional[str] = None) -> None:
+    def __init__(self, message: str, *, param: Optional[str] = None, related: Iterable[str] = ()) -> None:
         super().__init__(message)
         self.param = param
+        self.related = tuple(related)
 
 
 class DataError(LirpaPatchError):

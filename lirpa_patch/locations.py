@@ -82,7 +82,21 @@ def _check_fits(shape: PatchShape, image_size: tuple[int, int]) -> None:
     fits = [v for v in shape.variants if v.shape[0] <= height and v.shape[1] <= width]
     if not fits:
         dims = ", ".join(f"{v.shape[0]}x{v.shape[1]}" for v in shape.variants)
-        raise UsageError(f"patch {shape.name} ({dims}) is larger than the {height}x{width} image")
+        raise UsageError(f"patch {shape.name} ({dims}) is larger than the {height}x{width} image", param="size")
+
+
+def num_locations(shape: PatchShape, image_size: Sequence[int]) -> int:
+    """How many locations :func:`all_locations` gives, without building a mask: 0 when nothing fits.
+
+    For each variant ``h x w`` that fits on the ``H x W`` image, ``(H - h + 1) * (W - w + 1)``.
+    """
+    height, width = int(image_size[0]), int(image_size[1])
+    total = 0
+    for v in shape.variants:
+        h, w = int(v.shape[0]), int(v.shape[1])
+        if h <= height and w <= width:
+            total += (height - h + 1) * (width - w + 1)
+    return total
 
 
 def all_locations(shape: PatchShape, image_size: Sequence[int]) -> Locations:
@@ -108,6 +122,36 @@ def all_locations(shape: PatchShape, image_size: Sequence[int]) -> Locations:
     return Locations(shape, torch.cat(masks), torch.cat(variants), torch.cat(tops), torch.cat(lefts))
 
 
+def position_rows(positions: torch.Tensor | Sequence, shape: PatchShape) -> torch.Tensor:
+    """Explicit positions as ``(L, 3)`` int64 rows ``(variant, top, left)``, checked except against an image.
+
+    Args:
+        positions: ``(L, 2)`` rows ``(top, left)`` (variant 0) or ``(L, 3)`` rows ``(variant, top, left)``.
+
+    Raises:
+        UsageError: (``param="locations"``) not integer rows of 2 or 3 values, an empty list,
+            or a variant the shape does not have.
+    """
+    try:
+        raw = torch.as_tensor(positions)
+    except (TypeError, ValueError, RuntimeError):
+        raise UsageError(f"locations must be (top, left) or (variant, top, left) rows, got {positions!r}",
+                         param="locations") from None
+    if raw.numel() == 0:
+        raise UsageError("locations is an empty list; give at least one position", param="locations")
+    if raw.dtype.is_floating_point or raw.dtype.is_complex or raw.dtype == torch.bool:
+        raise UsageError(f"locations must hold integers, got dtype {raw.dtype}", param="locations")
+    if raw.ndim not in (1, 2) or raw.shape[-1] not in (2, 3):
+        raise UsageError("locations must be (top, left) or (variant, top, left) rows", param="locations")
+    pos = raw.to(torch.long).reshape(-1, raw.shape[-1])
+    if pos.shape[1] == 2:
+        pos = torch.cat([torch.zeros(pos.shape[0], 1, dtype=torch.long), pos], 1)
+    if bool((pos[:, 0] < 0).any()) or bool((pos[:, 0] >= len(shape.variants)).any()):
+        raise UsageError(f"location variant out of range (shape has {len(shape.variants)} variants)",
+                         param="locations")
+    return pos
+
+
 def explicit_locations(shape: PatchShape, image_size: Sequence[int], positions: torch.Tensor | Sequence) -> Locations:
     """Locations at given positions.
 
@@ -119,15 +163,7 @@ def explicit_locations(shape: PatchShape, image_size: Sequence[int], positions: 
         UsageError: when a position puts the patch (partly) outside the image.
     """
     size = (int(image_size[0]), int(image_size[1]))
-    pos = torch.as_tensor(positions, dtype=torch.long).reshape(-1, torch.as_tensor(positions).shape[-1])
-    if pos.shape[1] == 2:
-        pos = torch.cat([torch.zeros(pos.shape[0], 1, dtype=torch.long), pos], 1)
-    if pos.shape[1] != 3:
-        raise UsageError("locations must be (top, left) or (variant, top, left) rows")
-    if pos.shape[0] == 0:
-        raise UsageError("the location list is empty")
-    if bool((pos[:, 0] < 0).any()) or bool((pos[:, 0] >= len(shape.variants)).any()):
-        raise UsageError(f"location variant out of range (shape has {len(shape.variants)} variants)")
+    pos = position_rows(positions, shape)
     heights = torch.tensor([v.shape[0] for v in shape.variants])[pos[:, 0]]
     widths = torch.tensor([v.shape[1] for v in shape.variants])[pos[:, 0]]
     bad = (pos[:, 1] < 0) | (pos[:, 2] < 0) | (pos[:, 1] + heights > size[0]) | (pos[:, 2] + widths > size[1])
@@ -135,7 +171,7 @@ def explicit_locations(shape: PatchShape, image_size: Sequence[int], positions: 
         i = int(torch.nonzero(bad)[0])
         raise UsageError(
             f"location (top={int(pos[i, 1])}, left={int(pos[i, 2])}) puts the patch outside the "
-            f"{size[0]}x{size[1]} image"
+            f"{size[0]}x{size[1]} image", param="locations"
         )
     masks = torch.zeros(pos.shape[0], *size, dtype=torch.bool)
     for k, v in enumerate(shape.variants):

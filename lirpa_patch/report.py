@@ -97,13 +97,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from . import outputs
 from .engine import CertifyResult
-from .errors import LirpaPatchError
 
 REPORT_VERSION = 1
 
@@ -134,7 +133,7 @@ class RunInfo:
     num: Optional[int]
     patch: Optional[str]
     method: str
-    chunk: int
+    chunk: Optional[int]
     device: str
     seed: int
     model_input: Mapping[str, Any] = field(default_factory=dict)
@@ -143,6 +142,81 @@ class RunInfo:
     threat: str = "patch"
     sparse_k: Optional[int] = None
     mask_file: Optional[str] = None
+
+    @classmethod
+    def of(
+        cls,
+        model: Any,
+        dataset: Any,
+        *,
+        net: Optional[Any] = None,
+        num_classes: Optional[int] = None,
+        data: Optional[str] = None,
+        start: Optional[int] = None,
+        num: Optional[int] = None,
+        patch: Any = None,
+        sparse_k: Optional[int] = None,
+        method: str = "ibp",
+        chunk: Optional[int] = None,
+        device: str = "cpu",
+        seed: int = 0,
+        onnxruntime_max_abs_diff: Optional[float] = None,
+        mask_file: Optional[str] = None,
+    ) -> "RunInfo":
+        """The :class:`RunInfo` of a run, from the objects it used: exactly what ``lirpa-patch certify`` records.
+
+        Args:
+            model: the model path as given, or the :class:`~lirpa_patch.models.LoadedModel`
+                (its ``source`` and ``num_classes`` are recorded).
+            dataset: the :class:`~lirpa_patch.data.Dataset` certified.
+            net: the model certified; for an :class:`~lirpa_patch.models.ImageModel` its
+                ``input_shape``, ``layout``, ``mean`` and ``std`` are recorded.
+            num_classes: the number of model outputs (default: from a ``LoadedModel``).
+            data: the data source as given (default: ``dataset.name``).
+            start, num: the slice as asked (default: ``dataset``'s first index; ``num`` None).
+            patch: the patch size (``n``, ``(h, w)`` or ``"HxW"``; recorded as ``"HxW"``);
+                None for a sparse run (``sparse_k``).
+            method, chunk, device, seed: as used (``chunk`` None: the result's ``chunk_size``,
+                what the engine chose).
+            onnxruntime_max_abs_diff: the cross-check's result, None when not run.
+            mask_file: the patch mask file, when one was used.
+        """
+        from .shapes import parse_size
+
+        if not isinstance(model, (str, os.PathLike)):
+            num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+            model = getattr(model, "source", model)
+        image_shape = tuple(int(d) for d in dataset.images.shape[1:])
+        mean, std = getattr(net, "mean", None), getattr(net, "std", None)
+        size = None
+        if patch is not None and sparse_k is None:
+            h, w = parse_size(patch)
+            size = f"{h}x{w}"
+        return cls(
+            model=os.fspath(model),
+            data=data if data is not None else dataset.name,
+            dataset=dataset.name,
+            image_shape=image_shape,
+            start=int(start) if start is not None else (int(dataset.indices[0]) if len(dataset) else 0),
+            num=num,
+            patch=size,
+            method=str(method).lower(),
+            chunk=None if chunk is None else int(chunk),
+            device=str(device),
+            seed=int(seed),
+            model_input={
+                "input_shape": list(getattr(net, "input_shape", image_shape)),
+                "layout": getattr(net, "layout", "nchw"),
+                "mean": list(mean) if mean is not None else None,
+                "std": list(std) if std is not None else None,
+                "num_classes": num_classes,
+            },
+            onnxruntime_max_abs_diff=onnxruntime_max_abs_diff,
+            versions=collect_versions(onnxruntime=onnxruntime_max_abs_diff is not None),
+            threat="sparse" if sparse_k is not None else "patch",
+            sparse_k=sparse_k,
+            mask_file=mask_file,
+        )
 
 
 def _number(value: Optional[float]) -> Optional[float]:
@@ -192,7 +266,7 @@ def shape_summary(result: CertifyResult) -> dict[str, Any]:
     }
 
 
-def _run_fields(run: RunInfo) -> dict[str, Any]:
+def _run_fields(run: RunInfo, result: CertifyResult) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model": run.model,
         "model_input": dict(run.model_input),
@@ -202,7 +276,7 @@ def _run_fields(run: RunInfo) -> dict[str, Any]:
         "image_shape": [int(d) for d in run.image_shape],
         "start": int(run.start),
         "num": None if run.num is None else int(run.num),
-        "chunk": int(run.chunk),
+        "chunk": int(run.chunk if run.chunk is not None else result.chunk_size),
         "device": run.device,
         "seed": int(run.seed),
         "versions": dict(run.versions),
@@ -213,7 +287,12 @@ def _run_fields(run: RunInfo) -> dict[str, Any]:
 
 
 def build_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
-    """The report of a one-shape run: ``{"summary": ..., "images": [...]}``."""
+    """The report of a one-shape run, or of a sparse run: ``{"summary": ..., "images": [...]}``.
+
+    A sparse result (:func:`~lirpa_patch.engine.certify_sparse`) gives :func:`build_sparse_report`.
+    """
+    if result.extra.get("threat") == "sparse":
+        return build_sparse_report(result, run)
     per_shape = shape_summary(result)
     summary: dict[str, Any] = {
         "report_version": REPORT_VERSION,
@@ -233,7 +312,7 @@ def build_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
         "seconds": per_shape["seconds"],
         "images_per_second": per_shape["images_per_second"],
     }
-    summary.update(_run_fields(run))
+    summary.update(_run_fields(run, result))
     return {"summary": summary, "images": image_entries(result)}
 
 
@@ -258,7 +337,7 @@ def build_sparse_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
         "images_per_second": _number(result.images_per_second),
         "sparse_fallback": dict(result.extra.get("fallback", {})),
     }
-    summary.update(_run_fields(run))
+    summary.update(_run_fields(run, result))
     return {"summary": summary, "images": image_entries(result)}
 
 
@@ -284,7 +363,7 @@ def build_transfer_report(results: Mapping[str, CertifyResult], run: RunInfo) ->
         "clean_accuracy": _number(first.clean_accuracy),
         "seconds": _number(sum(r.seconds for r in results.values())),
     }
-    summary.update(_run_fields(run))
+    summary.update(_run_fields(run, first))
     return {"summary": summary, "shapes": sections}
 
 
@@ -312,20 +391,12 @@ def collect_versions(*, onnxruntime: bool) -> dict[str, str]:
 def check_writable(path: os.PathLike | str) -> Path:
     """Fail early (before certifying) when the report cannot be written to ``path``.
 
+    See :func:`lirpa_patch.outputs.check_writable`.
+
     Raises:
         LirpaPatchError: the folder is missing or not writable, or ``path`` is a folder.
     """
-    target = Path(path).expanduser()
-    folder = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise LirpaPatchError(f"cannot write the report to {target}: it is a directory")
-    if not folder.is_dir():
-        raise LirpaPatchError(f"cannot write the report to {target}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise LirpaPatchError(f"cannot write the report to {target}: folder {folder} is not writable")
-    if target.exists() and not os.access(target, os.W_OK):
-        raise LirpaPatchError(f"cannot write the report to {target}: the file is not writable")
-    return target
+    return outputs.check_writable(path, what="the report")
 
 
 def to_json(report: Mapping[str, Any]) -> str:
@@ -333,42 +404,14 @@ def to_json(report: Mapping[str, Any]) -> str:
     return json.dumps(report, indent=2, allow_nan=False) + "\n"
 
 
-def _file_mode(target: Path) -> int:
-    """The mode of the existing file, else 0666 minus the umask."""
-    try:
-        return target.stat().st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
 def write_report(path: os.PathLike | str, report: Mapping[str, Any]) -> Path:
-    """Write ``report`` as JSON atomically: a temporary file in the same folder, then a rename.
+    """Write ``report`` as JSON the way :mod:`lirpa_patch.outputs` writes every output.
+
+    A regular file is replaced atomically (its permission bits kept); a symlink is
+    written through (the link stays); a device or FIFO is written into. Check that
+    ``path`` is no input of the run first (:func:`lirpa_patch.outputs.check_outputs`).
 
     Raises:
         LirpaPatchError: the file cannot be written (the previous file, if any, is left intact).
     """
-    target = check_writable(path)
-    text = to_json(report)
-    folder = target.parent if str(target.parent) else Path(".")
-    tmp: Optional[str] = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(target))  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, target)
-        tmp = None
-    except OSError as exc:
-        raise LirpaPatchError(f"cannot write the report to {target}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-    return target
-
+    return outputs.write_output(path, to_json(report), what="the report")

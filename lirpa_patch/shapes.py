@@ -4,7 +4,7 @@ A :class:`PatchShape` is one or more *variants* (e.g. a horizontal and a vertica
 line), each a tight boolean mask ``(h, w)``. The attacker may use any variant at
 any position where it fits inside the image.
 
-Pixel-count rule (paper, Appendix A.2): for ``--patch HxW --shape S`` every shape
+Pixel-count rule (paper, Appendix A.2): for a patch size ``HxW`` and shape ``S`` every shape
 gets the same number of pixels ``P = H * W`` as the H x W rectangle, where that
 is possible:
 
@@ -51,7 +51,7 @@ SHAPE_NAMES: tuple[str, ...] = (
 """Named shapes accepted by :func:`make_shape`."""
 
 TRANSFER_SHAPES: tuple[str, ...] = ("square", "rectangle", "line", "diamond", "parallelogram")
-"""The shapes of the paper's Table 5, in its order (``--shape all``)."""
+"""The shapes of the paper's Table 5, in its order (the shape ``all`` of the command line)."""
 
 SizeLike = Union[int, Sequence[int]]
 
@@ -63,7 +63,7 @@ class PatchShape:
     Attributes:
         name: ``"square"``, ``"diamond"``, ... or ``"custom"``.
         variants: tuple of bool tensors ``(h_v, w_v)``, each with the same pixel count.
-        requested_pixels: the pixel count asked for (``H * W`` of ``--patch``).
+        requested_pixels: the pixel count asked for (``H * W`` of the patch size).
     """
 
     name: str
@@ -86,25 +86,63 @@ class PatchShape:
         return f"{self.name} {dims} ({self.pixel_count} px)"
 
 
+MAX_PATCH_PIXELS = 1 << 24
+"""The largest pixel count :func:`make_shape` builds (a 4096 x 4096 patch): a guard against
+allocating gigabytes for a typo such as ``100000000000x2``."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def parse_size(size: SizeLike | str) -> tuple[int, int]:
-    """Parse ``2``, ``(2, 3)`` or ``"2x3"`` into ``(height, width)``."""
+    """Parse ``2``, ``(2, 3)`` or ``"2x3"`` into ``(height, width)``.
+
+    Raises:
+        UsageError: (``param="size"``) anything else, or a size that is not positive.
+    """
     if isinstance(size, str):
-        parts = size.lower().replace("×", "x").split("x")
+        parts = size.strip().lower().replace("×", "x").split("x")
         try:
             values = [int(p) for p in parts]
         except ValueError:
-            raise UsageError(f"patch size {size!r} is not of the form HxW (e.g. 2x2)") from None
+            raise UsageError(f"size {size!r} is not of the form HxW (e.g. 2x2)", param="size") from None
         if len(values) == 1:
             values = values * 2
         if len(values) != 2:
-            raise UsageError(f"patch size {size!r} is not of the form HxW (e.g. 2x2)")
+            raise UsageError(f"size {size!r} is not of the form HxW (e.g. 2x2)", param="size")
         h, w = values
-    elif isinstance(size, int):
-        h = w = size
-    else:
+    elif _is_int(size):
+        h = w = int(size)  # type: ignore[arg-type]
+    elif isinstance(size, (tuple, list, torch.Size)) and len(size) == 2 and all(_is_int(v) for v in size):
         h, w = (int(v) for v in size)
+    else:
+        raise UsageError(
+            f"size must be an integer n, a pair (h, w) of integers or a string 'HxW', got {size!r}", param="size"
+        )
     if h < 1 or w < 1:
-        raise UsageError(f"patch size must be positive, got {h}x{w}")
+        raise UsageError(f"size must be positive, got {h}x{w}", param="size")
+    return h, w
+
+
+def check_pixels(size: SizeLike | str, image_size: Sequence[int] | None = None) -> tuple[int, int]:
+    """Parse ``size`` and check, before any mask is built, that its pixel count is sane.
+
+    Raises:
+        UsageError: (``param="size"``) the patch has more pixels than the ``(H, W)``
+            image (so no shape with its pixel count can fit), or more than
+            :data:`MAX_PATCH_PIXELS`.
+    """
+    h, w = parse_size(size)
+    pixels = h * w
+    if image_size is not None:
+        height, width = int(image_size[0]), int(image_size[1])
+        if pixels > height * width:
+            raise UsageError(
+                f"patch {h}x{w} ({pixels} pixels) is larger than the {height}x{width} image", param="size"
+            )
+    if pixels > MAX_PATCH_PIXELS:
+        raise UsageError(f"patch {h}x{w} has {pixels} pixels; at most {MAX_PATCH_PIXELS} are supported", param="size")
     return h, w
 
 
@@ -157,33 +195,54 @@ def _parallelogram(h: int, w: int) -> list[torch.Tensor]:
 def _custom(mask: torch.Tensor | np.ndarray) -> PatchShape:
     m = torch.as_tensor(np.asarray(mask)).to(torch.bool)
     if m.ndim != 2:
-        raise UsageError(f"a custom patch mask must be 2-D (h, w), got shape {tuple(m.shape)}")
+        raise UsageError(f"a custom patch mask must be 2-D (h, w), got shape {tuple(m.shape)}", param="shape")
     if not bool(m.any()):
-        raise UsageError("a custom patch mask must select at least one pixel")
+        raise UsageError("a custom patch mask must select at least one pixel", param="shape")
     rows = torch.nonzero(m.any(1)).flatten()
     cols = torch.nonzero(m.any(0)).flatten()
     m = m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].clone()
     return PatchShape("custom", (m,), int(m.sum()))
 
 
-def make_shape(shape: str | torch.Tensor | np.ndarray = "square", size: SizeLike | str = 2) -> PatchShape:
+def make_shape(
+    shape: str | torch.Tensor | np.ndarray = "square",
+    size: SizeLike | str = 2,
+    *,
+    image_size: Sequence[int] | None = None,
+) -> PatchShape:
     """Build a patch shape.
 
     Args:
         shape: a name from :data:`SHAPE_NAMES`, ``"rectangle:HxW"`` for an explicit
             rectangle, or a 2-D boolean mask (then ``size`` is ignored).
-        size: the ``--patch`` size, ``n``, ``(h, w)`` or ``"HxW"``; sets the pixel count.
+        size: the patch size, ``n``, ``(h, w)`` or ``"HxW"``; sets the pixel count.
+        image_size: ``(H, W)`` of the images, when known: a patch with more pixels than
+            the image is refused before any mask is built (see :func:`check_pixels`).
 
     Returns:
         The :class:`PatchShape`; see the module docstring for the pixel-count rules.
+
+    Raises:
+        UsageError: an unknown shape (``param="shape"``), a malformed or oversized
+            ``size`` (``param="size"``).
     """
     if not isinstance(shape, str):
+        if isinstance(shape, PatchShape):
+            return shape
         return _custom(shape)
     name = shape.strip().lower()
     if name.startswith("rectangle:"):
-        h, w = parse_size(name.split(":", 1)[1])
+        try:
+            h, w = check_pixels(name.split(":", 1)[1], image_size)
+        except UsageError as exc:
+            raise UsageError(f"shape {shape!r}: {exc}", param="shape") from None
         return PatchShape("rectangle", tuple(_rectangle(h, w)) if h != w else (_block(h, w),), h * w)
-    h, w = parse_size(size)
+    if name not in SHAPE_NAMES:
+        raise UsageError(
+            f"unknown shape {shape!r}; choose one of {', '.join(SHAPE_NAMES)}, rectangle:HxW, or a mask",
+            param="shape",
+        )
+    h, w = check_pixels(size, image_size)
     pixels = h * w
     if name == "square":
         variants = [_block(h, w)]
@@ -197,11 +256,6 @@ def make_shape(shape: str | torch.Tensor | np.ndarray = "square", size: SizeLike
         variants = [_block(pixels, 1)]
     elif name == "diamond":
         variants = _diamond(pixels)
-    elif name == "parallelogram":
+    else:  # parallelogram
         variants = _parallelogram(h, w)
-    else:
-        raise UsageError(
-            f"unknown patch shape {shape!r}; choose one of {', '.join(SHAPE_NAMES)}, "
-            "rectangle:HxW, or a mask file"
-        )
     return PatchShape(name, tuple(variants), pixels)

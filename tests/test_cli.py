@@ -18,9 +18,8 @@ from click.testing import CliRunner, Result
 from torch import nn
 
 from lirpa_patch_cli.main import app
-from lirpa_patch_cli.shapes import count_locations
 from lirpa_patch.data import load_dataset
-from lirpa_patch.locations import all_locations
+from lirpa_patch.locations import all_locations, num_locations
 from lirpa_patch.shapes import SHAPE_NAMES, TRANSFER_SHAPES, make_shape
 
 CIFAR_MEAN_STD = {
@@ -361,18 +360,8 @@ def test_shapes_prints_every_shape_with_pixels_and_locations():
         shape = make_shape(name, "5x5")
         heading = [line for line in out.splitlines() if line.split()[:1] == [name]][0]
         assert f"{shape.pixel_count} px" in heading
-        assert f"{count_locations(shape.variants, (28, 28)):,} locations" in heading
+        assert f"{num_locations(shape, (28, 28)):,} locations" in heading
     assert "#####" in out and "24 px (closest to 25)" in out  # 5x5 square art; 3x8 rectangle
-
-
-def test_shapes_location_count_matches_the_engine():
-    for name in SHAPE_NAMES:
-        for size in ("2x2", "3x5", "5x5"):
-            shape = make_shape(name, size)
-            for image in ((28, 28), (32, 32), (12, 20)):
-                fits = any(v.shape[0] <= image[0] and v.shape[1] <= image[1] for v in shape.variants)
-                expected = len(all_locations(shape, image)) if fits else 0
-                assert count_locations(shape.variants, image) == expected
 
 
 def test_shapes_draws_the_diamond():

@@ -181,14 +181,16 @@ def test_flat_layout_inferred_for_vector_shapes(input_shape):
 def test_ambiguous_or_incompatible_layout_is_usage_error(input_shape, image_shape):
     net = nn.Sequential(nn.Flatten(), nn.LazyLinear(2))
     loaded = LoadedModel(module=net, input_shape=input_shape, source=Path("<test>"))
-    with pytest.raises(UsageError, match="--layout|--input-shape"):
+    with pytest.raises(UsageError, match="layout|input_shape") as error:
         image_model(loaded, image_shape=image_shape)
+    assert error.value.param in ("layout", "input_shape")
 
 
 def test_explicit_layout_is_checked_against_input_shape():
     loaded = LoadedModel(module=nn.Identity(), input_shape=(784, 1), source=Path("<test>"))
-    with pytest.raises(UsageError, match="--layout nchw"):
+    with pytest.raises(UsageError, match="layout nchw") as error:
         image_model(loaded, image_shape=(1, 28, 28), layout="nchw")
+    assert error.value.param == "layout" and error.value.related == ("input_shape",)
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -238,13 +240,15 @@ def test_state_dict_is_model_error(tmp_path):
 def test_torch_file_needs_input_shape(nhwc_net, tmp_path):
     path = tmp_path / "net.pt"
     torch.jit.script(nhwc_net).save(str(path))
-    with pytest.raises(UsageError, match="--input-shape"):
+    with pytest.raises(UsageError, match="input_shape") as error:
         load_model(path)
+    assert error.value.param == "input_shape"
 
 
 def test_wrong_input_shape_is_usage_error(nhwc_net):
-    with pytest.raises(UsageError, match="--input-shape"):
+    with pytest.raises(UsageError, match="input_shape") as error:
         load_model(nhwc_net, input_shape=(4, 4, 7))
+    assert error.value.param == "input_shape"
 
 
 def test_onnx_input_shape_mismatch_is_usage_error(shared_dir):
@@ -289,8 +293,9 @@ def test_symbolic_non_batch_dim_needs_input_shape(tmp_path):
 
     node = helper.make_node("Relu", ["x"], ["y"])
     path = _onnx_file(tmp_path / "dyn.onnx", node, input_dims=("N", "F"), output_dims=("N", "F"))
-    with pytest.raises(UsageError, match="--input-shape"):
+    with pytest.raises(UsageError, match="input_shape") as error:
         load_model(path)
+    assert error.value.param == "input_shape"
     loaded = load_model(path, input_shape=(6,))
     assert loaded.input_shape == (6,) and loaded.num_classes == 6
 
@@ -309,10 +314,19 @@ def test_nan_output_is_model_error():
         load_model(_NaN(), input_shape=(4,))
 
 
-@pytest.mark.parametrize("mean, std", [((0.5, 0.5), None), (None, (0.2, 0.2)), (None, (0.2, 0.0, 0.2))])
+@pytest.mark.parametrize("mean, std", [
+    ((0.5, 0.5), (0.2,)),            # 2 values for 3 channels
+    ((0.5,), (0.2, 0.2)),
+    ((0.5,), (0.2, 0.0, 0.2)),       # std 0
+    ((0.5,), None),                  # mean without std
+    (None, (0.2,)),                  # std without mean
+    ((float("nan"),), (0.2,)),       # not finite
+    ((0.5,), (float("inf"),)),
+])
 def test_bad_mean_or_std_is_usage_error(mean, std):
-    with pytest.raises(UsageError, match="--mean|--std"):
+    with pytest.raises(UsageError, match="mean|std") as error:
         ImageModel(nn.Identity(), image_shape=(3, 4, 4), mean=mean, std=std)
+    assert error.value.param in ("mean", "std")
 
 
 def test_single_value_mean_std_broadcasts():

@@ -97,6 +97,6 @@ def test_cli_train_sparse_exports_a_model_evaluated_against_the_sparse_threat(tm
 def test_cli_train_sparse_rejects_patch_options(tmp_path, option):
     result = CliRunner().invoke(app, ["train", "--sparse", "4", *option, "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2
-    assert result.stderr.strip().splitlines() == [
-        f"Error: --sparse cannot be combined with {option[0]} (a sparse attack has no patch)"
-    ]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"Error: --sparse cannot be combined with {option[0]} (a sparse attack has no patch)")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal, Sequence, Tuple, get_args
 import torch
 from torch import nn
 
+from ..domain import check_normalization
 from ..errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,29 +34,9 @@ def _channels(image_shape: Sequence[int]) -> tuple[int, int, int]:
     """Validate an image shape ``(C, H, W)`` and return it as a tuple of ints."""
     shape = tuple(int(d) for d in image_shape)
     if len(shape) != 3 or any(d <= 0 for d in shape):
-        raise UsageError(f"image shape must be (C, H, W) with positive sizes, got {tuple(image_shape)}")
+        raise UsageError(f"image_shape must be (C, H, W) with positive sizes, got {tuple(image_shape)}",
+                         param="image_shape")
     return shape  # type: ignore[return-value]
-
-
-def _per_channel(values: Sequence[float] | None, channels: int, name: str) -> tuple[float, ...] | None:
-    """Expand a mean/std given for 1 or ``channels`` channels to ``channels`` floats."""
-    if values is None:
-        return None
-    if isinstance(values, (int, float)):
-        values = [values]
-    try:
-        floats = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise UsageError(f"--{name} must be a list of numbers, got {values!r}") from None
-    if len(floats) not in (1, channels):
-        raise UsageError(
-            f"--{name} has {len(floats)} values but the images have {channels} channel(s); give 1 or {channels}"
-        )
-    if not all(math.isfinite(v) for v in floats):
-        raise UsageError(f"--{name} must be finite, got {floats}")
-    if len(floats) == 1:
-        floats = floats * channels
-    return floats
 
 
 def _default_input_shape(image_shape: tuple[int, int, int], layout: str) -> tuple[int, ...]:
@@ -66,20 +47,20 @@ def _default_input_shape(image_shape: tuple[int, int, int], layout: str) -> tupl
 def _check_layout(image_shape: tuple[int, int, int], layout: str, input_shape: tuple[int, ...]) -> None:
     """Raise UsageError unless ``layout`` turns ``image_shape`` into ``input_shape``."""
     if layout not in _LAYOUTS:
-        raise UsageError(f"unknown --layout {layout!r}; choose one of {', '.join(_LAYOUTS)}")
+        raise UsageError(f"unknown layout {layout!r}; choose one of {', '.join(_LAYOUTS)}", param="layout")
     c, h, w = image_shape
     if layout == "flat":
         if math.prod(input_shape) != c * h * w:
             raise UsageError(
-                f"--layout flat: the model input shape {input_shape} does not hold {c}x{h}x{w} = {c * h * w} "
-                f"pixel values; check --input-shape"
+                f"layout flat: the model input shape {input_shape} does not hold {c}x{h}x{w} = {c * h * w} "
+                f"pixel values; check input_shape", param="layout", related=("input_shape",)
             )
         return
     expected = _default_input_shape(image_shape, layout)
     if input_shape != expected:
         raise UsageError(
-            f"--layout {layout} needs model input shape {expected} for images {image_shape}, "
-            f"but the model takes {input_shape}; check --input-shape/--layout"
+            f"layout {layout} needs model input shape {expected} for images {image_shape}, "
+            f"but the model takes {input_shape}; check input_shape", param="layout", related=("input_shape",)
         )
 
 
@@ -97,7 +78,7 @@ def _infer_layout(input_shape: tuple[int, ...], image_shape: tuple[int, int, int
     if nchw and nhwc and c > 1:  # only when C == H == W
         raise UsageError(
             f"cannot tell whether the model input {input_shape} is channels-first or channels-last; "
-            f"pass --layout nchw or --layout nhwc"
+            f"give layout nchw or nhwc", param="layout"
         )
     if nchw:
         return "nchw"
@@ -106,7 +87,7 @@ def _infer_layout(input_shape: tuple[int, ...], image_shape: tuple[int, int, int
     if math.prod(input_shape) != c * h * w:
         raise UsageError(
             f"the model takes input of shape {input_shape}, which does not fit images of shape {image_shape}; "
-            f"check --input-shape and the dataset's image size"
+            f"check input_shape and the dataset's image size", param="input_shape"
         )
     squeezed = tuple(d for d in input_shape if d != 1)
     image_squeezed = tuple(d for d in image_shape if d != 1)
@@ -114,7 +95,8 @@ def _infer_layout(input_shape: tuple[int, ...], image_shape: tuple[int, int, int
         return "flat"
     raise UsageError(
         f"the model input {input_shape} holds the {c}x{h}x{w} image values but their order is ambiguous; "
-        f"pass --layout flat (channel-major order), --layout nchw or --layout nhwc, and --input-shape if needed"
+        f"give layout flat (channel-major order), nchw or nhwc, and input_shape if needed",
+        param="layout", related=("input_shape",),
     )
 
 
@@ -131,7 +113,8 @@ class ImageModel(nn.Module):
         input_shape: per-sample shape ``net`` takes (no batch dim). Defaults to
             ``(C, H, W)``, ``(H, W, C)`` or ``(C*H*W,)`` by layout.
         mean, std: per-channel normalization ``(x - mean) / std`` applied in NCHW
-            before the layout change; 1 or ``C`` values each. ``None`` means 0 / 1.
+            before the layout change; both or neither, 1 or ``C`` finite values each,
+            std > 0 (:func:`~lirpa_patch.domain.check_normalization`).
 
     Attributes ``image_shape``, ``layout``, ``input_shape`` hold the resolved values;
     ``mean``/``std`` are tuples of ``C`` floats, or ``None`` when not given.
@@ -150,16 +133,13 @@ class ImageModel(nn.Module):
         super().__init__()
         image_shape = _channels(image_shape)
         if layout not in _LAYOUTS:
-            raise UsageError(f"unknown --layout {layout!r}; choose one of {', '.join(_LAYOUTS)}")
+            raise UsageError(f"unknown layout {layout!r}; choose one of {', '.join(_LAYOUTS)}", param="layout")
         if input_shape is None:
             input_shape = _default_input_shape(image_shape, layout)
         input_shape = tuple(int(d) for d in input_shape)
         _check_layout(image_shape, layout, input_shape)
         channels = image_shape[0]
-        mean_t = _per_channel(mean, channels, "mean")
-        std_t = _per_channel(std, channels, "std")
-        if std_t is not None and any(s <= 0 for s in std_t):
-            raise UsageError(f"--std must be > 0 for every channel, got {std_t}")
+        mean_t, std_t = check_normalization(mean, std, channels)
 
         self.net = net
         self.image_shape: tuple[int, int, int] = image_shape

@@ -78,9 +78,9 @@ def _shape_tuple(shape: Sequence[int], what: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in shape)
     except (TypeError, ValueError):
-        raise UsageError(f"{what} must be a list of integers, got {shape!r}") from None
+        raise UsageError(f"{what} must be a list of integers, got {shape!r}", param=what) from None
     if not dims or any(d <= 0 for d in dims):
-        raise UsageError(f"{what} must be non-empty with positive sizes, got {dims}")
+        raise UsageError(f"{what} must be non-empty with positive sizes, got {dims}", param=what)
     return dims
 
 
@@ -100,7 +100,7 @@ def _onnx_input_shape(model, path: Path, input_shape: tuple[int, ...] | None) ->
     tensor_type = inputs[0].type.tensor_type
     if not tensor_type.HasField("shape"):
         if input_shape is None:
-            raise UsageError(f"{path.name}: the ONNX input has no declared shape; pass --input-shape")
+            raise UsageError(f"{path.name}: the ONNX input has no declared shape; give input_shape", param="input_shape")
         return input_shape
     dims = list(tensor_type.shape.dim)
     if len(dims) < 2:
@@ -110,12 +110,14 @@ def _onnx_input_shape(model, path: Path, input_shape: tuple[int, ...] | None) ->
         if len(input_shape) != len(sample) or any(s is not None and s != g for s, g in zip(sample, input_shape)):
             shown = tuple(s if s is not None else "?" for s in sample)
             raise UsageError(
-                f"--input-shape {input_shape} does not match the ONNX input {shown} of {path.name} (batch dim excluded)"
+                f"input_shape {input_shape} does not match the ONNX input {shown} of {path.name} (batch dim excluded)",
+                param="input_shape",
             )
         return input_shape
     if any(s is None for s in sample):
         shown = tuple(s if s is not None else "?" for s in sample)
-        raise UsageError(f"{path.name}: the ONNX input shape {shown} has symbolic sizes; pass --input-shape")
+        raise UsageError(f"{path.name}: the ONNX input shape {shown} has symbolic sizes; give input_shape",
+                         param="input_shape")
     return tuple(sample)  # type: ignore[arg-type]
 
 
@@ -254,7 +256,7 @@ def _trial_forward(module: nn.Module, input_shape: tuple[int, ...], name: str) -
     except Exception as exc:
         raise UsageError(
             f"{name} does not run on inputs of shape (N, {', '.join(map(str, input_shape))}): {_one_line(exc)}; "
-            f"check --input-shape (and that the model accepts a batch dim)"
+            f"check input_shape (and that the model accepts a batch dim)", param="input_shape"
         ) from None
     if isinstance(out, (tuple, list)) and len(out) == 1:
         out = out[0]
@@ -301,11 +303,11 @@ def load_model(path: PathLike | nn.Module, *, input_shape: Sequence[int] | None 
             not ``(N, K)``, NaN outputs.
         UsageError: ``input_shape`` missing where required or not accepted by the model.
     """
-    shape = _shape_tuple(input_shape, "--input-shape") if input_shape is not None else None
+    shape = _shape_tuple(input_shape, "input_shape") if input_shape is not None else None
     with _quiet():
         if isinstance(path, nn.Module):
             if shape is None:
-                raise UsageError("input_shape is required when passing an nn.Module")
+                raise UsageError("input_shape is required when passing an nn.Module", param="input_shape")
             module, source, onnx_path = path, Path(f"<{type(path).__name__}>"), None
         else:
             source = Path(path)
@@ -321,7 +323,8 @@ def load_model(path: PathLike | nn.Module, *, input_shape: Sequence[int] | None 
                 onnx_path = source
             elif suffix in _TORCH_SUFFIXES:
                 if shape is None:
-                    raise UsageError(f"{source.name}: --input-shape is required for PyTorch models (e.g. 3,32,32)")
+                    raise UsageError(f"{source.name}: input_shape is required for PyTorch models (e.g. (3, 32, 32))",
+                                     param="input_shape")
                 module, onnx_path = _load_torch(source), None
             else:
                 raise ModelError(
@@ -337,15 +340,17 @@ def load_model(path: PathLike | nn.Module, *, input_shape: Sequence[int] | None 
 # --------------------------------------------------------------------------- onnxruntime
 
 
-def _ort_session(onnx_path: Path):
+def _ort_session(onnx_model: Path | bytes):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
+    name = "the exported model" if isinstance(onnx_model, bytes) else onnx_model.name
     try:
-        return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ModelError(f"onnxruntime cannot load {onnx_path.name}: {_one_line(exc)}") from None
+        raise ModelError(f"onnxruntime cannot load {name}: {_one_line(exc)}") from None
 
 
 def _ort_run(session, inputs: np.ndarray, batch_size: int) -> np.ndarray:
@@ -372,13 +377,13 @@ def _ort_run(session, inputs: np.ndarray, batch_size: int) -> np.ndarray:
 
 def check_against_onnxruntime(
     model: ImageModel,
-    onnx_path: PathLike,
+    onnx_path: PathLike | bytes,
     images: torch.Tensor,
     *,
     atol: float = 1e-4,
     rtol: float = 1e-3,
 ) -> float:
-    """Check that the torch model computes what onnxruntime computes from the ONNX file.
+    """Check that the torch model computes what onnxruntime computes from the ONNX file (or its bytes).
 
     ``images`` ``(N, C, H, W)`` in ``[0, 1]`` go through ``model`` (torch), and the
     same preprocessed inputs ``model.preprocess(images)`` ``(N, *input_shape)`` go
@@ -396,7 +401,8 @@ def check_against_onnxruntime(
     Raises:
         ModelError: a logit or a clear-cut prediction differs, or onnxruntime fails.
     """
-    onnx_path = Path(onnx_path)
+    if not isinstance(onnx_path, bytes):
+        onnx_path = Path(onnx_path)
     if images.dim() != 4:
         raise UsageError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
     if len(images) == 0:

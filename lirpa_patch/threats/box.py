@@ -23,7 +23,7 @@ import torch
 from auto_LiRPA.linear_bound import LinearBound
 from auto_LiRPA.perturbations import PerturbationLpNorm
 
-from ..domain import PixelDomain
+from ..domain import PixelDomain, check_value_range
 from ..errors import UsageError
 from ..ops.state import ElementState
 
@@ -90,7 +90,7 @@ class BoxPerturbation(PerturbationLpNorm):
                 raise UsageError(f"image_shape must be (C, H, W), got {tuple(image_shape)}", param="image_shape")
             image_shape = dims
         if domain is None:
-            domain = PixelDomain(float(value_range[0]), float(value_range[1]), mean, std)
+            domain = PixelDomain(*check_value_range(value_range), mean, std)
         elif mean is not None or std is not None:
             raise UsageError("give either domain= or mean=/std=, not both", param="domain")
         self.domain = domain

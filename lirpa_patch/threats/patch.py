@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ..domain import PixelDomain
 from ..errors import UsageError
-from ..locations import Locations, all_locations, explicit_locations
+from ..locations import Locations, all_locations, explicit_locations, position_rows
 from ..ops.state import ElementState, WindowState
 from ..ops.window import conv_window, gather_window
 from ..shapes import PatchShape, SizeLike, make_shape
@@ -170,7 +170,8 @@ class PatchPerturbation(BoxPerturbation):
     ) -> None:
         super().__init__(domain=domain, mean=mean, std=std, value_range=value_range, layout=layout,
                          image_shape=image_shape, strength=strength)
-        self.patch_shape = shape if isinstance(shape, PatchShape) else make_shape(shape, size)
+        image_size = self.image_shape[1:] if self.image_shape is not None else None
+        self.patch_shape = shape if isinstance(shape, PatchShape) else make_shape(shape, size, image_size=image_size)
         self._positions = None
         self._locations: Optional[Locations] = None
         self._masks: Optional[torch.Tensor] = None
@@ -189,7 +190,7 @@ class PatchPerturbation(BoxPerturbation):
             if isinstance(locations, str):
                 raise UsageError(f"locations must be 'all', a Locations set or positions, got {locations!r}",
                                  param="locations")
-            self._positions = locations
+            self._positions = position_rows(locations, self.patch_shape)  # UsageError now, not when bounding
         self._rows: Optional[PatchRows] = None
         self._table_cache: dict = {}
         self._images_hint: Optional[torch.Tensor] = None

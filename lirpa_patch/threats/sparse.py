@@ -67,6 +67,19 @@ def check_k(k, param: str = "k") -> int:
     return int(k)
 
 
+def check_budget(k, image_shape: Sequence[int], param: str = "k") -> int:
+    """``k`` checked against images ``(C, H, W)``: at most their ``H * W`` pixels (UsageError naming ``param``).
+
+    The engine accepts a larger budget (every pixel may change); ``lirpa-patch`` and the
+    trainer refuse it as a usage error, before anything is allocated.
+    """
+    k = check_k(k, param)
+    height, width = int(image_shape[-2]), int(image_shape[-1])
+    if k > height * width:
+        raise UsageError(f"{param} {k} exceeds the {height * width} pixels of a {height}x{width} image", param=param)
+    return k
+
+
 class SparsePerturbation(BoxPerturbation):
     """At most ``k`` pixels of every image change, each to any value in its valid range.
 

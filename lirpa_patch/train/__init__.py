@@ -6,12 +6,16 @@
   U-net (:mod:`.unet`); warm-up and learning-rate schedules (:mod:`.schedules`).
 * :func:`export_onnx`: ONNX export with the normalization folded in, checked with
   onnxruntime (:mod:`.export`).
+* :func:`train_val_split`: which images train and which validate (:mod:`.splits`);
+  the App. A.1 presets and CIFAR-10 normalization (:mod:`.presets`).
 """
 
 from __future__ import annotations
 
 from .export import export_onnx, exportable_module
+from .presets import CIFAR10_MEAN, CIFAR10_STD, PRESETS, preset_for, preset_normalization
 from .schedules import StepDecay, WarmupSchedule
+from .splits import SAMPLE_TRAIN, TrainSplits, train_val_split
 from .strategies import (
     STRATEGY_NAMES,
     AllLocations,
@@ -36,7 +40,12 @@ from .trainer import (
 from .unet import MarginUNet
 
 __all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "PRESETS",
+    "SAMPLE_TRAIN",
     "STRATEGY_NAMES",
+    "TrainSplits",
     "AllLocations",
     "BoundContext",
     "EpochMetrics",
@@ -58,4 +67,7 @@ __all__ = [
     "load_checkpoint",
     "make_strategy",
     "margin_logits",
+    "preset_for",
+    "preset_normalization",
+    "train_val_split",
 ]

@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .. import outputs
 from ..errors import ModelError, UsageError
 
 PathLike = Union[str, os.PathLike]
@@ -75,7 +76,7 @@ def exportable_module(model: nn.Module, image_shape: Sequence[int]) -> nn.Module
     if net is None or not hasattr(model, "layout"):
         return copy.deepcopy(model).cpu().eval()
     if getattr(model, "layout", "nchw") != "nchw":
-        raise UsageError("export supports NCHW models only")
+        raise UsageError("export supports NCHW models only", param="model")
     net = copy.deepcopy(net).cpu().eval()
     mean, std = getattr(model, "mean", None), getattr(model, "std", None)
     if mean is None and std is None:
@@ -100,7 +101,9 @@ def export_onnx(
 
     Args:
         model: see :func:`exportable_module`.
-        path: the ``.onnx`` file to write (written atomically).
+        path: the ``.onnx`` file to write, as :mod:`lirpa_patch.outputs` writes every output
+            (a regular file atomically; a symlink through to its target; a device or FIFO
+            into). Written only after onnxruntime agreed with PyTorch on the exported bytes.
         image_shape: ``(C, H, W)``.
         check_images: ``(N, C, H, W)`` images on which the folded copy must match
             ``model`` and onnxruntime must match the folded copy (default: 16
@@ -111,6 +114,7 @@ def export_onnx(
 
     Raises:
         ModelError: the export fails or onnxruntime disagrees with PyTorch.
+        LirpaPatchError: ``path`` cannot be written.
     """
     from ..models.adapter import ImageModel
     from ..models.loading import check_against_onnxruntime
@@ -144,13 +148,12 @@ def export_onnx(
             )
     except Exception as exc:
         raise ModelError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
     wrapper = ImageModel(module, image_shape=shape)
-    ort_diff = check_against_onnxruntime(wrapper, path, check_images)
+    ort_diff = check_against_onnxruntime(wrapper, buffer.getvalue(), check_images)  # before writing anything
+    if path.parent != Path("") and not path.parent.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot write {path}: {exc.strerror or exc}", param="path") from None
+    outputs.write_output(path, buffer.getvalue(), what="the ONNX model")
     return max(ort_diff, fold_diff)

@@ -24,7 +24,7 @@ class SparsePixels(Strategy):
 
     def __init__(self, k: int) -> None:
         if k < 1:
-            raise UsageError(f"--sparse must be at least 1, got {k}")
+            raise UsageError(f"sparse must be at least 1, got {k}", param="sparse")
         self.k = int(k)
 
     def grad_rows_per_image(self) -> int:

@@ -262,7 +262,7 @@ class RandomLocations(Strategy):
 
     def __init__(self, k: int = 10) -> None:
         if k < 1:
-            raise UsageError(f"--patches must be at least 1, got {k}")
+            raise UsageError(f"patches must be at least 1, got {k}", param="patches")
         self.k = int(k)
 
     def _k(self) -> int:
@@ -295,9 +295,9 @@ class GuidedLocations(Strategy):
 
     def __init__(self, k: int = 10, *, temperature: float = 1.0, base_width: int = 16) -> None:
         if k < 1:
-            raise UsageError(f"--patches must be at least 1, got {k}")
+            raise UsageError(f"patches must be at least 1, got {k}", param="patches")
         if not temperature > 0:
-            raise UsageError(f"--temperature must be positive, got {temperature}")
+            raise UsageError(f"temperature must be positive, got {temperature}", param="temperature")
         self.k = int(k)
         self.temperature = float(temperature)
         self.base_width = int(base_width)
@@ -356,8 +356,8 @@ def _sequential_parts(model: nn.Module) -> tuple[Optional[nn.Module], nn.Sequent
     if isinstance(net, nn.Sequential) and hasattr(model, "preprocess"):
         return _Preprocess(model), net
     raise UsageError(
-        "--strategy pool needs an nn.Sequential model (or an ImageModel wrapping one), "
-        f"got {type(model).__name__}"
+        "strategy pool needs an nn.Sequential model (or an ImageModel wrapping one), "
+        f"got {type(model).__name__}", param="strategy"
     )
 
 
@@ -376,17 +376,19 @@ class PooledLocations(Strategy):
     def __init__(self, pool: Sequence[int] = (2,)) -> None:
         pool = tuple(int(p) for p in pool)
         if not pool or any(p < 1 for p in pool):
-            raise UsageError(f"--pool needs positive window sizes, got {pool}")
+            raise UsageError(f"pool needs positive window sizes, got {pool}", param="pool")
         self.pool = pool
 
     def setup(self, ctx: BoundContext) -> None:
         super().setup(ctx)
         if len(ctx.locations.shape.variants) != 1:
-            raise UsageError("--strategy pool needs a single-variant shape (its locations form a grid)")
+            raise UsageError("strategy pool needs a single-variant shape (its locations form a grid)",
+                             param="strategy", related=("shape",))
         prefix, net = _sequential_parts(ctx.model)
         relus = [i for i, m in enumerate(net) if isinstance(m, nn.ReLU)]
         if len(relus) < len(self.pool):
-            raise UsageError(f"--pool has {len(self.pool)} entries but the network has only {len(relus)} ReLU layers")
+            raise UsageError(f"pool has {len(self.pool)} entries but the network has only {len(relus)} ReLU layers",
+                             param="pool")
         cuts = [relus[i] + 1 for i, p in enumerate(self.pool) if p > 1]
         bounds = [0, *cuts, len(net)]
         segments = [nn.Sequential(*net[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -458,4 +460,4 @@ def make_strategy(
         return GuidedLocations(patches, temperature=temperature, base_width=unet_width)
     if key == "pool":
         return PooledLocations(pool)
-    raise UsageError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+    raise UsageError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}", param="strategy")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -46,23 +47,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import outputs
 from ..engine import CertifyResult, ProgressFn, bound_model, certify
 from ..domain import PixelDomain
 from ..errors import DataError, UsageError
 from ..locations import Locations, all_locations
 from ..shapes import PatchShape, make_shape, parse_size
-from ..spec import margin_spec, other_classes
+from ..spec import check_labels, other_classes
+from .presets import PRESETS
 from .schedules import StepDecay, WarmupSchedule
 from .strategies import BoundContext, Strategy, make_strategy
 
 PathLike = Union[str, os.PathLike]
 
-_PRESETS: dict[str, dict[str, Any]] = {
-    # App. A.1: MNIST lr 5e-4, 100 epochs, warm-up 61 after 1 natural epoch; CIFAR lr 1e-3,
-    # 200 epochs, warm-up 121 after 10 natural epochs, random crop + flip. Batch 256 in both.
-    "mnist": dict(lr=5e-4, epochs=100, warmup_start=1, warmup=61, crop=0, flip=False),
-    "cifar": dict(lr=1e-3, epochs=200, warmup_start=10, warmup=121, crop=4, flip=True),
-}
 CHECKPOINT_VERSION = 1
 
 
@@ -126,33 +123,49 @@ class TrainConfig:
 
     @classmethod
     def for_dataset(cls, dataset: Literal["mnist", "cifar"], **overrides: Any) -> "TrainConfig":
-        """The paper's defaults for ``"mnist"`` or ``"cifar"`` (App. A.1), with ``overrides``."""
-        if dataset not in _PRESETS:
-            raise UsageError(f"unknown preset {dataset!r}; choose mnist or cifar")
-        return cls(**{**_PRESETS[dataset], **overrides})
+        """The paper's defaults for ``"mnist"`` or ``"cifar"`` (App. A.1, :mod:`.presets`), with ``overrides``."""
+        if dataset not in PRESETS:
+            raise UsageError(f"unknown preset {dataset!r}; choose {' or '.join(PRESETS)}", param="dataset")
+        return cls(**{**PRESETS[dataset], **overrides})
 
     def validate(self) -> None:
-        """Raise :class:`UsageError` for out-of-range values."""
+        """Raise :class:`UsageError` (naming the field as ``param``) for out-of-range values."""
+        for name in ("epochs", "warmup_start", "warmup", "lr_step", "batch_size", "crop", "chunk_size", "patches",
+                     "unet_width", "eval_every", "eval_images", "seed", "sparse"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise UsageError(f"{name} must be an integer, got {value!r}", param=name)
+        for name in ("lr", "lr_decay", "natural_weight", "temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number, got {value!r}", param=name)
         h, w = parse_size(self.patch)
         self.patch = f"{h}x{w}"
-        self.pool = tuple(int(p) for p in self.pool)
+        try:
+            self.pool = tuple(int(p) for p in self.pool)
+        except (TypeError, ValueError):
+            raise UsageError(f"pool must be a list of window sizes, got {self.pool!r}", param="pool") from None
         checks = [
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.warmup >= 0 and self.warmup_start >= 0, "--warmup and --warmup-start must be >= 0"),
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive, got {self.lr}"),
-            (0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (0.0 <= self.natural_weight <= 1.0, f"--natural-weight must be in [0, 1], got {self.natural_weight}"),
-            (self.chunk_size >= 1, f"--chunk-size must be at least 1, got {self.chunk_size}"),
-            (self.patches >= 1, f"--patches must be at least 1, got {self.patches}"),
-            (self.temperature > 0, f"--temperature must be positive, got {self.temperature}"),
-            (self.eval_every >= 0 and self.eval_images >= 0, "--eval-every and --eval-images must be >= 0"),
-            (self.crop >= 0, f"--crop must be >= 0, got {self.crop}"),
-            (self.sparse >= 0, f"--sparse must be at least 1, got {self.sparse}"),
+            ("epochs", self.epochs >= 1, "at least 1"),
+            ("warmup", self.warmup >= 0, ">= 0"),
+            ("warmup_start", self.warmup_start >= 0, ">= 0"),
+            ("lr", self.lr > 0, "positive"),
+            ("lr_step", self.lr_step >= 0, ">= 0"),
+            ("lr_decay", 0 < self.lr_decay <= 1, "in (0, 1]"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("natural_weight", 0.0 <= self.natural_weight <= 1.0, "in [0, 1]"),
+            ("chunk_size", self.chunk_size >= 1, "at least 1"),
+            ("patches", self.patches >= 1, "at least 1"),
+            ("temperature", self.temperature > 0, "positive"),
+            ("unet_width", self.unet_width >= 1, "at least 1"),
+            ("eval_every", self.eval_every >= 0, ">= 0"),
+            ("eval_images", self.eval_images >= 0, ">= 0"),
+            ("crop", self.crop >= 0, ">= 0"),
+            ("sparse", self.sparse >= 0, ">= 0 (0: patches)"),
         ]
-        for ok, message in checks:
+        for name, ok, rule in checks:
             if not ok:
-                raise UsageError(message)
+                raise UsageError(f"{name} must be {rule}, got {getattr(self, name)}", param=name)
 
 
 @dataclass
@@ -299,11 +312,15 @@ class Trainer:
             with torch.no_grad():
                 num_classes = int(self.model(self.train_images[:1]).shape[-1])
         self.num_classes = int(num_classes)
-        margin_spec(self.train_labels, self.num_classes)  # label range checks (DataError)
+        check_labels(self.train_labels, self.num_classes, name="training labels")  # the rule of certify
         if self.val_labels is not None:
-            margin_spec(self.val_labels, self.num_classes)
+            check_labels(self.val_labels, self.num_classes, name="validation labels")
+        if config.sparse:
+            from ..threats.sparse import check_budget
+
+            check_budget(config.sparse, self.image_shape, param="sparse")
         self.domain = domain
-        self.shape: PatchShape = make_shape(config.shape, config.patch)
+        self.shape: PatchShape = make_shape(config.shape, config.patch, image_size=self.image_shape[1:])
         self.locations: Locations = all_locations(self.shape, self.image_shape[1:]).to(self.device)
         self.bounded = bound_model(self.model, self.image_shape, self.device)
         if strategy is None and config.sparse:
@@ -471,7 +488,7 @@ class Trainer:
         """
         if images is None or labels is None:
             if self.val_images is None or self.val_labels is None:
-                raise UsageError("no validation set: pass images and labels to evaluate()")
+                raise UsageError("no validation set: pass images and labels to evaluate()", param="images")
             images, labels = self.val_images, self.val_labels
         if num is not None:
             images, labels = images[:num], labels[:num]
@@ -513,27 +530,32 @@ class Trainer:
         }
 
     def save(self, path: PathLike) -> Path:
-        """Write :meth:`state_dict` to ``path`` (atomically: a temporary file, then a rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+        """Write :meth:`state_dict` to ``path`` as :mod:`lirpa_patch.outputs` writes every output.
+
+        A regular file is replaced atomically (a temporary file, then a rename: an
+        interrupted save keeps the previous checkpoint); a symlink is written through;
+        ``/dev/null`` or a FIFO is written into.
+        """
+        with outputs.open_output(path, what="the checkpoint") as f:
+            torch.save(self.state_dict(), f)
+        return Path(path)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (from a trainer built with the same model and config)."""
         if state.get("version") != CHECKPOINT_VERSION:
-            raise UsageError(f"unsupported checkpoint version {state.get('version')!r}")
+            raise UsageError(f"unsupported checkpoint version {state.get('version')!r}", param="state")
         saved = state["config"]
         for key in ("patch", "shape", "strategy", "patches", "seed"):
             if str(saved.get(key)) != str(getattr(self.config, key)):
                 raise UsageError(
-                    f"the checkpoint was trained with {key}={saved.get(key)!r}, not {getattr(self.config, key)!r}"
+                    f"the checkpoint was trained with {key}={saved.get(key)!r}, not {getattr(self.config, key)!r}",
+                    param="state",
                 )
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
-            raise UsageError(f"the checkpoint does not fit this model: {str(exc).splitlines()[0]}") from None
+            raise UsageError(f"the checkpoint does not fit this model: {str(exc).splitlines()[0]}",
+                             param="state") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         aux = self.strategy.auxiliary
@@ -573,13 +595,14 @@ def load_checkpoint(path: PathLike) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist")
+        raise UsageError(f"checkpoint {path} does not exist", param="path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UsageError(f"cannot read checkpoint {path.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    except Exception:  # torch's message is a page long (with ANSI colours): one line instead
+        raise UsageError(f"{path} is not a lirpa-patch training checkpoint (torch.load cannot read it)",
+                         param="path") from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise UsageError(f"{path.name} is not a lirpa-patch training checkpoint")
+        raise UsageError(f"{path} is not a lirpa-patch training checkpoint", param="path")
     return state
 
 
@@ -587,9 +610,9 @@ def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"unknown device {name!r}; use cpu or cuda") from None
+        raise UsageError(f"unknown device {name!r}; use cpu or cuda", param="device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was given but CUDA is not available on this machine")
+        raise UsageError(f"device {name!r} was given but CUDA is not available on this machine", param="device")
     return device
 
 
@@ -602,26 +625,44 @@ class MetricsLog:
     """Append :class:`EpochMetrics` rows to a ``.jsonl`` (one JSON object a line) or ``.csv`` file.
 
     The format follows the suffix (``.csv``: CSV with a header; anything else: JSONL).
-    An existing file is appended to (a resumed run continues its log).
+    An existing file is appended to (a resumed run continues its log); a symlink is
+    followed, and a FIFO or ``/dev/null`` is written into. The file stays open (one
+    flushed line per row) until :meth:`close`; use it as a context manager.
     """
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
         self.csv = self.path.suffix.lower() == ".csv"
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.csv and (not self.path.exists() or self.path.stat().st_size == 0):
-                with open(self.path, "w", newline="") as f:
-                    csv.writer(f).writerow(_COLUMNS)
-            else:
-                open(self.path, "a").close()
+            if not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            regular = not self.path.exists() or self.path.is_file()
+            needs_header = self.csv and (not regular or not self.path.exists() or self.path.stat().st_size == 0)
+            self._file = open(self.path, "a", newline="", encoding="utf-8")
         except OSError as exc:
-            raise UsageError(f"cannot write metrics file {self.path}: {exc.strerror}") from None
+            raise UsageError(f"cannot write metrics file {self.path}: {exc.strerror or exc}", param="path") from None
+        if needs_header:
+            self._write(lambda f: csv.writer(f).writerow(_COLUMNS))
+
+    def _write(self, emit: Callable[[Any], None]) -> None:
+        try:
+            emit(self._file)
+            self._file.flush()
+        except OSError as exc:
+            raise UsageError(f"cannot write metrics file {self.path}: {exc.strerror or exc}", param="path") from None
 
     def append(self, metrics: EpochMetrics) -> None:
         record = metrics.to_dict()
-        with open(self.path, "a", newline="") as f:
-            if self.csv:
-                csv.writer(f).writerow(["" if record[c] is None else record[c] for c in _COLUMNS])
-            else:
-                f.write(json.dumps(record) + "\n")
+        if self.csv:
+            self._write(lambda f: csv.writer(f).writerow(["" if record[c] is None else record[c] for c in _COLUMNS]))
+        else:
+            self._write(lambda f: f.write(json.dumps(record) + "\n"))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
