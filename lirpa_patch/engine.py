@@ -121,6 +121,11 @@ def bound_model(
         raise ModelError(f"auto_LiRPA cannot bound this model: {type(exc).__name__}: {first}") from exc
     prepare(bounded)
     object.__setattr__(bounded, "_lp_stripped", list(stripped))
+    if next(bounded.parameters(), None) is None:
+        # auto_LiRPA's CROWN reads its dtype from the module's first parameter; a model that
+        # keeps its weights in buffers (e.g. some ONNX conversions) has none.
+        torch.nn.Module.register_parameter(bounded, "_lp_dtype",
+                                           torch.nn.Parameter(torch.zeros(1, device=device), requires_grad=False))
     return bounded
 
 
@@ -193,19 +198,40 @@ def _ibp_margins(bounded: BoundedModule, x: torch.Tensor, ptb, spec: torch.Tenso
         state = ptb._lp_states.get(id(lower))
         if state is not None and state.lower is not lower:
             state = None
+        if lower.shape[0] != x.shape[0]:
+            raise ModelError(
+                f"the model's graph does not keep the batch dimension ({x.shape[0]} rows in, {lower.shape[0]} out; "
+                "a reshape to a fixed batch size, e.g. x.view(1, -1)? use x.flatten(1) or reshape(-1, ...))"
+            )
         return _merge_head(head, spec, lower, upper, state, ptb, ptb.row_img)
     finally:
         ptb._lp_states = {}  # drop the per-call descriptions (they hold autograd graphs)
 
 
 def _crown_margins(bounded: BoundedModule, x: torch.Tensor, ptb, spec: torch.Tensor) -> torch.Tensor:
-    """CROWN lower margins ``(R, K - 1)`` (dense rows, specification per row)."""
+    """CROWN lower margins ``(R, K - 1)`` (dense rows, specification per row).
+
+    With a linear head the specification is merged into its weights and CROWN stops at
+    the head's input (exactly CROWN on the whole graph, since CROWN is linear through
+    that layer, and it avoids the last layer's form: ``MatMul`` + ``Add`` included).
+    """
     ptb.virtual = False
+    head = head_of(bounded)
     per_image = x.shape[0] // spec.shape[0]  # rows are image-major, the same count per image
+    bias = None
+    if head.kind == "linear":
+        w, b = head.weights()
+        C = spec.matmul(w)
+        bias = spec.matmul(b) if b is not None else None
+        final = head.node
+    else:
+        C, final = spec, None
     try:
         with _quiet():
-            lb, _ = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=spec.repeat_interleave(per_image, dim=0),
-                                           method="CROWN", bound_upper=False)
+            lb, _ = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=C.repeat_interleave(per_image, dim=0),
+                                           method="CROWN", bound_upper=False, final_node_name=final)
+        if bias is not None:
+            lb = lb + bias.repeat_interleave(per_image, dim=0)
         return lb
     finally:
         ptb._lp_states = {}

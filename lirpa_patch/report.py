@@ -36,6 +36,12 @@ One shape (``--shape square``, ``diamond``, ``rectangle:3x5``, a mask file, ...)
         "image_shape": [1, 28, 28],      # C, H, W
         "start": 4000, "num": 100,       # --start / --num (num null: to the end)
         "chunk": 4096,                   # (image, location) rows per bound computation
+        "head": {"merged": true, "form": "Gemm", "stripped": []},
+                                         # how the margins were bounded: "merged" when the
+                                         # specification is merged into the last linear layer
+                                         # ("form": Gemm, MatMul, MatMul+Add, ...), else interval
+                                         # arithmetic on the logits; "stripped": a final Softmax or
+                                         # LogSoftmax certified on the logits before it
         "device": "cpu",
         "seed": 0,
         "versions": {"lirpa_patch": "0.1.0", "auto_LiRPA": "0.3", "torch": "2.15.0",
@@ -280,6 +286,8 @@ def _run_fields(run: RunInfo, result: CertifyResult) -> dict[str, Any]:
         "device": run.device,
         "seed": int(run.seed),
         "versions": dict(run.versions),
+        "head": {"merged": bool(result.head.get("merged", False)), "form": str(result.head.get("form", "")),
+                 "stripped": [str(op) for op in result.head.get("stripped", [])]},
     }
     if run.mask_file is not None:
         out["mask_file"] = run.mask_file
