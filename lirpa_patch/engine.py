@@ -269,9 +269,11 @@ def lower_margins(
     bounded: BoundedModule,
     images: torch.Tensor,
     labels: torch.Tensor,
-    masks: torch.Tensor,
+    masks: Optional[torch.Tensor] = None,
     *,
     num_classes: int,
+    locations: Optional[Locations] = None,
+    index: Optional[torch.Tensor] = None,
     method: Method | str = "ibp",
     domain: Optional[PixelDomain] = None,
     strength: float = 1.0,
@@ -286,7 +288,10 @@ def lower_margins(
         images: ``(N, C, H, W)`` in the model's input space (image space for
             :class:`~lirpa_patch.models.ImageModel`).
         labels: ``(N,)`` true labels.
-        masks: ``(L, H, W)`` shared by all images or ``(N, L, H, W)`` per image.
+        masks: ``(L, H, W)`` shared by all images or ``(N, L, H, W)`` per image; or instead
+        locations, index: a :class:`~lirpa_patch.locations.Locations` set and which of its
+            locations to bound, ``(L,)`` shared or ``(N, L)`` per image (default: all);
+            faster than masks (no masks are built).
         num_classes: ``K``.
         method: ``"ibp"`` or ``"crown"``. CROWN's margins are combined with IBP's by an
             elementwise maximum: both are sound lower bounds, and neither is always tighter.
@@ -298,14 +303,24 @@ def lower_margins(
     """
     key = check_method(method)
     n = images.shape[0]
-    masks = torch.as_tensor(masks).to(device=images.device, dtype=torch.bool)
-    if masks.ndim not in (3, 4):
-        raise UsageError(f"masks must be (L, H, W) or (N, L, H, W), got {tuple(masks.shape)}", param="masks")
-    n_loc = masks.shape[-3]
+    if (masks is None) == (locations is None):
+        raise UsageError("give either masks= or locations= (with an optional index=)", param="masks")
+    if masks is not None:
+        masks = torch.as_tensor(masks).to(device=images.device, dtype=torch.bool)
+        if masks.ndim not in (3, 4):
+            raise UsageError(f"masks must be (L, H, W) or (N, L, H, W), got {tuple(masks.shape)}", param="masks")
+        n_loc = masks.shape[-3]
+    else:
+        if index is None:
+            index = torch.arange(len(locations), device=images.device)
+        n_loc = index.shape[-1]
     spec = margin_spec(labels, num_classes, dtype=images.dtype)
 
     def build():
-        ptb = PatchPerturbation(masks=masks, domain=domain, strength=strength)
+        if masks is not None:
+            ptb = PatchPerturbation(masks=masks, domain=domain, strength=strength)
+        else:
+            ptb = PatchPerturbation(locations=locations, index=index, domain=domain, strength=strength)
         x = images.expand(n_loc, *images.shape[1:]) if n == 1 else images.repeat_interleave(n_loc, dim=0)
         ptb._images_hint = images
         return x, ptb

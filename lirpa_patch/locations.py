@@ -9,9 +9,11 @@ locations as a batch dimension.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .errors import UsageError
 from .shapes import PatchShape
@@ -38,6 +40,11 @@ class Locations:
     def __len__(self) -> int:
         return int(self.masks.shape[0])
 
+    @cached_property
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`pixel_tables` of :attr:`masks`, computed once."""
+        return pixel_tables(self.masks)
+
     @property
     def image_size(self) -> tuple[int, int]:
         return int(self.masks.shape[1]), int(self.masks.shape[2])
@@ -62,6 +69,37 @@ class Locations:
 
     def to(self, device: torch.device | str) -> "Locations":
         return Locations(self.shape, self.masks.to(device), self.variant, self.top, self.left)
+
+
+def pixel_tables(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixel lists and bounding boxes of location masks ``(M, H, W)``.
+
+    Returns ``(pix, top, left, inbox)``: ``pix`` ``(M, P)`` int64 the pixels (``h * W + w``)
+    of each location, ``-1`` padding; ``top``, ``left`` ``(M,)`` the corner of its bounding
+    box; ``inbox`` ``(M, bh, bw)`` bool its pixels inside a box of the largest size.
+    """
+    m, height, width = masks.shape
+    flat = masks.reshape(m, -1)
+    counts = flat.sum(1)
+    p = int(counts.max()) if m else 0
+    which, pixel = flat.nonzero(as_tuple=True)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(which.numel(), device=masks.device) - first[which]
+    pix = torch.full((m, max(p, 1)), -1, dtype=torch.long, device=masks.device)
+    pix[which, rank] = pixel
+    rows_any, cols_any = masks.any(2), masks.any(1)
+    empty = counts == 0
+    top = torch.where(empty, 0, rows_any.float().argmax(1))
+    bottom = torch.where(empty, 0, height - 1 - rows_any.flip(1).float().argmax(1))
+    left = torch.where(empty, 0, cols_any.float().argmax(1))
+    right = torch.where(empty, 0, width - 1 - cols_any.flip(1).float().argmax(1))
+    bh = int((bottom - top).max()) + 1 if m else 1
+    bw = int((right - left).max()) + 1 if m else 1
+    padded = F.pad(masks, (0, bw, 0, bh))
+    iy = top[:, None] + torch.arange(bh, device=masks.device)[None, :]
+    ix = left[:, None] + torch.arange(bw, device=masks.device)[None, :]
+    inbox = padded[torch.arange(m, device=masks.device)[:, None, None], iy[:, :, None], ix[:, None, :]]
+    return pix, top.long(), left.long(), inbox
 
 
 def _place(variant_mask: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:

@@ -42,13 +42,13 @@ import torch.nn.functional as F
 
 from ..domain import PixelDomain
 from ..errors import UsageError
-from ..locations import Locations, all_locations, explicit_locations, position_rows
+from ..locations import Locations, all_locations, explicit_locations, pixel_tables, position_rows
 from ..ops.state import ElementState, WindowState
 from ..ops.window import conv_window, gather_window
 from ..shapes import PatchShape, SizeLike, make_shape
 from .box import BoxPerturbation, Layout
 
-__all__ = ["PatchPerturbation", "PatchRows", "patch_rows"]
+__all__ = ["PatchPerturbation", "PatchRows", "PatchThreat"]
 
 
 @dataclass
@@ -80,35 +80,6 @@ class PatchRows:
     @property
     def rows(self) -> int:
         return int(self.row_img.shape[0])
-
-
-def patch_rows(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pixel lists and bounding boxes of location masks ``(M, H, W)``.
-
-    Returns ``(pix (M, P), top (M,), left (M,), inbox (M, bh, bw))``; see :class:`PatchRows`.
-    """
-    m, height, width = masks.shape
-    flat = masks.reshape(m, -1)
-    counts = flat.sum(1)
-    p = int(counts.max()) if m else 0
-    which, pixel = flat.nonzero(as_tuple=True)
-    first = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(which.numel(), device=masks.device) - first[which]
-    pix = torch.full((m, max(p, 1)), -1, dtype=torch.long, device=masks.device)
-    pix[which, rank] = pixel
-    rows_any, cols_any = masks.any(2), masks.any(1)
-    empty = counts == 0
-    top = torch.where(empty, 0, rows_any.float().argmax(1))
-    bottom = torch.where(empty, 0, height - 1 - rows_any.flip(1).float().argmax(1))
-    left = torch.where(empty, 0, cols_any.float().argmax(1))
-    right = torch.where(empty, 0, width - 1 - cols_any.flip(1).float().argmax(1))
-    bh = int((bottom - top).max()) + 1 if m else 1
-    bw = int((right - left).max()) + 1 if m else 1
-    padded = F.pad(masks, (0, bw, 0, bh))
-    iy = top[:, None] + torch.arange(bh, device=masks.device)[None, :]
-    ix = left[:, None] + torch.arange(bw, device=masks.device)[None, :]
-    inbox = padded[torch.arange(m, device=masks.device)[:, None, None], iy[:, :, None], ix[:, None, :]]
-    return pix, top.long(), left.long(), inbox
 
 
 def _elements_of_pixel(el_pix: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -160,6 +131,7 @@ class PatchPerturbation(BoxPerturbation):
         locations: Optional[str | Locations | torch.Tensor | Sequence] = None,
         *,
         masks: Optional[torch.Tensor] = None,
+        index: Optional[torch.Tensor] = None,
         domain: Optional[PixelDomain] = None,
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
@@ -186,15 +158,25 @@ class PatchPerturbation(BoxPerturbation):
             self._masks = masks
         elif isinstance(locations, Locations):
             self._locations = locations
+            self.patch_shape = locations.shape
         elif locations is not None and not (isinstance(locations, str) and locations == "all"):
             if isinstance(locations, str):
                 raise UsageError(f"locations must be 'all', a Locations set or positions, got {locations!r}",
                                  param="locations")
             self._positions = position_rows(locations, self.patch_shape)  # UsageError now, not when bounding
+        self._index: Optional[torch.Tensor] = None
+        if index is not None:
+            if not isinstance(locations, Locations):
+                raise UsageError("index= selects from a Locations set: pass locations=Locations", param="index")
+            index = torch.as_tensor(index, dtype=torch.long)
+            if index.ndim not in (1, 2) or index.shape[-1] == 0:
+                raise UsageError(f"index must be (L,) or (N, L) with L >= 1, got {tuple(index.shape)}", param="index")
+            if int(index.min()) < 0 or int(index.max()) >= len(locations):
+                raise UsageError(f"index out of range for {len(locations)} locations", param="index")
+            self._index = index
         self._rows: Optional[PatchRows] = None
         self._table_cache: dict = {}
         self._images_hint: Optional[torch.Tensor] = None
-        self._tables_hint: Optional[tuple] = None
 
     # ------------------------------------------------------------------ locations
     def _image_size_from(self, x: Optional[torch.Tensor]) -> tuple[int, int]:
@@ -223,16 +205,24 @@ class PatchPerturbation(BoxPerturbation):
         """Location masks: ``(L, H, W)`` shared, or ``(N, L, H, W)`` per image."""
         if self._masks is not None:
             return self._masks
+        if self._index is not None:
+            return self._locations.masks[self._index]
         return self.locations(x).masks
+
+    def _shape_of_rows(self, x: Optional[torch.Tensor] = None) -> tuple[int, ...]:
+        """``(L,)`` shared locations or ``(N, L)`` per image, without building masks."""
+        if self._index is not None:
+            return tuple(self._index.shape)
+        return tuple(self.masks(x).shape[:-2])
 
     @property
     def num_locations(self) -> int:
         """``L``, the number of locations per image."""
-        return int(self.masks().shape[-3])
+        return int(self._shape_of_rows()[-1])
 
     def expand(self, images: torch.Tensor) -> torch.Tensor:
         """Repeat each image once per location: ``(N, ...)`` -> ``(N * L, ...)``, image-major."""
-        return images.repeat_interleave(int(self.masks(images).shape[-3]), dim=0)
+        return images.repeat_interleave(int(self._shape_of_rows(images)[-1]), dim=0)
 
     # ------------------------------------------------------------------ the box
     def _to_nchw(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,30 +275,33 @@ class PatchPerturbation(BoxPerturbation):
 
     # ------------------------------------------------------------------ rows
     def _tables(self, masks: torch.Tensor):
-        hint = self._tables_hint
-        if hint is not None and hint[0].shape[0] == masks.reshape(-1, *masks.shape[-2:]).shape[0]:
-            return hint
         key = (id(masks), tuple(masks.shape), masks.device)
         cached = self._table_cache.get(key)
         if cached is None or cached[0] is not masks:
             flat = masks.reshape(-1, *masks.shape[-2:])
-            cached = (masks, patch_rows(flat))
+            cached = (masks, pixel_tables(flat))
             self._table_cache[key] = cached
         return cached[1]
 
     def _prepare_rows(self, x: torch.Tensor) -> None:
         rows = int(x.shape[0])
-        masks = self.masks(x).to(x.device)
-        pix, top, left, inbox = self._tables(masks)
-        if masks.ndim == 4:
-            n_img, n_loc = masks.shape[0], masks.shape[1]
+        if self._index is not None:  # rows pick from a location set: its tables, no masks
+            index = self._index.to(x.device)
+            pix, top, left, inbox = (t.to(x.device)[index.reshape(-1)] for t in self._locations.tables)
+            layout = tuple(index.shape)
+        else:
+            masks = self.masks(x).to(x.device)
+            pix, top, left, inbox = self._tables(masks)
+            layout = tuple(masks.shape[:-2])
+        if len(layout) == 2:
+            n_img, n_loc = layout
             if n_img * n_loc != rows:
                 raise UsageError(
                     f"per-image masks give {n_img * n_loc} rows but the bounded tensor has {rows}", param="masks"
                 )
             row_loc = torch.arange(rows, device=x.device)
         else:
-            n_loc = masks.shape[0]
+            n_loc = layout[0]
             if rows % n_loc:
                 raise UsageError(
                     f"the bounded tensor has {rows} rows, not a multiple of the {n_loc} locations; "
@@ -324,7 +317,7 @@ class PatchPerturbation(BoxPerturbation):
         else:  # rows of one image differ: every row is its own image
             row_img = torch.arange(rows, device=x.device)
         size = self._image_size_from(x)
-        grid = masks.ndim == 3 and images.shape[0] == n_img
+        grid = len(layout) == 1 and images.shape[0] == n_img
         self._rows = PatchRows(images, row_img, row_loc, pix, top, left, inbox, size, grid)
 
     @staticmethod
@@ -521,7 +514,6 @@ class PatchThreat:
                  locations: Optional[Locations] = None) -> None:
         self.shape: PatchShape = shape if isinstance(shape, PatchShape) else make_shape(shape, size)
         self.locations: Optional[Locations] = locations
-        self._tables: Optional[tuple] = None
 
     def prepare(self, image_size: Sequence[int]) -> None:
         """Resolve the locations on ``(H, W)`` images (UsageError if the patch does not fit)."""
@@ -530,7 +522,7 @@ class PatchThreat:
             self.locations = all_locations(self.shape, size)
         elif tuple(self.locations.image_size) != size:
             raise UsageError(f"locations are for {self.locations.image_size} images, got {size}", param="locations")
-        self._tables = patch_rows(self.locations.masks)
+        self.locations.tables  # noqa: B018 - computed once, before any bound
 
     @property
     def rows_per_image(self) -> int:
@@ -538,15 +530,14 @@ class PatchThreat:
 
     def perturbation(self, images: torch.Tensor, rows: slice, *, domain: Optional[PixelDomain], strength: float):
         """``(x_rows, ptb)`` bounding locations ``rows`` of every image in ``images`` ``(b, C, H, W)``."""
-        masks = self.locations.masks[rows].to(images.device)
-        ptb = PatchPerturbation(masks=masks, domain=domain, strength=strength)
-        n_loc = masks.shape[0]
+        index = torch.arange(len(self.locations))[rows]
+        ptb = PatchPerturbation(locations=self.locations, index=index, domain=domain, strength=strength)
+        n_loc = index.shape[0]
         if images.shape[0] == 1:
             x = images.expand(n_loc, *images.shape[1:])
         else:
             x = images.repeat_interleave(n_loc, dim=0)
         ptb._images_hint = images
-        ptb._tables_hint = tuple(t[rows] for t in self._tables)
         return x, ptb
 
     def locate(self, row: int) -> Optional[dict]:

@@ -157,11 +157,10 @@ def _reselect_threshold(num_classes: int) -> int:
 def _bound_rows(
     ctx: BoundContext, images: torch.Tensor, labels: torch.Tensor, loc_idx: torch.Tensor, strength: float
 ) -> torch.Tensor:
-    """Lower margins ``(n, r, K - 1)`` of images ``(n, ...)`` at locations ``loc_idx`` ``(n, r)``."""
-    masks = ctx.locations.masks[loc_idx]  # (n, r, H, W)
+    """Lower margins ``(n, r, K - 1)`` of images ``(n, ...)`` at locations ``loc_idx`` ``(n, r)`` or ``(r,)``."""
     return lower_margins(
-        ctx.bounded, images, labels, masks, num_classes=ctx.num_classes, method="ibp",
-        domain=ctx.domain, strength=strength,
+        ctx.bounded, images, labels, locations=ctx.locations, index=loc_idx, num_classes=ctx.num_classes,
+        method="ibp", domain=ctx.domain, strength=strength,
     )
 
 
@@ -192,11 +191,12 @@ def _bound_all_chunked(
             rows = slice(i, min(n, i + img_chunk))
             for j in range(0, n_rows, loc_chunk):
                 cols = slice(j, min(n_rows, j + loc_chunk))
-                if loc_idx is None:
-                    idx = torch.arange(cols.start, cols.stop, device=images.device).expand(rows.stop - rows.start, -1)
+                if loc_idx is None:  # the same locations for every image: one shared index
+                    shared = torch.arange(cols.start, cols.stop, device=images.device)
+                    idx = shared.expand(rows.stop - rows.start, -1)
                 else:
-                    idx = loc_idx[rows, cols]
-                lb = _bound_rows(ctx, images[rows], labels[rows], idx, strength)  # (b, l, K-1)
+                    idx = shared = loc_idx[rows, cols]
+                lb = _bound_rows(ctx, images[rows], labels[rows], shared, strength)  # (b, l, K-1)
                 if kept is not None:
                     kept[rows, cols] = lb
                 v, arg = lb.min(dim=1)  # (b, K-1)
