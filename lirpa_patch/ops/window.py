@@ -25,6 +25,7 @@ from .state import WindowState
 
 __all__ = [
     "conv_window",
+    "grouped_matmul",
     "gather_window",
     "linear_window",
     "materialize",
@@ -186,6 +187,32 @@ def union_add(a: WindowState, b: WindowState) -> WindowState:
     return WindowState(a.clean + b.clean, dlo, dhi, oy, ox, a.row_img, a.flat and b.flat)
 
 
+def grouped_matmul(group: torch.Tensor, *pairs: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+    """``out[r] = rows[r] @ blocks[group[r]]`` for each ``(rows (R, K), blocks (G, K, O))`` pair -> ``(R, O)`` each.
+
+    Rows of a group are stacked side by side (padded to the largest group) for one
+    batched product, so every block is read once, not once per row; the pairs share
+    the grouping work.
+    """
+    n_groups = pairs[0][1].shape[0]
+    n_rows = group.shape[0]
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=n_groups)
+    width = int(counts.max()) if counts.numel() else 0
+    first = torch.cumsum(counts, 0) - counts
+    sorted_group = group[order]
+    slot = torch.arange(n_rows, device=group.device) - first[sorted_group]
+    back = torch.empty_like(order)
+    back[order] = torch.arange(n_rows, device=group.device)
+    where = (group, slot[back])
+    out = []
+    for rows, blocks in pairs:
+        padded = rows.new_zeros(n_groups, width, rows.shape[1])
+        padded[sorted_group, slot] = rows[order]
+        out.append(torch.bmm(padded, blocks)[where])
+    return out
+
+
 def linear_window(ws: WindowState, coef: torch.Tensor, bias: Optional[torch.Tensor]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear map of the flattened rows: ``(lower, upper)`` ``(R, O)``.
@@ -229,24 +256,8 @@ def linear_window(ws: WindowState, coef: torch.Tensor, bias: Optional[torch.Tens
     gi = uniq[:, 0]
     block = padded[gi[:, None, None], :, :, iy[:, :, None], ix[:, None, :]]  # (G, h, w, O, C)
     block = block.permute(0, 3, 4, 1, 2).reshape(n_groups, n_out, channels * h * w)  # (G, O, K)
-    # Rows of a group side by side: sort, pad to the largest group, one batched product.
-    order = torch.argsort(group, stable=True)
-    counts = torch.bincount(group, minlength=n_groups)
-    width_g = int(counts.max())
-    first = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(ws.rows, device=coef.device) - first[group[order]]
     centre = ((ws.dlo + ws.dhi) * 0.5).reshape(ws.rows, -1)
     radius = ((ws.dhi - ws.dlo) * 0.5).reshape(ws.rows, -1)
-    k = centre.shape[1]
-    c_pad = centre.new_zeros(n_groups, width_g, k)
-    r_pad = radius.new_zeros(n_groups, width_g, k)
-    c_pad = c_pad.index_put((group[order], slot), centre[order])
-    r_pad = r_pad.index_put((group[order], slot), radius[order])
-    c_out = torch.bmm(c_pad, block.transpose(1, 2))  # (G, width_g, O)
-    r_out = torch.bmm(r_pad, block.abs().transpose(1, 2))
-    back = torch.empty_like(order)
-    back[order] = torch.arange(ws.rows, device=coef.device)
-    c_rows = c_out[group, slot[back]]  # (R, O)
-    r_rows = r_out[group, slot[back]]
+    c_rows, r_rows = grouped_matmul(group, (centre, block.transpose(1, 2)), (radius, block.abs().transpose(1, 2)))
     base = y[ws.row_img]
     return base + c_rows - r_rows, base + c_rows + r_rows

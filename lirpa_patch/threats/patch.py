@@ -50,6 +50,9 @@ from .box import BoxPerturbation, Layout
 
 __all__ = ["PatchPerturbation", "PatchRows", "PatchThreat"]
 
+_COLUMN_CACHE_BYTES = 512 << 20
+"""Largest first-layer column cache per operator (the columns every location reads, twice)."""
+
 
 @dataclass
 class PatchRows:
@@ -65,6 +68,9 @@ class PatchRows:
         size: ``(H, W)`` of the images.
         grid: every image has the same ``M`` locations, in order (``row_loc = r % M``,
             ``row_img = r // M``).
+        source: ``(pix (L, P), index (M,))`` when the locations come from a larger set: its
+            pixel table and which of its locations each table row is (lets the first layer
+            keep work per location set between calls).
     """
 
     images: torch.Tensor
@@ -76,6 +82,7 @@ class PatchRows:
     inbox: torch.Tensor
     size: tuple[int, int]
     grid: bool = False
+    source: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def rows(self) -> int:
@@ -177,6 +184,7 @@ class PatchPerturbation(BoxPerturbation):
         self._rows: Optional[PatchRows] = None
         self._table_cache: dict = {}
         self._images_hint: Optional[torch.Tensor] = None
+        self._row_images: Optional[torch.Tensor] = None  # engine: any (image, location) rows
 
     # ------------------------------------------------------------------ locations
     def _image_size_from(self, x: Optional[torch.Tensor]) -> tuple[int, int]:
@@ -285,14 +293,24 @@ class PatchPerturbation(BoxPerturbation):
 
     def _prepare_rows(self, x: torch.Tensor) -> None:
         rows = int(x.shape[0])
+        source = None
         if self._index is not None:  # rows pick from a location set: its tables, no masks
             index = self._index.to(x.device)
-            pix, top, left, inbox = (t.to(x.device)[index.reshape(-1)] for t in self._locations.tables)
+            tables = [t.to(x.device) for t in self._locations.tables]
+            pix, top, left, inbox = (t[index.reshape(-1)] for t in tables)
             layout = tuple(index.shape)
+            source = (tables[0], index.reshape(-1))
         else:
             masks = self.masks(x).to(x.device)
             pix, top, left, inbox = self._tables(masks)
             layout = tuple(masks.shape[:-2])
+        if self._row_images is not None:  # one row per (image, location) pair, in any order
+            row_img = self._row_images.to(x.device)
+            if self._images_hint is None or row_img.shape[0] != rows or len(layout) != 1 or layout[0] != rows:
+                raise UsageError("row images need one index entry per row and the images", param="index")
+            self._rows = PatchRows(self._images_hint, row_img, torch.arange(rows, device=x.device), pix, top, left,
+                                   inbox, self._image_size_from(x), False, source)
+            return
         if len(layout) == 2:
             n_img, n_loc = layout
             if n_img * n_loc != rows:
@@ -318,7 +336,7 @@ class PatchPerturbation(BoxPerturbation):
             row_img = torch.arange(rows, device=x.device)
         size = self._image_size_from(x)
         grid = len(layout) == 1 and images.shape[0] == n_img
-        self._rows = PatchRows(images, row_img, row_loc, pix, top, left, inbox, size, grid)
+        self._rows = PatchRows(images, row_img, row_loc, pix, top, left, inbox, size, grid, source)
 
     @staticmethod
     def _distinct_images(x: torch.Tensor, n_img: int, n_loc: int) -> torch.Tensor:
@@ -398,8 +416,10 @@ class PatchPerturbation(BoxPerturbation):
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         if rows.grid and not per_image and n_lead == 1:
             return self._mix_linear_grid(x, m_lo, m_hi, table, coef_t, bias, cache)
+        # Each row adds the centre shift and radius of its patch elements through their columns:
+        # an embedding bag (weighted sum of rows of W^T), with no (rows, E, O) gather.
         pix = rows.pix[rows.row_loc]  # (R, P)
-        elems = table[torch.where(pix >= 0, pix, hw)].reshape(rows.rows, -1)  # (R, P*G)
+        elems = table[torch.where(pix >= 0, pix, hw)].reshape(rows.rows, -1)  # (R, E)
         valid = elems >= 0
         e = elems.clamp(min=0)
         bi = rows.row_img if m_lo.shape[0] > 1 else torch.zeros_like(rows.row_img)
@@ -407,13 +427,18 @@ class PatchPerturbation(BoxPerturbation):
         centre = torch.where(valid, (lo_e + hi_e) * 0.5, zero)  # (R, E)
         radius = torch.where(valid, (hi_e - lo_e).abs() * 0.5, zero)
         col = e % width
-        gathered = coef_t[rows.row_img[:, None], col] if per_image else coef_t[col]  # (R, E, O)
+        if per_image:  # one table of columns per image, stacked
+            table_c = coef_t.reshape(-1, coef_t.shape[-1])  # (B*J, O)
+            col = col + rows.row_img[:, None] * width
+        else:
+            table_c = coef_t
         if n_lead == 1:
-            d_c = torch.bmm(centre.unsqueeze(1), gathered).squeeze(1)  # (R, O)
-            d_r = torch.bmm(radius.unsqueeze(1), gathered.abs()).squeeze(1)
+            d_c = F.embedding_bag(col, table_c, per_sample_weights=centre, mode="sum")  # (R, O)
+            d_r = F.embedding_bag(col, table_c.abs(), per_sample_weights=radius, mode="sum")
             y = x.reshape(n_b, width)
             clean = torch.einsum("bj,bjo->bo", y, coef_t) if per_image else y.matmul(coef_t)
         else:
+            gathered = table_c[col]  # (R, E, O)
             lead_idx = (e // width).unsqueeze(-1).expand_as(gathered)
             n_out = gathered.shape[-1]
             d_c = gathered.new_zeros(rows.rows, n_lead, n_out).scatter_add_(1, lead_idx, centre.unsqueeze(-1) * gathered)
@@ -428,6 +453,43 @@ class PatchPerturbation(BoxPerturbation):
         shape = (rows.rows, *lead, lower.shape[-1])
         return lower.reshape(shape), upper.reshape(shape)
 
+    def _column_blocks(self, table: torch.Tensor, loc: torch.Tensor, coef_t: torch.Tensor, width: int,
+                       cache: Optional[dict]):
+        """``(elems, blocks, |blocks|)`` of table locations ``loc`` ``(U,)``: element ids ``(U, E)`` (``-1``
+        padding) and the columns of ``coef_t`` ``(J, O)`` they read, ``(U, E, O)``.
+
+        Without gradients, the columns of the whole location set are gathered once and
+        kept in ``cache`` (the calling operator's) while the weight stays the same.
+        """
+        rows = self._rows
+        hw = rows.size[0] * rows.size[1]
+        reuse = cache is not None and rows.source is not None and not (torch.is_grad_enabled() and coef_t.requires_grad)
+        if reuse:
+            all_pix, global_index = rows.source
+            key = (coef_t.data_ptr(), tuple(coef_t.shape), tuple(coef_t.stride()), coef_t._version, id(all_pix),
+                   tuple(table.shape))
+            store = cache.setdefault("columns", {})
+            hit = store.get(id(all_pix))
+            if hit is None or hit[0] != key or not torch.equal(hit[1], table):
+                elems = table[torch.where(all_pix >= 0, all_pix, hw)].reshape(all_pix.shape[0], -1)
+                blocks = coef_t[elems.clamp(min=0) % width]
+                if blocks.numel() * blocks.element_size() * 2 > _COLUMN_CACHE_BYTES:
+                    reuse = False
+                else:
+                    hit = (key, table, elems, blocks, blocks.abs(), all_pix)
+                    if len(store) >= 4:
+                        store.clear()
+                    store[id(all_pix)] = hit
+            if reuse:
+                if torch.equal(global_index, torch.arange(all_pix.shape[0], device=global_index.device)):
+                    return hit[2], hit[3], hit[4]
+                g = global_index[loc]
+                return hit[2][g], hit[3][g], hit[4][g]
+        pix = rows.pix[loc]
+        elems = table[torch.where(pix >= 0, pix, hw)].reshape(loc.numel(), -1)
+        blocks = coef_t[elems.clamp(min=0) % width]
+        return elems, blocks, blocks.abs()
+
     def _mix_linear_grid(self, x, m_lo, m_hi, table, coef_t, bias, cache: Optional[dict]):
         """:meth:`mix_linear` when every image has the same locations, in order (the engine's rows).
 
@@ -439,21 +501,10 @@ class PatchPerturbation(BoxPerturbation):
         rows = self._rows
         n_loc = rows.pix.shape[0]
         n_img = rows.rows // n_loc
-        hw = rows.size[0] * rows.size[1]
-        elems = table[torch.where(rows.pix >= 0, rows.pix, hw)].reshape(n_loc, -1)  # (M, E)
+        loc = torch.arange(n_loc, device=x.device)
+        elems, weights, weights_abs = self._column_blocks(table, loc, coef_t, x.shape[-1], cache)  # (M, E), (M, E, O)
         valid = elems >= 0
         e = elems.clamp(min=0)
-        cols = e % x.shape[-1]
-        reuse = cache is not None and not (torch.is_grad_enabled() and coef_t.requires_grad)
-        key = (coef_t.data_ptr(), tuple(coef_t.shape), tuple(coef_t.stride()), coef_t._version)
-        hit = cache.get("grid") if reuse else None
-        if hit is not None and hit[0] == key and hit[1] is not None and torch.equal(hit[1], cols):
-            weights, weights_abs = hit[2], hit[3]
-        else:
-            weights = coef_t[cols]  # (M, E, O)
-            weights_abs = weights.abs()
-            if reuse:
-                cache["grid"] = (key, cols, weights, weights_abs, coef_t)
         lo_e, hi_e = m_lo[:, e], m_hi[:, e]  # (B|1, M, E)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         centre = torch.where(valid, (lo_e + hi_e) * 0.5, zero).expand(n_img, n_loc, -1).transpose(0, 1)
@@ -539,6 +590,15 @@ class PatchThreat:
             x = images.repeat_interleave(n_loc, dim=0)
         ptb._images_hint = images
         return x, ptb
+
+    def block_levels(self, size: int):
+        """Location-group levels of blocks of ``size``, ``size/2``, ... 2 (cached)."""
+        from .blocks import block_levels
+
+        cache = self.__dict__.setdefault("_levels", {})
+        if size not in cache:
+            cache[size] = block_levels(self.locations, size)
+        return cache[size]
 
     def locate(self, row: int) -> Optional[dict]:
         return self.locations.describe(int(row))
