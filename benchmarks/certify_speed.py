@@ -3,8 +3,11 @@
 For every configuration it prints, measured in one run (1 thread, CPU time, median of
 3 repetitions, each program in a fresh subprocess so its peak memory is its own):
 
-* ``engine``: ``lirpa_patch.certify`` (incremental first layer, windows through
-  convolutions, the specification merged once per image, chunks sized by memory);
+* ``engine``: ``lirpa_patch.certify`` as shipped (incremental first layer, windows
+  through convolutions, the specification merged once per image, chunks sized by
+  memory, location groups where they pay off);
+* ``engine_plain``: the same without location groups (every location bounded, the
+  margins compared with the reference);
 * ``auto_LiRPA``: plain batched auto_LiRPA IBP, the way the engine worked before:
   a stock ``BoundedModule``, one explicit box per (image, location) row, the
   specification per row, one image of rows per call;
@@ -47,7 +50,7 @@ CONFIGS = {
     "cifar_kw_2x2": ("models/cifar_base_kw.onnx", "2x2", 10, "cifar", (0.485, 0.456, 0.406), (0.225, 0.225, 0.225)),
     "resnet_2b_2x2": ("models/resnet_2b.onnx", "2x2", 6, "cifar", (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
 }
-PROGRAMS = ("engine", "auto_LiRPA", "hand")
+PROGRAMS = ("engine", "engine_plain", "auto_LiRPA", "hand")
 
 
 # --------------------------------------------------------------------------- the programs (child process)
@@ -181,17 +184,22 @@ def _run_autolirpa(net, ds, patch):
     return out
 
 
-def _run_engine(net, ds, patch):
+def _run_engine(net, ds, patch, groups="auto"):
     from lirpa_patch.engine import bound_model, certify
 
     bounded = bound_model(net, ds.images.shape[1:])
-    result = certify(net, ds.images, ds.labels, size=patch, bounded=bounded)
+    result = certify(net, ds.images, ds.labels, size=patch, bounded=bounded, groups=groups)
     return [r.worst_margin for r in result.images]
+
+
+def _run_engine_plain(net, ds, patch):
+    return _run_engine(net, ds, patch, groups=None)
 
 
 def child(name: str, program: str) -> dict:
     net, ds, patch = _setup(name)
-    run = {"engine": _run_engine, "auto_LiRPA": _run_autolirpa, "hand": _run_hand}[program]
+    run = {"engine": _run_engine, "engine_plain": _run_engine_plain, "auto_LiRPA": _run_autolirpa,
+           "hand": _run_hand}[program]
     run(net, type(ds)(ds.images[:1], ds.labels[:1], ds.name, ds.indices[:1]), patch)  # warm-up
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.process_time()
@@ -253,8 +261,8 @@ def main() -> None:
         sys.exit("../shared is not present")
     names = args.only or list(CONFIGS)
     print(f"1 thread, CPU time, median of {args.reps}; ms per image; peak = max RSS growth of the program")
-    header = (f"{'config':<15} {'imgs':>4} {'engine':>8} {'auto_LiRPA':>10} {'hand':>8} {'auto/eng':>8} "
-              f"{'hand/eng':>8} {'max|dm|/scale':>13} {'peak MB e/a/h':>16}")
+    header = (f"{'config':<15} {'imgs':>4} {'engine':>7} {'no grp':>7} {'auto_LiRPA':>10} {'hand':>7} "
+              f"{'auto/eng':>8} {'hand/eng':>8} {'hand/nogrp':>10} {'max|dm|/scale':>13} {'peak MB e/a/h':>14}")
     print(header)
     print("-" * len(header))
     for name in names:
@@ -266,13 +274,16 @@ def main() -> None:
                 "margins": runs[0]["margins"],
                 "peak": max(r["peak_mb"] for r in runs),
             }
-        eng, auto, hand = (results[p] for p in PROGRAMS)
-        pairs = [(a, b) for a, b in zip(eng["margins"], hand["margins"]) if a is not None and b is not None]
+        eng, plain, auto, hand = (results[p] for p in PROGRAMS)
+        pairs = [(a, b) for a, b in zip(plain["margins"], hand["margins"]) if a is not None and b is not None]
         scale = max([1.0] + [abs(b) for _, b in pairs])
         diff = max([0.0] + [abs(a - b) for a, b in pairs]) / scale
-        print(f"{name:<15} {CONFIGS[name][2]:>4} {eng['ms']:>8.1f} {auto['ms']:>10.1f} {hand['ms']:>8.1f} "
-              f"{auto['ms'] / eng['ms']:>8.2f} {hand['ms'] / eng['ms']:>8.2f} {diff:>13.1e} "
-              f"{eng['peak']:>5.0f}/{auto['peak']:>4.0f}/{hand['peak']:>4.0f}")
+        same = all((a is None) == (b is None) and (a is None or (a >= 0) == (b >= 0))
+                   for a, b in zip(eng["margins"], hand["margins"]))
+        print(f"{name:<15} {CONFIGS[name][2]:>4} {eng['ms']:>7.1f} {plain['ms']:>7.1f} {auto['ms']:>10.1f} "
+              f"{hand['ms']:>7.1f} {auto['ms'] / eng['ms']:>8.2f} {hand['ms'] / eng['ms']:>8.2f} "
+              f"{hand['ms'] / plain['ms']:>10.2f} {diff:>13.1e} "
+              f"{eng['peak']:>4.0f}/{auto['peak']:>4.0f}/{hand['peak']:>4.0f}{'' if same else '  DECISIONS DIFFER'}")
     if not args.no_random:
         print()
         print("one image, random CNN (conv 16-32-32-64, linear 100), 5x5 patch, engine only")

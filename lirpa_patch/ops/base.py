@@ -24,7 +24,10 @@ from auto_LiRPA.operators.base import Interval
 from .state import ElementState, WindowState, emit, lookup, may_stay_virtual, placeholder
 from .window import materialize as materialize_window
 
-__all__ = ["Plugin", "dense", "emit_element", "emit_window", "inside_crown_intermediate"]
+__all__ = ["Plugin", "WINDOW_FRACTION", "dense", "emit_element", "emit_window", "inside_crown_intermediate"]
+
+WINDOW_FRACTION = 0.5
+"""A window state is kept while its area is below this fraction of its map's; beyond, rows go dense."""
 
 
 def inside_crown_intermediate(depth: int = 40) -> bool:
@@ -67,7 +70,7 @@ def emit_window(node, ptb, ws: WindowState):
     """Output a window state while it is smaller than its map and every consumer reads it; else dense."""
     c, height, width = ws.clean.shape[1:]
     h, w = ws.dlo.shape[-2:]
-    if h * w < height * width and may_stay_virtual(node, ptb):
+    if h * w < WINDOW_FRACTION * height * width and may_stay_virtual(node, ptb):
         lo, hi = placeholder(ws.out_shape, ws.clean)
         ws.virtual = True
         return emit(ptb, ws, lo, hi)
