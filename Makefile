@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/lirpa-patch certify onnx_models/mnist_mlp_2x2.onnx --patch 2x2 --data sample \
-		--start 4000 --num 100 --output demo_report.json
+		--start 4000 --num 100 --threads 1 --output demo_report.json
 
 test: install
 	$(BIN)/python -m pytest -q

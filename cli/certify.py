@@ -126,6 +126,10 @@ def _status(message: str, enabled: bool):
               "(the model sees (x - mean) / std with x in [0, 1]); give --std too.")
 @click.option("--std", default=None, metavar="S[,S,S]", help="Per-channel std the model expects, e.g. 0.2471,0.2435,0.2616; "
               "give --mean too (--mean 0 --std S only divides, --mean M --std 1 only subtracts).")
+@click.option("--groups", default="auto", metavar="auto|off|N",
+              help="Location groups: bound blocks of NxN adjacent locations (N a power of two) by their union "
+              "first and split only blocks that do not certify; 'auto' uses 2x2 blocks where they are faster "
+              "(IBP), 'off' bounds every location. Decisions are the same either way.")
 @click.option("--max-memory", "max_memory", default="1G", metavar="SIZE",
               help="Memory for the working tensors of one bound computation (e.g. 512M, 2G); sets the rows "
               "per call from the model's activation sizes.")
@@ -134,6 +138,8 @@ def _status(message: str, enabled: bool):
 @click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu",
               help="Where to compute the bounds.")
 @click.option("--seed", type=int, default=0, help="Random seed (recorded in the report).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, show_default="torch's default",
+              help="CPU threads torch may use (1 is often fastest on a small or busy machine).")
 @click.option("--output", "-o", "output", default=None, metavar="PATH",
               help="Write the JSON report here: a regular file atomically, a symlink through to its target, "
               "a device or FIFO into it. A path that is an input of the run (MODEL, a --data file, a --shape "
@@ -159,6 +165,8 @@ def certify(
     chunk: Optional[int],
     device: str,
     seed: int,
+    threads: Optional[int],
+    groups: str,
     output: Optional[str],
     no_check: bool,
     quiet: bool,
@@ -183,18 +191,34 @@ def certify(
                 raise click.UsageError(f"--sparse cannot be combined with --{name} (a sparse attack has no patch)")
     if not Path(model).expanduser().exists():  # before importing torch: a typo fails at once
         raise InputError(f"model file not found: {model}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     with library_warnings_silenced():
         _run(
             model=model, patch=patch, shape=shape, data=data, start=start, num=num, sparse=sparse,
             method=method.lower(),
             input_shape=parse_shape(input_shape, "--input-shape"), layout=layout.lower() if layout else None,
             mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), chunk=chunk,
-            max_memory=parse_bytes(max_memory, "--max-memory"),
+            max_memory=parse_bytes(max_memory, "--max-memory"), groups=_parse_groups(groups),
             device=device.lower(), seed=seed, output=output, check=not no_check, quiet=quiet,
         )
 
 
-certify.param_flags = {"size": "--patch", "k": "--sparse", "chunk_size": "--chunk", "source": "--data",
+def _parse_groups(value: str):
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("off", "none", "0"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not auto, off or a block size", param_hint="--groups") from None
+
+
+certify.param_flags = {"groups": "--groups", "max_memory": "--max-memory", "size": "--patch", "k": "--sparse", "chunk_size": "--chunk", "source": "--data",
                        "model": "MODEL"}
 
 
@@ -213,6 +237,7 @@ def _run(
     mean: Optional[Sequence[float]],
     std: Optional[Sequence[float]],
     max_memory: int,
+    groups,
     chunk: Optional[int],
     device: str,
     seed: int,
@@ -277,6 +302,7 @@ def _run(
         if sparse is not None:
             results["sparse"] = certify_images(net, dataset.images, dataset.labels, k=sparse,
                                                progress=progress.task("Certifying"), **common)
+        common["groups"] = groups
         for patch_shape, locs in zip(shapes, locations):
             label = patch_shape.name if len(shapes) > 1 else "Certifying"
             results[patch_shape.name] = certify_images(

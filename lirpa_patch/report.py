@@ -42,6 +42,10 @@ One shape (``--shape square``, ``diamond``, ``rectangle:3x5``, a mask file, ...)
                                          # ("form": Gemm, MatMul, MatMul+Add, ...), else interval
                                          # arithmetic on the logits; "stripped": a final Softmax or
                                          # LogSoftmax certified on the logits before it
+        "location_groups": {"block": 2, "images": 99, "rows_bounded": 30057, "rows_per_location": 72171},
+                                         # location groups (--groups): block size, images
+                                         # certified through blocks, bound computations done
+                                         # and what every location alone takes; null when off
         "device": "cpu",
         "seed": 0,
         "versions": {"lirpa_patch": "0.1.0", "auto_LiRPA": "0.3", "torch": "2.15.0",
@@ -288,6 +292,7 @@ def _run_fields(run: RunInfo, result: CertifyResult) -> dict[str, Any]:
         "versions": dict(run.versions),
         "head": {"merged": bool(result.head.get("merged", False)), "form": str(result.head.get("form", "")),
                  "stripped": [str(op) for op in result.head.get("stripped", [])]},
+        "location_groups": dict(result.extra["location_groups"]) if "location_groups" in result.extra else None,
     }
     if run.mask_file is not None:
         out["mask_file"] = run.mask_file
