@@ -51,8 +51,11 @@ DEFAULT_MAX_MEMORY = 1 << 30
 """Default budget for the working tensors of one bound computation (1 GiB)."""
 
 
-MAX_ROWS_PER_CALL = 8192
+MAX_ROWS_PER_CALL = 4096
 """Upper limit on rows per call when sizing by memory (larger calls stop paying off)."""
+
+PROBE_IMAGES = 8
+"""Images each way (with and without location groups) that ``groups="auto"`` measures."""
 
 ProgressFn = Callable[[int, int], None]
 """``progress(images_done, rows_done)``, called after every chunk.
@@ -711,8 +714,13 @@ def certify(
         done_images, done_rows, bounded_rows, grouped_images = 0, 0, 0, 0
         probe = {"grouped": None, "plain": None} if groups == "auto" and levels is not None else None
         with torch.no_grad():
-            for i in range(0, len(todo), img_chunk):
-                batch = torch.tensor(todo[i: i + img_chunk], device=device)
+            i = 0
+            while i < len(todo):
+                take = img_chunk
+                if probe is not None and (probe["grouped"] is None or probe["plain"] is None):
+                    take = min(img_chunk, PROBE_IMAGES)  # "auto": measure both ways on a few images
+                batch = torch.tensor(todo[i: i + take], device=device)
+                i += take
                 use_groups = levels is not None
                 if probe is not None and probe["grouped"] is not None and probe["plain"] is None:
                     use_groups = False  # "auto": the second chunk measures the plain way
