@@ -36,7 +36,7 @@ from .errors import ModelError, UsageError
 from .head import Head, find_head, strip_monotone_output
 from .locations import Locations
 from .ops.graph import all_nodes, consumers, is_data_input, prepare, reaches_input
-from .ops.registry import custom_ops
+from .ops.registry import bound_opts, custom_ops
 from .ops.state import ElementState, WindowState
 from .ops.window import grouped_matmul, linear_window
 from .shapes import PatchShape, SizeLike
@@ -117,8 +117,8 @@ def bound_model(
     dummy = torch.zeros(1, *[int(v) for v in image_shape], device=device)
     try:
         with _quiet():
-            bounded = BoundedModule(stripped_model, dummy, bound_opts={"conv_mode": conv_mode}, device=str(device),
-                                    custom_ops=custom_ops())
+            bounded = BoundedModule(stripped_model, dummy, bound_opts=bound_opts({"conv_mode": conv_mode}),
+                                    device=str(device), custom_ops=custom_ops())
     except Exception as exc:  # auto_LiRPA raises assorted errors for unsupported graphs
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelError(f"auto_LiRPA cannot bound this model: {type(exc).__name__}: {first}") from exc

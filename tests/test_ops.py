@@ -246,5 +246,6 @@ def test_location_index_rows_equal_mask_rows(arch):
         row_img = torch.tensor([2, 0, 1, 0, 2])
         row_loc = torch.tensor([5, 3, 0, 9, 5])
         rows = location_margins(bounded, locations, images, labels, row_img, row_loc, num_classes=NUM_CLASSES)
-    torch.testing.assert_close(by_index, by_masks, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(rows, shared[row_img, row_loc], atol=1e-5, rtol=1e-5)
+    scale = 1e-5 * (1 + float(shared.abs().max()))  # float rounding: sums in another order
+    assert float((by_index - by_masks).abs().max()) <= scale
+    assert float((rows - shared[row_img, row_loc]).abs().max()) <= scale

@@ -10,7 +10,7 @@ Because the perturbation is a box (a ``PerturbationLpNorm`` with ``norm=inf`` an
 explicit ``x_L``/``x_U``), every auto_LiRPA bound method that handles boxes works:
 IBP, CROWN/backward, CROWN-IBP, and any graph auto_LiRPA parses.
 
-With the plugin operators (``BoundedModule(..., custom_ops=lirpa_patch.custom_ops())``)
+With the plugin operators (:func:`lirpa_patch.bounded_module`)
 IBP exploits that a row differs from its clean image in a few pixels:
 
 * the first linear layer computes the clean image's pre-activation once per image
