@@ -2,10 +2,10 @@
 
 * :data:`CASES`: stock-style models, several with shape-computing subgraphs
   (Shape -> Gather -> Mul/Unsqueeze -> Concat -> Reshape/Resize), none with a plugin threat.
-* :func:`diverges`: builds each model twice, as a stock ``BoundedModule`` and with
-  ``custom_ops=lirpa_patch.custom_ops()``, and lists every difference in node names and
-  classes' behaviour: forward values, per-node output shapes and values, IBP and CROWN
-  bounds (final and intermediate), or exceptions, under an L-inf eps box.
+* :func:`diverges`: builds each model as a stock ``BoundedModule``, with
+  ``custom_ops=lirpa_patch.custom_ops()`` and with ``lirpa_patch.bounded_module``, and lists
+  every difference: node names, forward values, per-node output shapes and values, IBP and
+  CROWN bounds (final and intermediate), or exceptions, under L-inf eps boxes.
 * :func:`snapshot`: what auto_LiRPA (its op table, every class and function of its
   modules) and the shimmed torch/numpy attributes look like in this process.
 
@@ -248,8 +248,12 @@ CONV_MODES = ("patches", "matrix")
 
 
 # ---------------------------------------------------------------------------- comparison
-def _run(make: Callable, shape, conv_mode: str, custom_ops) -> Dict[str, object]:
-    """Everything observable about one BoundedModule: name -> tensor, or name -> "raises ..."."""
+def _run(make: Callable, shape, conv_mode: str, custom_ops, build: Callable = None) -> Dict[str, object]:
+    """Everything observable about one BoundedModule: name -> tensor, or name -> "raises ...".
+
+    The module is ``BoundedModule(model, x, bound_opts=..., custom_ops=custom_ops)``, or
+    ``build(model, x, bound_opts=...)`` when ``build`` is given.
+    """
     import numpy as np
     import torch
     from auto_LiRPA import BoundedModule, BoundedTensor
@@ -271,7 +275,8 @@ def _run(make: Callable, shape, conv_mode: str, custom_ops) -> Dict[str, object]
             return None
 
     kwargs = {} if custom_ops is None else {"custom_ops": custom_ops}
-    bounded = observe("build", lambda: BoundedModule(model, x, bound_opts={"conv_mode": conv_mode}, **kwargs))
+    build = build or BoundedModule
+    bounded = observe("build", lambda: build(model, x, bound_opts={"conv_mode": conv_mode}, **kwargs))
     if bounded is None:
         return out
     out["node names"] = [n.name for n in bounded._modules.values()]
@@ -321,11 +326,17 @@ def _differences(stock: Dict[str, object], plugin: Dict[str, object]) -> List[st
 
 
 def diverges(case: str, conv_mode: str) -> List[str]:
-    """Differences between a stock BoundedModule and one built with the plugin's custom ops."""
+    """Differences between a stock BoundedModule and the plugin's: built with
+    ``custom_ops=lirpa_patch.custom_ops()``, and (where it exists) by ``lirpa_patch.bounded_module``."""
     import lirpa_patch
 
     make, shape = _models()[case]
-    return _differences(_run(make, shape, conv_mode, None), _run(make, shape, conv_mode, lirpa_patch.custom_ops()))
+    stock = _run(make, shape, conv_mode, None)
+    diffs = _differences(stock, _run(make, shape, conv_mode, lirpa_patch.custom_ops()))
+    bounded_module = getattr(lirpa_patch, "bounded_module", None)
+    if bounded_module is not None:
+        diffs += [f"[bounded_module] {d}" for d in _differences(stock, _run(make, shape, conv_mode, None, bounded_module))]
+    return diffs
 
 
 def load_onnx_symbolics() -> None:

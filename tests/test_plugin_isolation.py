@@ -3,11 +3,12 @@
 * Importing ``lirpa_patch`` leaves auto_LiRPA's op table and every class and function of its
   modules as they are; the compatibility shims change torch/numpy only where the auto_LiRPA
   being imported needs them (compared with a fresh interpreter that never imports lirpa_patch).
-* A ``BoundedModule`` built with ``custom_ops=lirpa_patch.custom_ops()`` behaves exactly like a
-  stock one for every perturbation that is not the plugin's own: same nodes, same forward
-  values and shapes at every node, same IBP and CROWN bounds (final and intermediate, bit for
-  bit), same exceptions; shape-computing subgraphs (Shape -> Gather -> Mul/Unsqueeze -> Concat
-  -> Reshape/Resize) included. The models live in ``tests/isolation_probe.py``.
+* A ``BoundedModule`` built with ``custom_ops=lirpa_patch.custom_ops()`` (or by
+  ``lirpa_patch.bounded_module``) behaves exactly like a stock one for every perturbation
+  that is not the plugin's own: same nodes, same forward values and shapes at every node,
+  same IBP and CROWN bounds (final and intermediate, bit for bit), same exceptions;
+  shape-computing subgraphs (Shape -> Gather -> Mul/Unsqueeze -> Concat -> Reshape/Resize)
+  included. The models live in ``tests/isolation_probe.py``.
 * A plugin-built module in the process does not change modules built afterwards.
 
 Everything runs against the installed auto_LiRPA (0.3 in CI). Where auto_LiRPA 0.7.1's source
