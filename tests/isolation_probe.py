@@ -135,17 +135,17 @@ def _models():
             return self.fc(y.reshape(y.shape[0], -1))
 
     class GeneratorNet(nn.Module):
-        """auto_LiRPA's test_upsample model, shrunk: Linear on the input -> Reshape -> Resize -> Conv."""
+        """auto_LiRPA's test_upsample model (same sizes): Linear on the input -> Reshape -> Resize -> Conv."""
 
         def __init__(self):
             super().__init__()
-            self.fc1 = nn.Linear(5, 4 * 2 * 2)
+            self.fc1 = nn.Linear(5, 16 * 4 * 4)
             self.up = nn.Upsample(scale_factor=2, mode="nearest")
-            self.conv = nn.Conv2d(4, 3, 3, padding=1)
-            self.fc2 = nn.Linear(3 * 4 * 4, 1)
+            self.conv = nn.Conv2d(16, 4, 3, padding=1)
+            self.fc2 = nn.Linear(4 * 8 * 8, 1)
 
         def forward(self, z):
-            y = self.fc1(z).reshape(-1, 4, 2, 2)
+            y = self.fc1(z).reshape(-1, 16, 4, 4)
             return self.fc2(torch.relu(self.conv(self.up(y))).flatten(1))
 
     class ReshapeLinearConvNet(nn.Module):
@@ -298,6 +298,9 @@ def _run(make: Callable, shape, conv_mode: str, custom_ops, build: Callable = No
         "clipped eps 0.05 box": PerturbationLpNorm(norm=np.inf, eps=0.05, x_L=(x - 0.05).clamp(min=0),
                                                    x_U=(x + 0.05).clamp(max=1)),
     }
+    linear = _linear_relaxation(x)
+    if linear is not None:
+        boxes["linear relaxation"] = linear
     for ptb_name, ptb in boxes.items():
         for method in ("IBP", "CROWN"):
             key = f"{method} {ptb_name}"
@@ -306,6 +309,34 @@ def _run(make: Callable, shape, conv_mode: str, custom_ops, build: Callable = No
                 out[f"{key} lower"], out[f"{key} upper"] = (b.detach().clone() for b in bounds)
                 nodes_state(f"{key}:")
     return out
+
+
+def _linear_relaxation(x):
+    """auto_LiRPA 0.7's ``PerturbationLinear`` (x = A z + b, z in a box) for flat inputs ``x`` (N, D), else None.
+
+    Its box (``x_L``, ``x_U``) is looser than its linear description, so auto_LiRPA's choice
+    between IBP and a backward pass for a layer on the input shows in the bounds.
+    """
+    import torch
+
+    try:
+        from auto_LiRPA.perturbations import PerturbationLinear
+    except ImportError:
+        return None
+    if x.dim() != 2:
+        return None
+    g = torch.Generator().manual_seed(2)
+    n, d, k = x.shape[0], x.shape[1], 3
+    z_lo = torch.rand(n, k, generator=g)
+    z_hi = z_lo + torch.rand(n, k, generator=g)
+    a_lo = torch.randn(n, d, k, generator=g) * 0.1
+    a_hi = a_lo + 0.05 * torch.rand(n, d, k, generator=g)
+    b = x - 0.5 * (a_lo @ (z_lo + z_hi).unsqueeze(-1)).squeeze(-1)
+    mid, rad = ((z_lo + z_hi) / 2).unsqueeze(-1), ((z_hi - z_lo) / 2).unsqueeze(-1)
+    x_lo = (a_lo @ mid - a_lo.abs() @ rad).squeeze(-1) + b
+    x_hi = (a_hi @ mid + a_hi.abs() @ rad).squeeze(-1) + b
+    return PerturbationLinear(lower_A=a_lo, upper_A=a_hi, lower_b=b, upper_b=b, input_lb=z_lo, input_ub=z_hi,
+                              x_L=x_lo, x_U=x_hi)
 
 
 def _differences(stock: Dict[str, object], plugin: Dict[str, object]) -> List[str]:
