@@ -16,8 +16,8 @@ is unpacked (``$LIRPA_PATCH_AL07``, default ``/tmp/al07``; its extra packages in
 ``$LIRPA_PATCH_AL07_DEPS``, default ``/tmp/al07deps``), the checks run again against it in
 fresh interpreters; they are skipped where it is absent.
 
-Divergences diagnosed in issue 13 and not fixed yet are strict xfails (``KNOWN``): each names
-its root cause, and each turns into a failure the moment it is fixed, so the marker goes.
+A divergence found and not fixed yet would be a strict xfail in ``KNOWN`` naming its cause (none
+today: the three found in issue 13 came from plugin nodes being subclasses of the stock classes).
 """
 
 from __future__ import annotations
@@ -47,38 +47,11 @@ AL07_DEPS = Path(os.environ.get("LIRPA_PATCH_AL07_DEPS", "/tmp/al07deps"))
 HAS_AL07 = (AL07 / "auto_LiRPA" / "__init__.py").is_file()
 needs_al07 = pytest.mark.skipif(not HAS_AL07, reason=f"auto_LiRPA 0.7.1 source not at {AL07}")
 
-# Root causes (issue 13). Every one is a consequence of the plugin nodes being *subclasses* of the
-# stock operators: auto_LiRPA (and its users) test node classes with `type(node) == BoundX`.
-TYPE_SHORTCUT = ("auto_LiRPA's CROWN bounds a Linear/Conv fed directly by the input with IBP only when "
-                 "type(node) is BoundLinear/BoundConv (check_prior_bounds); a plugin subclass gets a "
-                 "backward pass instead: CROWN bounds differ (last bits on an L-inf box, ~1e-2 under "
-                 "0.7's PerturbationLinear, whose box is looser than its linear form)")
-TYPE_RESHAPE = ("Reshape's patches-mode backward keeps Patches only when type(input) is BoundLinear; "
-                "after a plugin Linear it converts them: where stock works, 0.3 raises IndexError and "
-                "0.7.1 raises RuntimeError (setStorage, test_upsample's model) or its bounds differ")
-TYPE_DIV = ("auto_LiRPA 0.7 rewrites Div into Mul(x, Reciprocal(y)) only when type(node) is BoundDiv; "
-            "a plugin Div stays a Div: other nodes, x / c instead of x * (1 / c) in forward and bounds")
-KNOWN = {
-    "0.3": {
-        "linear_on_input/patches": TYPE_SHORTCUT,
-        "linear_on_input/matrix": TYPE_SHORTCUT,
-        "conv_on_input/patches": TYPE_SHORTCUT,
-        "conv_on_input/matrix": TYPE_SHORTCUT,
-        "linear_reshape_conv/patches": TYPE_RESHAPE,
-    },
-    "0.7": {
-        "linear_on_input/patches": TYPE_SHORTCUT,
-        "linear_on_input/matrix": TYPE_SHORTCUT,
-        "conv_on_input/patches": TYPE_SHORTCUT,
-        "conv_on_input/matrix": TYPE_SHORTCUT,
-        "upsample_scale/patches": TYPE_SHORTCUT,
-        "upsample_scale/matrix": TYPE_SHORTCUT,
-        "linear_reshape_conv/patches": TYPE_RESHAPE,
-        "generator_linear_reshape_upsample/patches": TYPE_RESHAPE,
-        "normalization_sub_div_mul_neg/patches": TYPE_DIV,
-        "normalization_sub_div_mul_neg/matrix": TYPE_DIV,
-    },
-}
+# Divergences found before the fix, by cause (all were consequences of plugin nodes being *subclasses*
+# of the stock operators: auto_LiRPA and its users test node classes with `type(node) == BoundX`).
+# Plugin nodes now keep their stock class (the plugin's methods are grafted per node), so none is
+# expected; a new one goes here as a strict xfail naming its cause until it is fixed.
+KNOWN: dict[str, dict[str, str]] = {"0.3": {}, "0.7": {}}
 CASE_IDS = [f"{case}/{mode}" for case in probe.CASES for mode in probe.CONV_MODES]
 
 
@@ -199,8 +172,6 @@ def test_resize_models_are_compared_under_auto_lirpa_07_only():
     assert probe._run(make, shape, "matrix", lirpa_patch.custom_ops())["build"] == stock["build"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: plugin nodes are subclasses, so `type(node) == BoundMatMul` "
-                                       "(auto_LiRPA's test_general_shape) no longer holds for them")
 def test_plugin_built_nodes_have_their_stock_classes():
     make, shape = probe._models()["transpose_unsqueeze_matmul"]
     torch.manual_seed(0)
