@@ -44,7 +44,7 @@ SHARED = ROOT.parent / "shared"
 
 CONFIGS = {
     # name: (model, patch, images, data, mean, std)
-    "mlp_2x2": ("onnx_models/mnist_mlp_2x2.onnx", "2x2", 30, "mnist", None, None),
+    "mlp_2x2": ("onnx_models/mnist_mlp_2x2.onnx", "2x2", 100, "mnist", None, None),
     "net256_2x2": ("models/mnist-net_256x2.onnx", "2x2", 30, "mnist", None, None),
     "net256_5x5": ("models/mnist-net_256x2.onnx", "5x5", 30, "mnist", None, None),
     "cifar_kw_2x2": ("models/cifar_base_kw.onnx", "2x2", 10, "cifar", (0.485, 0.456, 0.406), (0.225, 0.225, 0.225)),

@@ -661,8 +661,8 @@ def certify(
         groups: location groups for a patch threat (:mod:`lirpa_patch.threats.blocks`):
             blocks of ``groups x groups`` adjacent locations (a power of two) are bounded by
             their union first and split only where they do not certify. ``"auto"`` (default)
-            uses blocks of 2 under IBP where they pay off (measured: the first chunk of
-            images goes through blocks, the second not, the faster way is kept); ``None``
+            uses blocks of 2 under IBP where they pay off (measured when there are at least
+            32 images: a few go through blocks, a few not, the faster way is kept); ``None``
             or 0 bounds every location. Certified decisions are the
             same either way; a certified image's ``worst_margin`` is then the smallest bound
             that was needed, which may be below the per-location minimum (it is exact for
@@ -708,6 +708,8 @@ def certify(
         todo = torch.nonzero(correct).flatten().tolist()
         start_progress(progress, len(todo), len(todo) * n_rows)
         block = _block_size(groups, threat, key)
+        if groups == "auto" and len(todo) < 4 * PROBE_IMAGES:
+            block = 0  # too few images to measure whether blocks pay off
         levels = threat.block_levels(block) if block else None
         row_chunk = min(n_rows, chunk_size)
         img_chunk = max(1, chunk_size // row_chunk)
