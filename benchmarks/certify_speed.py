@@ -75,7 +75,6 @@ def _setup(name: str):
 def _hand_ibp(net, lo, hi):
     """IBP of an ImageModel over an fx graph of Conv2d/Linear/ReLU/Flatten/Add; returns (lo, hi) of the
     input of the last Linear and that Linear (the specification is merged into it by the caller)."""
-    import torch
     import torch.nn.functional as F
     from torch import nn
 

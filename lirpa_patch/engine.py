@@ -21,7 +21,6 @@ perturbation for some of them. The engine does the rest, the same way for all:
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -549,18 +548,17 @@ def location_margins(
     key = check_method(method)
     spec = margin_spec(labels, num_classes, dtype=images.dtype)
     out = []
+    def build(img: torch.Tensor, loc: torch.Tensor):
+        ptb = PatchPerturbation(locations=locations, index=loc, domain=domain)
+        ptb._images_hint, ptb._row_images = images, img
+        return images[img], ptb
+
     for s in range(0, row_img.shape[0], chunk_size):
         img, loc = row_img[s: s + chunk_size], row_loc[s: s + chunk_size]
-
-        def build():
-            ptb = PatchPerturbation(locations=locations, index=loc, domain=domain)
-            ptb._images_hint, ptb._row_images = images, img
-            return images[img], ptb
-
-        x, ptb = build()
+        x, ptb = build(img, loc)
         lb = _ibp_margins(bounded, x, ptb, spec)
         if key == "crown":
-            x, ptb = build()
+            x, ptb = build(img, loc)
             lb = torch.maximum(lb, _crown_margins(bounded, x, ptb, spec, img))
         out.append(lb)
     return torch.cat(out) if out else images.new_zeros(0, num_classes - 1)

@@ -18,7 +18,6 @@ import sys
 import warnings
 from typing import Optional
 
-import torch
 from auto_LiRPA.operators.base import Interval
 
 from .state import ElementState, WindowState, emit, lookup, may_stay_virtual, placeholder

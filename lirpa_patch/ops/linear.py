@@ -127,7 +127,7 @@ def _check_sparse_root(node, v) -> None:
     if any(isinstance(getattr(r, "perturbation", None), SparsePerturbation) for r in data_roots(node)):
         ops = path_ops(node, lambda n: getattr(n, "_lp_carries_elements", False))
         reason = f"the input passes through {', '.join(ops)}" if ops else "unsupported input"
-        ptb = next(getattr(r, "perturbation") for r in data_roots(node)
+        ptb = next(r.perturbation for r in data_roots(node)
                    if isinstance(getattr(r, "perturbation", None), SparsePerturbation))
         node._lp_fallback(reason, [(None, ptb)])
 
