@@ -120,10 +120,17 @@ def rate(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def pixel_text(summary: Mapping[str, Any]) -> str:
+    """``"4"``, or ``"26-28"`` when the variants differ in size (rectangles), from a (shape) summary."""
+    counts = summary.get("pixel_counts") or [summary["pixel_count"]]
+    low, high = min(counts), max(counts)
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def patch_description(summary: Mapping[str, Any]) -> str:
-    """E.g. ``"diamond 3x3 (5 px; 4 requested)"`` from a (shape) summary."""
-    text = f"{summary['shape']} {', '.join(summary['shape_variants'])} ({summary['pixel_count']} px"
-    if summary["pixel_count"] != summary["requested_pixel_count"]:
+    """E.g. ``"rectangle 2x3, 3x2 (6 px; 4 requested)"`` from a (shape) summary."""
+    text = f"{summary['shape']} {', '.join(summary['shape_variants'])} ({pixel_text(summary)} px"
+    if pixel_text(summary) != str(summary["requested_pixel_count"]):
         text += f"; {summary['requested_pixel_count']} requested"
     return text + ")"
 
@@ -179,8 +186,8 @@ def transfer_table(report: Mapping[str, Any]) -> Table:
     table.add_column("Time", justify="right")
     for name, section in report["shapes"].items():
         s = section["summary"]
-        pixels = str(s["pixel_count"])
-        if s["pixel_count"] != s["requested_pixel_count"]:
+        pixels = pixel_text(s)
+        if pixels != str(s["requested_pixel_count"]):
             pixels += "*"
         table.add_row(
             name,
@@ -190,8 +197,9 @@ def transfer_table(report: Mapping[str, Any]) -> Table:
             f"{percent(s['certified_accuracy'])} ({s['num_certified']}/{n})",
             seconds(s["seconds"]),
         )
-    if any(s["summary"]["pixel_count"] != s["summary"]["requested_pixel_count"] for s in report["shapes"].values()):
-        table.caption = f"* closest count to the requested {summary['requested_pixel_count']} pixels the shape allows"
+    if any(pixel_text(s["summary"]) != str(s["summary"]["requested_pixel_count"]) for s in report["shapes"].values()):
+        table.caption = (f"* rectangles: every h x w with at least the requested {summary['requested_pixel_count']} "
+                         "pixels; an image counts as certified only against all of them")
     return table
 
 

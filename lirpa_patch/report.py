@@ -16,7 +16,8 @@ One shape (``--shape square``, ``diamond``, ``rectangle:3x5``, a mask file, ...)
         "patch": "2x2",                  # --patch as HxW
         "shape": "square",               # shape name ("custom" for a mask file)
         "shape_variants": ["2x2"],       # h x w of each variant the attacker may use
-        "pixel_count": 4,                # pixels the attacker controls (count used)
+        "pixel_count": 4,                # pixels the attacker controls (fewest over the variants)
+        "pixel_counts": [4],             # pixels of each variant (rectangles: at least the budget)
         "requested_pixel_count": 4,      # H*W of --patch (mask pixels for a mask file)
         "num_locations": 729,            # (variant, top, left) placements checked per image
         "method": "ibp",                 # "ibp" or "crown"
@@ -78,7 +79,7 @@ them in order, ``seconds`` is the total, ``images_per_second`` is omitted), and
                   ... (run fields as above) ...},
       "shapes": {
         "square": {"summary": {"shape": "square", "shape_variants": ["2x2"], "pixel_count": 4,
-                               "requested_pixel_count": 4, "num_locations": 729,
+                               "pixel_counts": [4], "requested_pixel_count": 4, "num_locations": 729,
                                "num_images": 100, "num_correct": 99, "num_certified": 91,
                                "clean_accuracy": 0.99, "certified_accuracy": 0.91,
                                "seconds": 12.3, "images_per_second": 8.1},
@@ -264,6 +265,7 @@ def shape_summary(result: CertifyResult) -> dict[str, Any]:
         "shape": shape.name,
         "shape_variants": [f"{int(v.shape[0])}x{int(v.shape[1])}" for v in shape.variants],
         "pixel_count": shape.pixel_count,
+        "pixel_counts": list(shape.pixel_counts),
         "requested_pixel_count": int(shape.requested_pixels),
         "num_locations": int(result.num_locations),
         "num_images": result.num_images,
@@ -314,6 +316,7 @@ def build_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
         "shape": per_shape["shape"],
         "shape_variants": per_shape["shape_variants"],
         "pixel_count": per_shape["pixel_count"],
+        "pixel_counts": per_shape["pixel_counts"],
         "requested_pixel_count": per_shape["requested_pixel_count"],
         "num_locations": per_shape["num_locations"],
         "method": result.method,
