@@ -327,6 +327,7 @@ def attack_patch(
     locations: Optional[Locations] = None,
     location_index: Optional[torch.Tensor] = None,
     candidates: Optional[int] = 32,
+    sweep: bool = True,
     steps: int = 40,
     restarts: int = 3,
     step_size: float = 0.25,
@@ -351,6 +352,8 @@ def attack_patch(
         candidates: locations per image refined after the sweep (those with the
             smallest sweep margin); None refines every location (slowest, strongest);
             0 refines only ``location_index``.
+        sweep: run the sweep stage (needed to pick ``candidates``); without it only
+            ``location_index`` (``candidates=0``) or every location (None) is attacked.
         steps: sign-gradient steps per restart (0: the sweep and starting points only).
         restarts: starting points per location: the best sweep content, the clean
             image (IFGSM), then random corners and uniform noise.
@@ -369,6 +372,9 @@ def attack_patch(
     _check_attack_options(steps, restarts, step_size, loss, chunk_size)
     if candidates is not None and candidates < 0:
         raise UsageError(f"candidates must be >= 0, got {candidates}", param="candidates")
+    if not sweep and candidates:
+        raise UsageError("candidates are picked by the sweep: use candidates=0 or None with sweep=False",
+                         param="candidates")
     _check_inputs(images, labels, chunk_size)
     start = time.perf_counter()
     device = torch.device(device)
@@ -416,10 +422,11 @@ def attack_patch(
         lo.expand_as(images),
         hi.expand_as(images),
     ]
-    sweep = torch.full((n, n_loc), float("inf"))
+    swept = torch.full((n, n_loc), float("inf"))  # smallest sweep margin per (image, location)
     sweep_start = torch.zeros((n, n_loc), dtype=torch.long)  # which of `starts` gave the sweep margin
     img_all, loc_all = _location_rows(todo.numel(), torch.arange(n_loc).expand(todo.numel(), n_loc))
-    img_all = todo[img_all]
+    img_all = todo[img_all] if sweep else todo[:0]
+    loc_all = loc_all[: img_all.numel()]
     total = img_all.numel() * len(starts)
     with torch.no_grad():
         for a, start_content in enumerate(starts):
@@ -430,8 +437,8 @@ def attack_patch(
                 if img.numel():
                     out = model(patched(img, loc, start_content[img]))
                     margin = _margin(out, labels[img]).cpu()
-                    lower = margin < sweep[img.cpu(), loc.cpu()]
-                    sweep[img.cpu()[lower], loc.cpu()[lower]] = margin[lower]
+                    lower = margin < swept[img.cpu(), loc.cpu()]
+                    swept[img.cpu()[lower], loc.cpu()[lower]] = margin[lower]
                     sweep_start[img.cpu()[lower], loc.cpu()[lower]] = a
                     pred = out.argmax(1)
                     best.offer(img, margin, pred, labels[img],
@@ -445,7 +452,7 @@ def attack_patch(
     if candidates is None:
         chosen.append(torch.arange(n_loc).expand(n, n_loc))
     elif candidates > 0:
-        chosen.append(sweep.topk(min(candidates, n_loc), dim=1, largest=False).indices)
+        chosen.append(swept.topk(min(candidates, n_loc), dim=1, largest=False).indices)
     if location_index is not None and location_index.shape[1]:
         chosen.append(location_index)
     refine = torch.cat(chosen, dim=1) if chosen else torch.zeros(n, 0, dtype=torch.long)
@@ -492,7 +499,7 @@ def attack_patch(
         num_locations=n_loc,
         seconds=time.perf_counter() - start,
         settings={"steps": steps, "restarts": restarts, "step_size": step_size, "loss": loss,
-                  "candidates": candidates, "extra_locations": 0 if location_index is None else int(location_index.shape[1]),
+                  "candidates": candidates, "sweep": sweep, "extra_locations": 0 if location_index is None else int(location_index.shape[1]),
                   "chunk": chunk_size, "seed": seed},
     )
 
