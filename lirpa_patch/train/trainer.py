@@ -70,8 +70,8 @@ class TrainConfig:
     Attributes:
         patch: patch size ``"HxW"`` (or ``n``).
         shape: patch shape name (see :mod:`lirpa_patch.shapes`).
-        strategy: ``all``, ``random``, ``guided`` or ``pool`` (:mod:`.strategies`).
-        patches: ``k``: locations per image (random) or per other class (guided).
+        strategy: ``all``, ``random``, ``guided``, ``pool`` or ``guided-per-label`` (:mod:`.strategies`).
+        patches: ``k``: locations per image (random, guided) or per other class (guided-per-label).
         temperature: guided sampling temperature ``T``.
         pool: bound-pooling windows after successive ReLUs (``pool`` strategy).
         unet_width: base width of the guided U-net.
