@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .domain import PixelDomain
-from .engine import _check_inputs, _predict
+from .engine import check_inputs, predict
 from .errors import UsageError
 from .locations import Locations, all_locations
 from .shapes import PatchShape, SizeLike, make_shape
@@ -375,7 +375,7 @@ def attack_patch(
     if not sweep and candidates:
         raise UsageError("candidates are picked by the sweep: use candidates=0 or None with sweep=False",
                          param="candidates")
-    _check_inputs(images, labels, chunk_size)
+    check_inputs(images, labels, chunk_size)
     start = time.perf_counter()
     device = torch.device(device)
     was_training = model.training
@@ -401,7 +401,7 @@ def attack_patch(
     generator = torch.Generator().manual_seed(seed)
     lo, hi = _box(domain, images.shape[1], images)
 
-    logits = _predict(model, images, max(1, min(256, chunk_size)))
+    logits = predict(model, images, max(1, min(256, chunk_size)))
     margin_spec(labels, logits.shape[1])  # label range check
     preds = logits.argmax(1)
     todo = torch.nonzero(preds == labels).flatten().cpu()
@@ -563,7 +563,7 @@ def attack_sparse(
         record's ``location``.
     """
     _check_attack_options(steps, restarts, 1.0, loss, chunk_size)
-    _check_inputs(images, labels, chunk_size)
+    check_inputs(images, labels, chunk_size)
     pixels = images.shape[2] * images.shape[3]
     if not 1 <= k <= pixels:
         raise UsageError(f"k must be in [1, {pixels}] for {images.shape[2]}x{images.shape[3]} images, got {k}",
@@ -581,7 +581,7 @@ def attack_sparse(
     generator = torch.Generator().manual_seed(seed)
     lo, hi = _box(domain, images.shape[1], images)
 
-    logits = _predict(model, images, max(1, min(256, chunk_size)))
+    logits = predict(model, images, max(1, min(256, chunk_size)))
     margin_spec(labels, logits.shape[1])
     preds = logits.argmax(1)
     todo = torch.nonzero(preds == labels).flatten()

@@ -197,10 +197,7 @@ def evaluate_sparse(
     attack_progress: Optional[AttackProgress] = None,
 ) -> Evaluation:
     """Certify and attack the sparse threat (any ``k`` pixels); see :func:`evaluate_patch`."""
-    from .sparse import SPARSE_CHUNK, certify_sparse
-
-    cert = certify_sparse(model, images, labels, k=k, method=method, chunk_size=chunk_size or SPARSE_CHUNK,
-                          device=device,
+    cert = certify(model, images, labels, k=k, method=method, chunk_size=chunk_size, device=device,
                           indices=indices, domain=domain, bounded=bounded, progress=certify_progress)
     options = dict(attack_options or {})
     if chunk_size is not None:

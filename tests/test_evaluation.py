@@ -57,8 +57,8 @@ def test_sparse_evaluation_is_consistent(toys):
 def test_the_check_fires_on_a_certificate_raised_by_a_constant(monkeypatch, toys):
     """A deliberately broken engine: every certified lower margin 10 too high."""
     images, labels, model = toys
-    honest = engine.lower_margins
-    monkeypatch.setattr(engine, "lower_margins", lambda *a, **kw: honest(*a, **kw) + 10.0)
+    honest = engine.threat_margins
+    monkeypatch.setattr(engine, "threat_margins", lambda *a, **kw: honest(*a, **kw) + 10.0)
     result = evaluate_patch(model, images, labels, size=2)
     broken = {c.index for c, a in zip(result.certified.images, result.attacked.images) if c.certified and a.success}
     assert broken  # the attack breaks images the raised bound calls certified
