@@ -58,11 +58,11 @@ from auto_LiRPA.perturbations import PerturbationLpNorm
 from torch import nn
 from torch.nn import functional as F
 
-from ..engine import _quiet, bound_model, lower_margins
+from ..engine import _quiet, bound_model, head_of, lower_margins
 from ..domain import PixelDomain
 from ..errors import UsageError
 from ..locations import Locations
-from ..threats.patch import PatchPerturbation
+from ..threats.patch import PatchPerturbation, patch_rows
 from ..spec import margin_spec, other_classes
 from .unet import MarginUNet
 
@@ -439,6 +439,12 @@ class PooledLocations(Strategy):
             self.bounded_segments.append(bound_model(seg, x.shape[1:], ctx.device))
             with torch.no_grad():
                 x = seg(x)
+        # the engine's patch fast path for the first segment: the box of every row stays
+        # virtual (never built) when every consumer of the input is a plugin operator, and
+        # the location tables of the full grid are computed once
+        head_of(self.bounded_segments[0])
+        self._virtual = bool(getattr(self.bounded_segments[0], "_lp_virtual_ready", False))
+        self._grid_tables = patch_rows(ctx.locations.masks)
 
     @property
     def span(self) -> int:
@@ -451,27 +457,37 @@ class PooledLocations(Strategy):
     def grad_rows_per_image(self) -> int:
         return (self.ctx.num_classes - 1) * self.span * self.span
 
-    def _pooled(self, images: torch.Tensor, labels: torch.Tensor, loc_grid: torch.Tensor, strength: float) -> torch.Tensor:
-        """Pooled lower margins ``(n, G, K - 1)`` of images ``(n, ...)`` over location grids ``(n, gh, gw)``.
+    def _pooled(self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int],
+                strength: float) -> torch.Tensor:
+        """Pooled lower margins ``(n, G, K - 1)`` of images ``(n, ...)`` over a grid of locations.
 
-        ``loc_grid`` holds location indices; a ``p x p`` block of its cells is merged after each
-        pooling ReLU (``ceil_mode``: partial blocks at the border merge fewer), so ``G`` is the
-        number of final cells.
+        ``masks`` are the ``gh x gw`` grid's locations in row-major order, ``(gh*gw, H, W)``
+        shared by the images or ``(n, gh*gw, H, W)`` per image. A ``p x p`` block of grid
+        cells is merged after each pooling ReLU (``ceil_mode``: partial blocks at the border
+        merge fewer), so ``G`` is the number of final cells.
         """
         ctx = self.ctx
-        n, gh, gw = loc_grid.shape
-        masks = ctx.locations.masks[loc_grid.reshape(n, gh * gw)]  # (n, gh*gw, H, W)
+        n = images.shape[0]
+        gh, gw = grid
         ptb = PatchPerturbation(masks=masks, domain=ctx.domain, strength=strength)
+        ptb._images_hint = images  # the rows' clean images (as PatchThreat.perturbation does)
+        if masks is ctx.locations.masks:
+            ptb._tables_hint = self._grid_tables
+        ptb.virtual = self._virtual
         x = BoundedTensor(images.repeat_interleave(gh * gw, dim=0), ptb)
-        with _quiet():
-            for seg, window in zip(self.bounded_segments[:-1], self.windows):
-                lb, ub = seg.compute_bounds(x=(x,), method="IBP")
-                feat = lb.shape[1:]
-                lb, ub, (gh, gw) = self._merge(lb, ub, n, gh, gw, window)
-                lb, ub = lb.reshape(-1, *feat), ub.reshape(-1, *feat)
-                x = BoundedTensor((lb + ub) / 2, PerturbationLpNorm(norm=float("inf"), x_L=lb, x_U=ub))
-            spec = margin_spec(labels, ctx.num_classes, dtype=images.dtype).repeat_interleave(gh * gw, dim=0)
-            lb, _ = self.bounded_segments[-1].compute_bounds(x=(x,), C=spec, method="IBP", bound_upper=False)
+        try:
+            with _quiet():
+                for seg, window in zip(self.bounded_segments[:-1], self.windows):
+                    lb, ub = seg.compute_bounds(x=(x,), method="IBP")
+                    ptb._lp_states = {}  # per-call descriptions hold autograd graphs: drop them
+                    feat = lb.shape[1:]
+                    lb, ub, (gh, gw) = self._merge(lb, ub, n, gh, gw, window)
+                    lb, ub = lb.reshape(-1, *feat), ub.reshape(-1, *feat)
+                    x = BoundedTensor((lb + ub) / 2, PerturbationLpNorm(norm=float("inf"), x_L=lb, x_U=ub))
+                spec = margin_spec(labels, ctx.num_classes, dtype=images.dtype).repeat_interleave(gh * gw, dim=0)
+                lb, _ = self.bounded_segments[-1].compute_bounds(x=(x,), C=spec, method="IBP", bound_upper=False)
+        finally:
+            ptb._lp_states = {}
         return lb.reshape(n, gh * gw, ctx.num_classes - 1)
 
     def worst_margins(self, images, labels, *, strength, generator):
@@ -482,13 +498,12 @@ class PooledLocations(Strategy):
         ctx = self.ctx
         n, n_loc = images.shape[0], len(ctx.locations)
         gh, gw = self.grid
-        grid = torch.arange(n_loc, device=images.device).view(gh, gw)
         per_call = max(1, ctx.chunk_size // n_loc)
         values, cells = [], []
         with torch.no_grad():
             for i in range(0, n, per_call):
                 b = min(n, i + per_call) - i
-                lb = self._pooled(images[i : i + b], labels[i : i + b], grid.expand(b, gh, gw), strength)
+                lb = self._pooled(images[i : i + b], labels[i : i + b], ctx.locations.masks, self.grid, strength)
                 v, c = lb.min(dim=1)  # (b, K-1)
                 values.append(v)
                 cells.append(c)
@@ -505,8 +520,9 @@ class PooledLocations(Strategy):
         offsets = torch.arange(self.span, device=images.device)
         ys = (cy[:, None] * self.span + offsets).clamp(max=gh - 1)  # (U, span); repeats at the border
         xs = (cx[:, None] * self.span + offsets).clamp(max=gw - 1)
-        blocks = grid[ys[:, :, None], xs[:, None, :]]  # (U, span, span)
-        lb = self._pooled(images[img], labels[img], blocks, strength)[:, 0]  # (U, K-1)
+        blocks = (ys[:, :, None] * gw + xs[:, None, :]).reshape(unique.numel(), -1)  # (U, span*span) locations
+        masks = ctx.locations.masks[blocks]  # (U, span*span, H, W)
+        lb = self._pooled(images[img], labels[img], masks, (self.span, self.span), strength)[:, 0]  # (U, K-1)
         worst = lb[inverse, torch.arange(ctx.num_classes - 1, device=images.device).expand(n, -1)]
         return Margins(worst=worst, rows=rows + unique.numel() * self.span * self.span)
 
