@@ -124,6 +124,11 @@ class AttackResult:
         return len(self.images)
 
     @property
+    def chunk_size(self) -> int:
+        """Rows per forward/backward pass (as :attr:`CertifyResult.chunk_size`, for reports)."""
+        return int(self.settings.get("chunk", DEFAULT_ATTACK_CHUNK))
+
+    @property
     def num_successes(self) -> int:
         return sum(r.success for r in self.images)
 

@@ -268,7 +268,7 @@ def attack_report(results: Mapping[str, AttackResult], run: RunInfo) -> dict[str
         "clean_accuracy": _number(first.clean_accuracy),
         "seconds": _number(sum(r.seconds for r in results.values())),
     }
-    summary.update(_run_fields(run))
+    summary.update(_run_fields(run, first))
     runs = {name: {"summary": _attack_summary(r), "images": _attack_images(r)} for name, r in results.items()}
     return {"summary": summary, "runs": runs}
 
@@ -321,7 +321,7 @@ def evaluation_report(evaluations: Sequence[Evaluation], run: RunInfo) -> dict[s
         "rows": rows,
         "num_violations": len(violations),
     }
-    summary.update(_run_fields(run))
+    summary.update(_run_fields(run, first.certified))
     sections = {}
     for e, row in zip(evaluations, rows):
         images = []
