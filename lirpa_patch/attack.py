@@ -331,9 +331,9 @@ def attack_patch(
     shape: str | PatchShape | torch.Tensor = "square",
     locations: Optional[Locations] = None,
     location_index: Optional[torch.Tensor] = None,
-    candidates: Optional[int] = 32,
+    candidates: Optional[int] = 16,
     sweep: bool = True,
-    steps: int = 40,
+    steps: int = 20,
     restarts: int = 3,
     step_size: float = 0.25,
     loss: Loss = "margin",
@@ -353,7 +353,7 @@ def attack_patch(
             ``locations``: an explicit location set (default every valid position).
         location_index: ``(N, M)`` indices into the locations that every image's
             refine stage attacks in addition to its ``candidates`` (e.g. the locations
-            with the worst certified margin).
+            with the worst certified margin); ``-1`` entries are ignored.
         candidates: locations per image refined after the sweep (those with the
             smallest sweep margin); None refines every location (slowest, strongest);
             0 refines only ``location_index``.
@@ -399,8 +399,9 @@ def attack_patch(
         if location_index.ndim != 2 or location_index.shape[0] != n:
             raise UsageError(f"location_index must be (N, M) with N = {n}, got {tuple(location_index.shape)}",
                              param="location_index")
-        if location_index.numel() and (int(location_index.min()) < 0 or int(location_index.max()) >= n_loc):
-            raise UsageError(f"location_index must hold location numbers in [0, {n_loc})", param="location_index")
+        if location_index.numel() and (int(location_index.min()) < -1 or int(location_index.max()) >= n_loc):
+            raise UsageError(f"location_index must hold location numbers in [0, {n_loc}) or -1 (none)",
+                             param="location_index")
     idx = list(range(n)) if indices is None else [int(i) for i in indices]
     masks = locations.masks.to(device).unsqueeze(1)  # (L, 1, H, W)
     generator = torch.Generator().manual_seed(seed)
@@ -467,7 +468,7 @@ def attack_patch(
     for r in range(restarts):
         live = (~done).cpu()
         img_all, loc_all = _location_rows(n, refine)
-        keep = live[img_all] & ~repeat.reshape(-1)
+        keep = live[img_all] & ~repeat.reshape(-1) & (loc_all >= 0)
         img_all, loc_all = img_all[keep], loc_all[keep]
         if img_all.numel() == 0:
             break

@@ -28,7 +28,7 @@ from .domain import PixelDomain
 from .engine import CertifyResult, ProgressFn, certify
 from .errors import UsageError
 from .report import REPORT_VERSION, RunInfo, _number, _run_fields
-from .shapes import PatchShape, SizeLike
+from .shapes import PatchShape, SizeLike, parse_size
 
 DEFAULT_WORST_LOCATIONS = 8
 """Locations per image with the worst certified margin that :func:`evaluate_patch` attacks
@@ -96,7 +96,8 @@ class Evaluation:
 
     Attributes:
         threat: ``"patch"`` or ``"sparse"``.
-        name: a label for tables, ``"2x2 square"`` or ``"k=4"``.
+        name: a label for tables, ``"2x2 square"`` or ``"k=4"``; ``value`` the swept value
+            (``"2x2"``, ``"4"``).
         certified, attacked: the two results, on the same images.
         violations: :func:`consistency_violations` of the two (empty when sound).
     """
@@ -106,6 +107,8 @@ class Evaluation:
     certified: CertifyResult
     attacked: AttackResult
     violations: list[Violation] = field(default_factory=list)
+    value: Optional[str] = None
+    """The swept value: the patch size ``"2x2"`` or the budget ``"4"``."""
 
     @property
     def clean_accuracy(self) -> float:
@@ -143,6 +146,7 @@ def evaluate_patch(
     attack_options: Optional[Mapping[str, Any]] = None,
     domain: Optional[PixelDomain] = None,
     chunk_size: Optional[int] = None,
+    max_memory: Optional[int] = None,
     device: str | torch.device = "cpu",
     indices: Optional[Sequence[int]] = None,
     bounded=None,
@@ -154,8 +158,8 @@ def evaluate_patch(
 
     Args:
         model, images, labels, size, shape, method, domain, chunk_size, device,
-            indices, bounded: as :func:`~lirpa_patch.engine.certify` (``chunk_size``
-            is used for both certification and attack when given).
+            indices, bounded, max_memory: as :func:`~lirpa_patch.engine.certify`
+            (``chunk_size`` is used for both certification and attack when given).
         worst_locations: per image, this many locations with the worst certified
             margin are attacked in depth, besides the attack's own candidates.
         attack_options: more keyword arguments of :func:`~lirpa_patch.attack.attack_patch`
@@ -163,20 +167,22 @@ def evaluate_patch(
         seed: the attack's seed.
         certify_progress, attack_progress: progress callbacks of the two stages.
     """
+    memory = {} if max_memory is None else {"max_memory": max_memory}
     cert = certify(model, images, labels, size=size, shape=shape, method=method, chunk_size=chunk_size,
                    device=device, indices=indices, domain=domain, bounded=bounded, progress=certify_progress,
-                   keep_location_margins=True)
+                   keep_location_margins=True, **memory)
     options = dict(attack_options or {})
     if chunk_size is not None:
         options.setdefault("chunk_size", chunk_size)
     att = attack_patch(model, images, labels, shape=cert.shape, locations=cert.locations,
                        location_index=_worst_locations(cert, worst_locations), domain=domain, device=device,
                        indices=indices, seed=seed, progress=attack_progress, **options)
-    shape_name = cert.shape.name
-    sizes = {f"{int(v.shape[0])}x{int(v.shape[1])}" for v in cert.shape.variants}
-    label = f"{next(iter(sizes))} {shape_name}" if shape_name == "square" and len(sizes) == 1 else (
-        f"{cert.shape.requested_pixels} px {shape_name}")
-    return Evaluation("patch", label, cert, att, consistency_violations(cert, att))
+    if cert.shape.name == "custom":
+        value = f"{cert.shape.pixel_count} px"
+    else:
+        h, w = parse_size(size)
+        value = f"{h}x{w}"
+    return Evaluation("patch", f"{value} {cert.shape.name}", cert, att, consistency_violations(cert, att), value)
 
 
 def evaluate_sparse(
@@ -189,6 +195,7 @@ def evaluate_sparse(
     attack_options: Optional[Mapping[str, Any]] = None,
     domain: Optional[PixelDomain] = None,
     chunk_size: Optional[int] = None,
+    max_memory: Optional[int] = None,
     device: str | torch.device = "cpu",
     indices: Optional[Sequence[int]] = None,
     bounded=None,
@@ -197,14 +204,15 @@ def evaluate_sparse(
     attack_progress: Optional[AttackProgress] = None,
 ) -> Evaluation:
     """Certify and attack the sparse threat (any ``k`` pixels); see :func:`evaluate_patch`."""
-    cert = certify(model, images, labels, k=k, method=method, chunk_size=chunk_size, device=device,
-                          indices=indices, domain=domain, bounded=bounded, progress=certify_progress)
+    memory = {} if max_memory is None else {"max_memory": max_memory}
+    cert = certify(model, images, labels, k=k, method=method, chunk_size=chunk_size, device=device, indices=indices,
+                   domain=domain, bounded=bounded, progress=certify_progress, **memory)
     options = dict(attack_options or {})
     if chunk_size is not None:
         options.setdefault("chunk_size", chunk_size)
     att = attack_sparse(model, images, labels, k=k, domain=domain, device=device, indices=indices, seed=seed,
                         progress=attack_progress, **options)
-    return Evaluation("sparse", f"k={k}", cert, att, consistency_violations(cert, att))
+    return Evaluation("sparse", f"k={k}", cert, att, consistency_violations(cert, att), str(k))
 
 
 # --------------------------------------------------------------------------- reports
@@ -276,7 +284,7 @@ def attack_report(results: Mapping[str, AttackResult], run: RunInfo) -> dict[str
 def evaluation_row(evaluation: Evaluation) -> dict[str, Any]:
     """One row of the Table 2 / 5 layout: clean, empirical and certified accuracy of one threat."""
     cert, att = evaluation.certified, evaluation.attacked
-    row: dict[str, Any] = {"name": evaluation.name, "threat": evaluation.threat}
+    row: dict[str, Any] = {"name": evaluation.name, "value": evaluation.value, "threat": evaluation.threat}
     if evaluation.threat == "sparse":
         row.update({"sparse_k": att.k, "shape": None, "shape_variants": None, "pixel_counts": None})
     else:
@@ -301,7 +309,7 @@ def evaluation_row(evaluation: Evaluation) -> dict[str, Any]:
 def evaluation_report(evaluations: Sequence[Evaluation], run: RunInfo) -> dict[str, Any]:
     """The JSON report of an evaluate run.
 
-    ``{"summary": {..., "rows": [evaluation_row, ...], "num_violations": V},
+    ``{"summary": {..., "sweep": [values], "rows": [evaluation_row, ...], "num_violations": V},
     "evaluations": {name: {"summary": row, "images": [...]}}, "violations": [...]}``;
     each image record joins the certificate (``certified``, ``worst_margin``,
     ``worst_location``) and the attack (``attacked``, ``attack_margin``,
@@ -318,6 +326,7 @@ def evaluation_report(evaluations: Sequence[Evaluation], run: RunInfo) -> dict[s
         "method": first.certified.method,
         "num_images": first.num_images,
         "clean_accuracy": _number(first.clean_accuracy),
+        "sweep": list(dict.fromkeys(e.value for e in evaluations)),
         "rows": rows,
         "num_violations": len(violations),
     }
