@@ -264,6 +264,9 @@ def check_model_exists(model: str) -> None:
         raise InputError(f"model file not found: {model}")
 
 
+_WHAT = {"output": "the report", "html": "the HTML report"}
+
+
 def check_paths(files: Mapping[str, Optional[str]], folders: Mapping[str, Optional[str]], *, model: str, data: str,
                 mask_file: Optional[str]) -> None:
     """Outputs (files and folders, by parameter name) are no inputs of the run, and writable; nothing written."""
@@ -273,7 +276,7 @@ def check_paths(files: Mapping[str, Optional[str]], folders: Mapping[str, Option
     outputs.check_outputs({**files, **folders}, {"model": model, "data": source_files(data), "shape": mask_file})
     for name, path in files.items():
         if path is not None:
-            outputs.check_writable(path, what=f"the {name.replace('_', ' ')} file")
+            outputs.check_writable(path, what=_WHAT.get(name, f"the {name.replace('_', ' ')} file"))
     for name, path in folders.items():
         if path is not None:
             outputs.output_folder(path, create=False, what=f"the {name.replace('_', ' ')} folder")

@@ -44,6 +44,7 @@ def attack(model: str, patch: str, shape: str, sparse: Optional[str], locations_
       lirpa-patch attack net.onnx --locations-from report.json -o attack.json
       lirpa-patch attack net.onnx --sparse 1,2,4,8
     """
+    _run.check_model_exists(model)  # first, before anything imports torch
     threats = _run.parse_threats(patch, shape, sparse)
     _run._candidates(opts["candidates"])
     if threats.sparse:
@@ -52,7 +53,6 @@ def attack(model: str, patch: str, shape: str, sparse: Optional[str], locations_
                 raise click.UsageError(f"{flag} applies to patch attacks; it does not apply to --sparse")
         if locations_from is not None:
             raise click.UsageError("--locations-from applies to patch attacks; it does not apply to --sparse")
-    _run.check_model_exists(model)
     if locations_from is not None and not Path(locations_from).expanduser().is_file():
         from ._console import InputError
 

@@ -47,10 +47,10 @@ def certify(model: str, patch: str, shape: str, sparse: Optional[str], heatmaps:
       lirpa-patch certify resnet.onnx --data cifar/ --num 100 --mean 0.4914,0.4822,0.4465 \\
           --std 0.2471,0.2435,0.2616 --patch 5x5 --shape all --heatmaps maps/
     """
+    _run.check_model_exists(model)  # first, before anything imports torch
     threats = _run.parse_threats(patch, shape, sparse)
     if heatmaps is not None and threats.sparse:
         raise click.UsageError("--heatmaps shows patch locations; it does not apply to --sparse")
-    _run.check_model_exists(model)
     with library_warnings_silenced():
         _certify(model, threats, heatmaps=heatmaps, html=html, groups=_parse_groups(groups), **opts)
 

@@ -44,12 +44,12 @@ def evaluate(model: str, patch: str, shape: str, sparse: Optional[str], html: Op
       lirpa-patch evaluate net.onnx --patch 1x1,2x2,3x3,5x5 --plots plots/
       lirpa-patch evaluate net.onnx --sparse 1,2,4,8
     """
+    _run.check_model_exists(model)  # first, before anything imports torch
     threats = _run.parse_threats(patch, shape, sparse)
     _run._candidates(opts["candidates"])
     if threats.sparse and click.get_current_context().get_parameter_source("step_size") \
             is not click.core.ParameterSource.DEFAULT:
         raise click.UsageError("--step-size applies to patch attacks; it does not apply to --sparse")
-    _run.check_model_exists(model)
     with library_warnings_silenced():
         code = _evaluate(model, threats, html=html, plots=plots, **opts)
     if code:

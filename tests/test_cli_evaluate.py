@@ -195,3 +195,8 @@ def test_certify_heatmaps_do_not_apply_to_sparse(tmp_path):
 
 def test_certify_html_that_is_the_model_is_refused(tmp_path):
     one_line_error(invoke("certify", MODEL, *DIGITS, "--html", MODEL), 2, "--html")
+
+
+@pytest.mark.parametrize("command", ["attack", "evaluate"])
+def test_a_missing_model_is_one_line_and_exit_1(command, tmp_path):
+    one_line_error(invoke(command, tmp_path / "missing.onnx"), 1, "missing.onnx")
