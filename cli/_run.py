@@ -353,7 +353,7 @@ def parse_memory(value: str) -> int:
 # --------------------------------------------------------------------------- attacks
 
 
-def _candidates(value: Optional[str]) -> Any:
+def check_candidates(value: Optional[str]) -> Any:
     if value is None:
         return None
     if value.strip().lower() == "all":
@@ -409,7 +409,7 @@ def attack_kwargs(item: ThreatItem, *, steps, restarts, step_size, candidates, l
         out["loss"] = loss.lower()
     if chunk is not None:
         out["chunk_size"] = chunk
-    count = _candidates(candidates)
+    count = check_candidates(candidates)
     if item.k is None:
         if step_size is not None:
             out["step_size"] = step_size

@@ -46,7 +46,7 @@ def attack(model: str, patch: str, shape: str, sparse: Optional[str], locations_
     """
     _run.check_model_exists(model)  # first, before anything imports torch
     threats = _run.parse_threats(patch, shape, sparse)
-    _run._candidates(opts["candidates"])
+    _run.check_candidates(opts["candidates"])
     if threats.sparse:
         for name, flag in (("step_size", "--step-size"), ("worst", "--worst")):
             if click.get_current_context().get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:

@@ -46,7 +46,7 @@ def evaluate(model: str, patch: str, shape: str, sparse: Optional[str], html: Op
     """
     _run.check_model_exists(model)  # first, before anything imports torch
     threats = _run.parse_threats(patch, shape, sparse)
-    _run._candidates(opts["candidates"])
+    _run.check_candidates(opts["candidates"])
     if threats.sparse and click.get_current_context().get_parameter_source("step_size") \
             is not click.core.ParameterSource.DEFAULT:
         raise click.UsageError("--step-size applies to patch attacks; it does not apply to --sparse")
