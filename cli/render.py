@@ -294,7 +294,7 @@ def evaluation_table(report: Mapping[str, Any]) -> Table:
                f"{str(summary['method']).upper()}"),
         box=box.SIMPLE_HEAVY,
     )
-    table.add_column("Threat", style="bold")
+    table.add_column("Threat", style="bold", no_wrap=True)
     table.add_column("Pixels", justify="right")
     table.add_column("Clean acc.", justify="right")
     table.add_column("Empirical acc.", justify="right")
