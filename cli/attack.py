@@ -98,7 +98,7 @@ def _report_locations(path: str, item, image_size, indices: list[int]):
 def _attack(model: str, threats: "_run.Threats", *, locations_from: Optional[str], save_adversarial: Optional[str],
             data: str, start: int, num: Optional[int], method: str, input_shape: Optional[str], layout: Optional[str],
             mean: Optional[str], std: Optional[str], max_memory: str, chunk: Optional[int], device: str, seed: int,
-            output: Optional[str], no_check: bool, quiet: bool, steps, restarts, step_size, candidates, loss,
+            threads: Optional[int], output: Optional[str], no_check: bool, quiet: bool, steps, restarts, step_size, candidates, loss,
             worst: int) -> None:
     import torch
 
@@ -114,7 +114,7 @@ def _attack(model: str, threats: "_run.Threats", *, locations_from: Optional[str
                      mask_file=threats.mask_file)
     _run.seed_everything(seed)
     run = _run.load(model=model, data=data, start=start, num=num, input_shape=input_shape, layout=layout, mean=mean,
-                    std=std, device=device, check=not no_check, quiet=quiet)
+                    std=std, device=device, check=not no_check, quiet=quiet, threads=threads)
     items = _run.threat_items(threats, run.image_shape)
     images, labels = run.dataset.images, run.dataset.labels
 

@@ -63,7 +63,7 @@ evaluate.param_flags = {**_run.PARAM_FLAGS, "candidates": "--candidates", "resta
 def _evaluate(model: str, threats: "_run.Threats", *, html: Optional[str], plots: Optional[str], data: str, start: int,
               num: Optional[int], method: str, input_shape: Optional[str], layout: Optional[str], mean: Optional[str],
               std: Optional[str], max_memory: str, chunk: Optional[int], device: str, seed: int,
-              output: Optional[str], no_check: bool, quiet: bool, steps, restarts, step_size, candidates, loss,
+              threads: Optional[int], output: Optional[str], no_check: bool, quiet: bool, steps, restarts, step_size, candidates, loss,
               worst: int) -> int:
     from lirpa_patch.engine import bound_model
     from lirpa_patch.evaluation import evaluate_patch, evaluate_sparse, evaluation_report
@@ -76,7 +76,7 @@ def _evaluate(model: str, threats: "_run.Threats", *, html: Optional[str], plots
                      mask_file=threats.mask_file)
     _run.seed_everything(seed)
     run = _run.load(model=model, data=data, start=start, num=num, input_shape=input_shape, layout=layout, mean=mean,
-                    std=std, device=device, check=not no_check, quiet=quiet)
+                    std=std, device=device, check=not no_check, quiet=quiet, threads=threads)
     items = _run.threat_items(threats, run.image_shape)
     images, labels = run.dataset.images, run.dataset.labels
     with _run.status("Building the bounded model...", run.interactive):

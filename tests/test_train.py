@@ -166,7 +166,8 @@ def test_pool_two_passes_give_the_value_and_gradient_of_the_minimum_over_pooled_
     pooled.setup(_ctx(model, chunk=60))  # one image per gradient-free call
     worst = pooled.worst_margins(x, y, strength=0.8, generator=torch.Generator()).worst
     grads = torch.autograd.grad(worst.sum(), list(model.parameters()))
-    full = pooled._pooled(x, y, pooled.ctx.locations.masks, pooled.grid, 0.8).min(dim=1).values  # one pass
+    every = torch.arange(len(pooled.ctx.locations))
+    full = pooled._pooled(x, y, every, pooled.grid, 0.8).min(dim=1).values  # one pass, every cell, with gradients
     ref = torch.autograd.grad(full.sum(), list(model.parameters()))
     assert torch.allclose(worst, full, atol=1e-5)
     for a, b in zip(grads, ref):

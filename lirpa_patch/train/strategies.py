@@ -62,7 +62,7 @@ from ..engine import _quiet, bound_model, head_of, lower_margins
 from ..domain import PixelDomain
 from ..errors import UsageError
 from ..locations import Locations
-from ..threats.patch import PatchPerturbation, patch_rows
+from ..threats.patch import PatchPerturbation
 from ..spec import margin_spec, other_classes
 from .unet import MarginUNet
 
@@ -440,11 +440,11 @@ class PooledLocations(Strategy):
             with torch.no_grad():
                 x = seg(x)
         # the engine's patch fast path for the first segment: the box of every row stays
-        # virtual (never built) when every consumer of the input is a plugin operator, and
-        # the location tables of the full grid are computed once
+        # virtual (never built) when every consumer of the input is a plugin operator; rows
+        # pick their locations from the location set (its pixel tables are computed once)
         head_of(self.bounded_segments[0])
         self._virtual = bool(getattr(self.bounded_segments[0], "_lp_virtual_ready", False))
-        self._grid_tables = patch_rows(ctx.locations.masks)
+        self._all = torch.arange(len(ctx.locations), device=ctx.device)
 
     @property
     def span(self) -> int:
@@ -457,22 +457,20 @@ class PooledLocations(Strategy):
     def grad_rows_per_image(self) -> int:
         return (self.ctx.num_classes - 1) * self.span * self.span
 
-    def _pooled(self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int],
+    def _pooled(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, grid: tuple[int, int],
                 strength: float) -> torch.Tensor:
         """Pooled lower margins ``(n, G, K - 1)`` of images ``(n, ...)`` over a grid of locations.
 
-        ``masks`` are the ``gh x gw`` grid's locations in row-major order, ``(gh*gw, H, W)``
-        shared by the images or ``(n, gh*gw, H, W)`` per image. A ``p x p`` block of grid
-        cells is merged after each pooling ReLU (``ceil_mode``: partial blocks at the border
-        merge fewer), so ``G`` is the number of final cells.
+        ``index`` holds the ``gh x gw`` grid's location numbers in row-major order, ``(gh*gw,)``
+        shared by the images or ``(n, gh*gw)`` per image. A ``p x p`` block of grid cells is
+        merged after each pooling ReLU (``ceil_mode``: partial blocks at the border merge
+        fewer), so ``G`` is the number of final cells.
         """
         ctx = self.ctx
         n = images.shape[0]
         gh, gw = grid
-        ptb = PatchPerturbation(masks=masks, domain=ctx.domain, strength=strength)
+        ptb = PatchPerturbation(locations=ctx.locations, index=index, domain=ctx.domain, strength=strength)
         ptb._images_hint = images  # the rows' clean images (as PatchThreat.perturbation does)
-        if masks is ctx.locations.masks:
-            ptb._tables_hint = self._grid_tables
         ptb.virtual = self._virtual
         x = BoundedTensor(images.repeat_interleave(gh * gw, dim=0), ptb)
         try:
@@ -503,7 +501,7 @@ class PooledLocations(Strategy):
         with torch.no_grad():
             for i in range(0, n, per_call):
                 b = min(n, i + per_call) - i
-                lb = self._pooled(images[i : i + b], labels[i : i + b], ctx.locations.masks, self.grid, strength)
+                lb = self._pooled(images[i : i + b], labels[i : i + b], self._all, self.grid, strength)
                 v, c = lb.min(dim=1)  # (b, K-1)
                 values.append(v)
                 cells.append(c)
@@ -521,8 +519,7 @@ class PooledLocations(Strategy):
         ys = (cy[:, None] * self.span + offsets).clamp(max=gh - 1)  # (U, span); repeats at the border
         xs = (cx[:, None] * self.span + offsets).clamp(max=gw - 1)
         blocks = (ys[:, :, None] * gw + xs[:, None, :]).reshape(unique.numel(), -1)  # (U, span*span) locations
-        masks = ctx.locations.masks[blocks]  # (U, span*span, H, W)
-        lb = self._pooled(images[img], labels[img], masks, (self.span, self.span), strength)[:, 0]  # (U, K-1)
+        lb = self._pooled(images[img], labels[img], blocks, (self.span, self.span), strength)[:, 0]  # (U, K-1)
         worst = lb[inverse, torch.arange(ctx.num_classes - 1, device=images.device).expand(n, -1)]
         return Margins(worst=worst, rows=rows + unique.numel() * self.span * self.span)
 
