@@ -257,6 +257,16 @@ def _attack_images(result: AttackResult) -> list[dict[str, Any]]:
     ]
 
 
+def _attack_run_fields(run: RunInfo, result: AttackResult) -> dict[str, Any]:
+    """The report's run fields for an attack (nothing is bounded: no head, no location groups)."""
+    from types import SimpleNamespace
+
+    fields = _run_fields(run, SimpleNamespace(chunk_size=result.chunk_size, head={}, extra={}))
+    fields.pop("head", None)
+    fields.pop("location_groups", None)
+    return fields
+
+
 def attack_report(results: Mapping[str, AttackResult], run: RunInfo) -> dict[str, Any]:
     """The JSON report of an attack run: ``{"summary": ..., "runs": {name: {"summary", "images"}}}``.
 
@@ -276,7 +286,7 @@ def attack_report(results: Mapping[str, AttackResult], run: RunInfo) -> dict[str
         "clean_accuracy": _number(first.clean_accuracy),
         "seconds": _number(sum(r.seconds for r in results.values())),
     }
-    summary.update(_run_fields(run, first))
+    summary.update(_attack_run_fields(run, first))
     runs = {name: {"summary": _attack_summary(r), "images": _attack_images(r)} for name, r in results.items()}
     return {"summary": summary, "runs": runs}
 
