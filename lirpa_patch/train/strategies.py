@@ -58,7 +58,7 @@ from auto_LiRPA.perturbations import PerturbationLpNorm
 from torch import nn
 from torch.nn import functional as F
 
-from ..engine import _quiet, bound_model, head_of, lower_margins
+from ..engine import _merge_head, _quiet, bound_model, head_of, lower_margins
 from ..domain import PixelDomain
 from ..errors import UsageError
 from ..locations import Locations
@@ -482,8 +482,13 @@ class PooledLocations(Strategy):
                     lb, ub, (gh, gw) = self._merge(lb, ub, n, gh, gw, window)
                     lb, ub = lb.reshape(-1, *feat), ub.reshape(-1, *feat)
                     x = BoundedTensor((lb + ub) / 2, PerturbationLpNorm(norm=float("inf"), x_L=lb, x_U=ub))
-                spec = margin_spec(labels, ctx.num_classes, dtype=images.dtype).repeat_interleave(gh * gw, dim=0)
-                lb, _ = self.bounded_segments[-1].compute_bounds(x=(x,), C=spec, method="IBP", bound_upper=False)
+                # the specification merged into the last linear layer once per image, as the engine does
+                last = self.bounded_segments[-1]
+                head = head_of(last)
+                lower, upper = last.compute_bounds(x=(x,), method="IBP", final_node_name=head.node)
+                spec = margin_spec(labels, ctx.num_classes, dtype=images.dtype)  # (n, K-1, K)
+                row_img = torch.arange(n, device=images.device).repeat_interleave(gh * gw)
+                lb = _merge_head(head, spec, lower, upper, None, None, row_img)
         finally:
             ptb._lp_states = {}
         return lb.reshape(n, gh * gw, ctx.num_classes - 1)
