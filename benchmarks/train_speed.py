@@ -34,6 +34,7 @@ from lirpa_patch.train import TrainConfig, Trainer  # noqa: E402
 
 STRATEGIES: list[tuple[str, dict]] = [
     ("All", {"strategy": "all"}),
+    ("Pool(auto)", {"strategy": "pool"}),
     ("Pool(2)", {"strategy": "pool", "pool": (2,)}),
     ("Pool(4)", {"strategy": "pool", "pool": (4,)}),
     ("Random(1)", {"strategy": "random", "patches": 1}),
@@ -42,7 +43,8 @@ STRATEGIES: list[tuple[str, dict]] = [
     ("Guided(10)", {"strategy": "guided", "patches": 10}),
 ]
 """(label, TrainConfig fields) per row. Pool(p): p x p blocks of adjacent locations merged after
-the first ReLU. Guided(k): k locations per image, spread over the labels (the paper's)."""
+the first ReLU; Pool(auto): 2x2 blocks after the last ReLU before the first linear layer (the
+default). Guided(k): k locations per image, spread over the labels (the paper's)."""
 
 
 def main() -> None:

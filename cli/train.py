@@ -40,6 +40,8 @@ _SELECTION = ("data", "start", "num", "val_data", "val_start", "val_num", "val_s
 
 
 def _parse_pool(value: str) -> tuple[int, ...]:
+    if value.strip().lower() == "auto":
+        return ()
     try:
         pool = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
     except ValueError:
@@ -153,9 +155,10 @@ class _Display:
               "after it) instead of patches; --patch/--shape/--strategy/--patches do not apply. The "
               "schedules, outputs and checkpoints are the same.")
 @click.option("--temperature", "-T", type=float, default=1.0, help="Guided sampling temperature T.")
-@click.option("--pool", default="2", metavar="P[,P...]",
+@click.option("--pool", default="auto", metavar="auto|P[,P...]",
               help="Bound pooling windows after successive ReLU layers (pool strategy); the paper's 2,1,2 "
-              "pools 2x2 blocks of locations after the first and third.")
+              "pools 2x2 blocks of locations after the first and third. auto: 2x2 blocks after the last ReLU "
+              "before the first linear layer (after the convolutions; after the first ReLU of an MLP).")
 @click.option("--unet-width", type=click.IntRange(min=1), default=16, help="Base width of the guided U-net.")
 @click.option("--preset", type=click.Choice(["auto", "mnist", "cifar"]), default="auto",
               show_default="mnist for 1 channel, cifar for 3",

@@ -177,6 +177,16 @@ def test_pool_two_passes_give_the_value_and_gradient_of_the_minimum_over_pooled_
                               atol=1e-5)
 
 
+@pytest.mark.parametrize("arch, expected", [("mlp", (2,)), ("cnn2", (1, 2)), ("cnn4", (1, 1, 1, 2))])
+def test_pool_by_default_merges_after_the_last_relu_before_the_dense_layers(arch, expected):
+    torch.manual_seed(0)
+    model = ImageModel(build_architecture(arch, 1, SIZE, NUM_CLASSES, width=2 if arch == "mlp" else None),
+                       image_shape=(1, SIZE, SIZE))
+    pooled = make_strategy("pool")
+    pooled.setup(_ctx(model))
+    assert pooled.pool == expected and pooled.describe() == f"pool({','.join(map(str, expected))})"
+
+
 def test_pool_with_window_one_is_all(toy):
     x, y = toy[0][:4], toy[1][:4]
     model = _mlp()

@@ -402,14 +402,17 @@ class PooledLocations(Strategy):
         pool: ``pool[i]`` is the window ``p`` (a ``p x p`` block of adjacent
             locations) merged after the ``(i + 1)``-th ReLU of the network; 1 means
             no merging there. The paper's ``[2, 1, 2]`` merges 2x2 blocks after the
-            first and again after the third ReLU.
+            first and again after the third ReLU. Empty (the default): 2x2 blocks after
+            the last ReLU before the first linear layer, i.e. after the convolutions
+            (after the first ReLU of an MLP). The engine bounds convolutions on the
+            window a patch reaches, so merging pays off where the dense layers begin.
     """
 
     name = "pool"
 
-    def __init__(self, pool: Sequence[int] = (2,)) -> None:
+    def __init__(self, pool: Sequence[int] = ()) -> None:
         pool = tuple(int(p) for p in pool)
-        if not pool or any(p < 1 for p in pool):
+        if any(p < 1 for p in pool):
             raise UsageError(f"pool needs positive window sizes, got {pool}", param="pool")
         self.pool = pool
 
@@ -420,6 +423,12 @@ class PooledLocations(Strategy):
                              param="strategy", related=("shape",))
         prefix, net = _sequential_parts(ctx.model)
         relus = [i for i, m in enumerate(net) if isinstance(m, nn.ReLU)]
+        if not relus:
+            raise UsageError("strategy pool needs a network with a ReLU layer", param="strategy")
+        if not self.pool:
+            linear = next((i for i, m in enumerate(net) if isinstance(m, nn.Linear)), len(net))
+            before = [r for r in relus if r < linear]
+            self.pool = (1,) * (len(before) - 1) + (2,) if before else (2,)
         if len(relus) < len(self.pool):
             raise UsageError(f"pool has {len(self.pool)} entries but the network has only {len(relus)} ReLU layers",
                              param="pool")
@@ -538,7 +547,7 @@ class PooledLocations(Strategy):
         return lo.permute(0, 2, 3, 1), hi.permute(0, 2, 3, 1), new
 
     def describe(self) -> str:
-        return f"pool({','.join(map(str, self.pool))})"
+        return f"pool({','.join(map(str, self.pool)) or 'auto'})"
 
 
 def make_strategy(
@@ -546,7 +555,7 @@ def make_strategy(
     *,
     patches: int = 10,
     temperature: float = 1.0,
-    pool: Sequence[int] = (2,),
+    pool: Sequence[int] = (),
     unet_width: int = 16,
 ) -> Strategy:
     """Build a strategy by name: ``all``, ``random``, ``guided`` or ``pool`` (see the module docstring)."""
