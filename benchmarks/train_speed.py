@@ -8,6 +8,8 @@ run first and not timed (one-time costs). Not a test.
     .venv/bin/python benchmarks/train_speed.py                       # MLP, 1,000 sample digits, 2x2
     .venv/bin/python benchmarks/train_speed.py --arch cnn2 --patch 5x5 --images 500
     .venv/bin/python benchmarks/train_speed.py --data ../shared/data/cifar10_86.npz --arch cnn4
+    .venv/bin/python benchmarks/train_speed.py --data ../shared/data/cifar10_86.npz --arch cnn5wide --width 4 \
+        --images 32 --only "All,Pool(auto),Pool(2)"
 
 Columns: locations bounded per image (every location for All and Pool, whose first
 layers see them all), CPU seconds per epoch (median of ``--repeats``; wall seconds on
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--data", default="sample", help="dataset source (default: the bundled MNIST digits)")
     parser.add_argument("--images", type=int, default=1000, help="training images in the epoch")
     parser.add_argument("--arch", default="mlp")
+    parser.add_argument("--width", type=int, default=None, help="architecture width (default: its own)")
     parser.add_argument("--patch", default="2x2")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable timings)")
@@ -75,8 +78,8 @@ def main() -> None:
 
         def fresh() -> ImageModel:
             torch.manual_seed(args.seed)
-            return ImageModel(build_architecture(args.arch, channels, (height, width), max(10, num_classes)),
-                              image_shape=(channels, height, width))
+            return ImageModel(build_architecture(args.arch, channels, (height, width), max(10, num_classes),
+                                                 width=args.width), image_shape=(channels, height, width))
 
         warm = min(len(data), 2 * args.batch_size)
         Trainer(fresh(), config, data.images[:warm], data.labels[:warm]).train_epoch()  # untimed warm-up
@@ -99,7 +102,8 @@ def main() -> None:
 
     base = rows[0][2]
     clock = "wall" if args.device.startswith("cuda") else "CPU"
-    print(f"\nTraining speed: {args.arch} on {data.name} ({len(data)} images, {channels}x{height}x{width}), "
+    arch = args.arch if args.width is None else f"{args.arch} (width {args.width})"
+    print(f"\nTraining speed: {arch} on {data.name} ({len(data)} images, {channels}x{height}x{width}), "
           f"{args.patch} patch, batch {args.batch_size}, {args.threads} thread(s), {args.device}; "
           f"median {clock} seconds of {args.repeats} epochs each")
     print(f"{'strategy':<12} {'locations/image':>16} {'s/epoch':>9} {'vs first':>9}")
