@@ -7,7 +7,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from lirpa_patch import engine, report
 from lirpa_patch.engine import certify
