@@ -409,6 +409,12 @@ class CertifyResult:
     chunk_size: int
     extra: dict = field(default_factory=dict)
     head: dict = field(default_factory=dict)
+    location_margins: Optional[torch.Tensor] = None
+    """``(N, L)`` float, on request (``keep_location_margins``): per image and row (patch:
+    location) the smallest certified lower margin over the other classes; NaN for
+    misclassified images."""
+    locations: Optional[Locations] = None
+    """The patch locations certified (with ``location_margins``)."""
 
     @property
     def threat(self) -> str:
@@ -631,6 +637,7 @@ def certify(
     bounded: Optional[BoundedModule] = None,
     progress: Optional[ProgressFn] = None,
     groups: Optional[int | str] = "auto",
+    keep_location_margins: bool = False,
 ) -> CertifyResult:
     """Certify images against a threat: every patch location (paper eq. 11), or any ``k`` pixels.
 
@@ -665,6 +672,9 @@ def certify(
             same either way; a certified image's ``worst_margin`` is then the smallest bound
             that was needed, which may be below the per-location minimum (it is exact for
             images that are not certified).
+        keep_location_margins: also return every row's worst margin (patch threat: every
+            location's), ``CertifyResult.location_margins`` ``(N, L)`` (for heatmaps); every
+            location is then bounded on its own (no ``groups``).
 
     Returns:
         A :class:`CertifyResult` with one :class:`ImageResult` per image.
@@ -703,9 +713,10 @@ def certify(
             chunk_size = rows_per_call(bounded, max_memory, key)
 
         worst = _Worst(n_img, device)
+        kept = torch.full((n_img, n_rows), float("nan")) if keep_location_margins else None
         todo = torch.nonzero(correct).flatten().tolist()
         start_progress(progress, len(todo), len(todo) * n_rows)
-        block = _block_size(groups, threat, key)
+        block = 0 if keep_location_margins else _block_size(groups, threat, key)
         if groups == "auto" and len(todo) < 4 * PROBE_IMAGES:
             block = 0  # too few images to measure whether blocks pay off
         levels = threat.block_levels(block) if block else None
@@ -735,6 +746,8 @@ def certify(
                         lb = threat_margins(bounded, threat, images[batch], labels[batch], slice(j, j + row_chunk),
                                             num_classes=num_classes, method=key, domain=domain)  # (b, r, K-1)
                         r = lb.shape[1]
+                        if kept is not None:
+                            kept[batch.cpu(), j: j + r] = lb.min(dim=2).values.cpu()
                         worst.update(batch.repeat_interleave(r), torch.arange(j, j + r).repeat(batch.numel()),
                                      lb.reshape(-1, num_classes - 1))
                         done_rows += batch.numel() * r
@@ -776,6 +789,8 @@ def certify(
         chunk_size=int(chunk_size),
         extra=extra,
         head=head.describe(),
+        location_margins=kept,
+        locations=threat.locations if keep_location_margins and isinstance(threat, PatchThreat) else None,
     )
 
 
