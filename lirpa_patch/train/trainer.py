@@ -558,7 +558,8 @@ class Trainer:
 
         Against the sparse threat (``config.sparse``) instead: IBP with the exact top-k
         first layer, full valid range. Defaults to the validation set given to the
-        constructor.
+        constructor. Under torch.distributed every process must call it (each certifies
+        its share of the images; every process gets the whole result).
         """
         if images is None or labels is None:
             if self.val_images is None or self.val_labels is None:
