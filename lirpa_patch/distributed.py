@@ -444,6 +444,14 @@ def merge(results: Sequence[CertifyResult], *, seconds: Optional[float] = None) 
     )
 
 
+def _portable(result: Optional[CertifyResult]) -> Optional[CertifyResult]:
+    """``result`` with no tensor on a GPU (another process may have none of that index)."""
+    shape = getattr(result, "shape", None)
+    if shape is None or all(v.device.type == "cpu" for v in shape.variants):
+        return result
+    return replace(result, shape=replace(shape, variants=tuple(v.cpu() for v in shape.variants)))
+
+
 def certify(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -483,6 +491,6 @@ def certify(
         error = exc
     finally:
         tracker.finish()
-    outcomes = all_gather(outcome_of(result, error))
+    outcomes = all_gather(outcome_of(_portable(result), error))
     raise_failures(outcomes, error)
     return merge([o.value for o in outcomes if o.value is not None], seconds=time.perf_counter() - start)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -72,6 +73,20 @@ def test_certifying_blocks_of_images_and_merging_gives_one_call(mnist, groups):
     assert merged.seconds == 1.0 and merged.chunk_size == whole.chunk_size and merged.head == whole.head
     if groups:
         assert merged.extra["location_groups"] == whole.extra["location_groups"]
+
+
+def test_merging_adds_location_group_counts_and_counts_blocks_certified_without_groups(mnist):
+    def result(images: int, groups):
+        base = certify(mnist.net, mnist.images[:images], mnist.labels[:images], size=2, groups=None)
+        extra = {} if groups is None else {"location_groups": groups}
+        return replace(base, extra=extra)
+
+    with_groups = result(3, {"block": 2, "images": 3, "rows_bounded": 900, "rows_per_location": 2187})
+    plain = result(2, None)
+    merged = distributed.merge([with_groups, plain]).extra["location_groups"]
+    rows = plain.num_correct * plain.num_locations
+    assert merged == {"block": 2, "images": 3, "rows_bounded": 900 + rows, "rows_per_location": 2187 + rows}
+    assert distributed.merge([plain, plain]).extra == {}
 
 
 def test_one_process_certify_is_the_engine(mnist):
