@@ -417,8 +417,8 @@ class _JobProgress:
 def merge(results: Sequence[CertifyResult], *, seconds: Optional[float] = None) -> CertifyResult:
     """One result from the results of consecutive blocks of images (in order).
 
-    Per-image results are concatenated; ``seconds`` is the job's wall time (default: the
-    longest block's); location-group counts are added up (a block certified without
+    Per-image results (and per-location margins, when kept) are concatenated; ``seconds``
+    is the job's wall time (default: the longest block's); location-group counts are added up (a block certified without
     groups counts its rows as bounded one location at a time).
     """
     if not results:
@@ -436,20 +436,29 @@ def merge(results: Sequence[CertifyResult], *, seconds: Optional[float] = None) 
             merged["rows_bounded"] += int(g["rows_bounded"]) if g else plain
             merged["rows_per_location"] += int(g["rows_per_location"]) if g else plain
         extra["location_groups"] = merged
+    margins = [r.location_margins for r in results]
     return replace(
         first,
         images=[image for r in results for image in r.images],
         seconds=float(seconds if seconds is not None else max(r.seconds for r in results)),
         extra=extra,
+        location_margins=torch.cat([m.cpu() for m in margins]) if all(m is not None for m in margins) else None,
     )
 
 
 def _portable(result: Optional[CertifyResult]) -> Optional[CertifyResult]:
     """``result`` with no tensor on a GPU (another process may have none of that index)."""
-    shape = getattr(result, "shape", None)
-    if shape is None or all(v.device.type == "cpu" for v in shape.variants):
-        return result
-    return replace(result, shape=replace(shape, variants=tuple(v.cpu() for v in shape.variants)))
+    if result is None:
+        return None
+    changes: dict = {}
+    shape = result.shape
+    if shape is not None and any(v.device.type != "cpu" for v in shape.variants):
+        changes["shape"] = replace(shape, variants=tuple(v.cpu() for v in shape.variants))
+    if result.location_margins is not None:
+        changes["location_margins"] = result.location_margins.cpu()
+    if result.locations is not None:
+        changes["locations"] = result.locations.to("cpu")
+    return replace(result, **changes) if changes else result
 
 
 def certify(

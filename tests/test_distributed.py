@@ -60,16 +60,21 @@ def mnist():
     return SimpleNamespace(images=data.images, labels=data.labels, net=net, indices=data.indices.tolist())
 
 
-@pytest.mark.parametrize("groups", [None, 2])
-def test_certifying_blocks_of_images_and_merging_gives_one_call(mnist, groups):
-    whole = certify(mnist.net, mnist.images, mnist.labels, size=2, groups=groups, indices=mnist.indices)
+@pytest.mark.parametrize("groups, keep", [(None, False), (2, False), (None, True)])
+def test_certifying_blocks_of_images_and_merging_gives_one_call(mnist, groups, keep):
+    kwargs = dict(size=2, groups=groups, keep_location_margins=keep)
+    whole = certify(mnist.net, mnist.images, mnist.labels, indices=mnist.indices, **kwargs)
     parts = []
     for rank in range(3):
         block = distributed.shard(len(mnist.labels), rank, 3)
-        parts.append(certify(mnist.net, mnist.images[block], mnist.labels[block], size=2, groups=groups,
-                             indices=mnist.indices[block]))
+        parts.append(certify(mnist.net, mnist.images[block], mnist.labels[block], indices=mnist.indices[block],
+                             **kwargs))
     merged = distributed.merge(parts, seconds=1.0)
     assert [r.to_dict() for r in merged.images] == [r.to_dict() for r in whole.images]
+    if keep:  # the per-location margins of the heatmaps
+        torch.testing.assert_close(merged.location_margins, whole.location_margins, rtol=0, atol=0, equal_nan=True)
+    else:
+        assert merged.location_margins is None
     assert merged.seconds == 1.0 and merged.chunk_size == whole.chunk_size and merged.head == whole.head
     if groups:
         assert merged.extra["location_groups"] == whole.extra["location_groups"]
@@ -124,7 +129,7 @@ def _one_value(option) -> list[str]:
     return ["1"]
 
 
-@pytest.mark.parametrize("command", ["certify", "train"])
+@pytest.mark.parametrize("command", ["certify", "train", "attack", "evaluate"])
 def test_every_option_reaches_lirpa_patch_under_the_documented_torchrun_command(command):
     """torchrun's parser takes an option that abbreviates one of its own (``--start`` for
     ``--start-method``) even after the script, unless ``--`` ends torchrun's options."""
@@ -148,6 +153,14 @@ def test_the_readme_torchrun_commands_pass_every_argument_to_lirpa_patch():
         args = _torchrun_args(words)
         assert args.training_script == "/venv/bin/lirpa-patch", command
         assert args.training_script_args == words[words.index("/venv/bin/lirpa-patch") + 1:], command
+
+
+@pytest.mark.parametrize("command", ["attack", "evaluate"])
+def test_commands_that_do_not_split_their_images_refuse_several_processes(command, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    result = CliRunner().invoke(app, [command, str(MODEL)])
+    assert result.exit_code == 2 and f"{command} runs in one process" in result.stderr
 
 
 def test_nproc_under_torchrun_is_a_usage_error(monkeypatch):
