@@ -90,7 +90,7 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
     # 1. options that need nothing loaded; an output that is an input of the run is refused here
     method, device = method.lower(), _run.check_device(device.lower())
     where = resolve(device)  # under torchrun / --nproc, cuda is this process's own GPU
-    group = distributed.init(where)  # None in a single process
+    job = distributed.init(where)  # None in a single process
     primary = is_primary()  # rank 0 alone prints and writes
     memory = _run.parse_memory(max_memory)
     _run.check_paths({"output": output, "html": html}, {"heatmaps": heatmaps}, model=model, data=data,
@@ -128,7 +128,7 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
     def info(item):
         return _run.run_info(run, model=model, data=data, start=start, num=num, item=item, method=method,
                              chunk=results[item.label].chunk_size, device=device, seed=seed,
-                             mask_file=threats.mask_file, world_size=group.world_size if group else 1)
+                             mask_file=threats.mask_file, world_size=job.world_size if job else 1)
 
     docs = {}
     for value in dict.fromkeys(item.value for item in items):
