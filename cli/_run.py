@@ -19,6 +19,7 @@ import click
 from rich.markup import escape
 
 from ._console import InputError, err_console, parse_bytes, parse_floats, parse_shape
+from .launch import NPROC_HELP, world_from_env
 
 SHAPE_HELP = (
     "Patch shape: square, rectangle, line, hline, vline, diamond, parallelogram, rectangle:HxW, "
@@ -37,8 +38,9 @@ CHUNK_HELP = (
 # --------------------------------------------------------------------------- options
 
 
-def model_data_options(*, method: bool = True) -> Callable:
-    """The options every model command takes, in help order (``method``: the bound method)."""
+def model_data_options(*, method: bool = True, nproc: bool = False) -> Callable:
+    """The options every model command takes, in help order (``method``: the bound method;
+    ``nproc``: ``--nproc N``, for a command that shares its images between processes)."""
 
     def decorate(f: Callable) -> Callable:
         options = [
@@ -74,13 +76,17 @@ def model_data_options(*, method: bool = True) -> Callable:
             click.option("--std", default=None, metavar="S[,S,S]",
                          help="Per-channel std the model expects, e.g. 0.2471,0.2435,0.2616; give --mean too "
                          "(--mean 0 --std S only divides, --mean M --std 1 only subtracts)."),
-            click.option("--max-memory", "max_memory", default="1G", metavar="SIZE",
+            click.option("--max-memory", "max_memory", default=None, metavar="SIZE",
+                         show_default="1G; with --device cuda half the GPU's free memory",
                          help="Memory for the working tensors of one bound computation (e.g. 512M, 2G); sets "
                          "the rows per call from the model's activation sizes."),
             click.option("--chunk", type=click.IntRange(min=1), default=None, show_default="sized by --max-memory",
                          help=CHUNK_HELP),
             click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu",
-                         help="Where to compute."),
+                         help="Where to compute" + (" (cuda: the process's own GPU under torchrun or --nproc)."
+                                                    if nproc else ".")),
+            *([click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N", show_default="1",
+                            help=NPROC_HELP)] if nproc else []),
             click.option("--seed", type=int, default=0, help="Random seed (recorded in the report)."),
             click.option("--threads", type=click.IntRange(min=1), default=None, show_default="torch's default",
                          help="CPU threads torch may use (1 is often fastest on a small or busy machine)."),
@@ -258,6 +264,15 @@ def status(message: str, enabled: bool):
     return err_console.status(message) if enabled else contextlib.nullcontext()
 
 
+def single_process(command: str) -> None:
+    """A command that does not share its images between processes refuses to run in several."""
+    if world_from_env() > 1:
+        raise click.UsageError(
+            f"{command} runs in one process: the images are not split between processes, each would repeat the "
+            "whole run (run it without torchrun; certify and train take several)"
+        )
+
+
 def check_model_exists(model: str) -> None:
     """Before importing torch: a typo in MODEL fails at once (exit 1)."""
     if not Path(model).expanduser().exists():
@@ -334,7 +349,8 @@ def load(*, model: str, data: str, start: int, num: Optional[int], input_shape: 
 
 
 def run_info(run: Loaded, *, model: str, data: str, start: int, num: Optional[int], item: Optional[ThreatItem],
-             method: str, chunk: Optional[int], device: str, seed: int, mask_file: Optional[str]):
+             method: str, chunk: Optional[int], device: str, seed: int, mask_file: Optional[str],
+             world_size: int = 1):
     """The report's :class:`~lirpa_patch.report.RunInfo` for one threat item (None: the run as a whole)."""
     from lirpa_patch import report
 
@@ -342,12 +358,24 @@ def run_info(run: Loaded, *, model: str, data: str, start: int, num: Optional[in
         model, run.dataset, net=run.net, num_classes=run.loaded.num_classes, data=data, start=start, num=num,
         patch=item.size if item is not None and item.size is not None else None,
         sparse_k=item.k if item is not None else None, method=method, chunk=chunk, device=device, seed=seed,
-        onnxruntime_max_abs_diff=run.max_diff, mask_file=mask_file,
+        onnxruntime_max_abs_diff=run.max_diff, mask_file=mask_file, world_size=world_size,
     )
 
 
-def parse_memory(value: str) -> int:
-    return parse_bytes(value, "--max-memory")
+def parse_memory(value: Optional[str]) -> Optional[int]:
+    """``--max-memory`` in bytes; None when not given (see :func:`memory`)."""
+    return parse_bytes(value, "--max-memory") if value is not None else None
+
+
+def memory(value: Optional[int], device) -> int:
+    """The bytes one bound computation may use: ``--max-memory``, else half the GPU's free memory
+    (measure with the model on the GPU), else the engine's default (1 GiB)."""
+    from lirpa_patch.devices import memory_budget
+    from lirpa_patch.engine import DEFAULT_MAX_MEMORY
+
+    if value is not None:
+        return value
+    return memory_budget(device) or DEFAULT_MAX_MEMORY
 
 
 # --------------------------------------------------------------------------- attacks

@@ -45,6 +45,7 @@ def attack(model: str, patch: str, shape: str, sparse: Optional[str], locations_
       lirpa-patch attack net.onnx --sparse 1,2,4,8
     """
     _run.check_model_exists(model)  # first, before anything imports torch
+    _run.single_process("attack")  # no share of the images per process: not under torchrun
     threats = _run.parse_threats(patch, shape, sparse)
     _run.check_candidates(opts["candidates"])
     if threats.sparse:
@@ -97,7 +98,7 @@ def _report_locations(path: str, item, image_size, indices: list[int]):
 
 def _attack(model: str, threats: "_run.Threats", *, locations_from: Optional[str], save_adversarial: Optional[str],
             data: str, start: int, num: Optional[int], method: str, input_shape: Optional[str], layout: Optional[str],
-            mean: Optional[str], std: Optional[str], max_memory: str, chunk: Optional[int], device: str, seed: int,
+            mean: Optional[str], std: Optional[str], max_memory: Optional[str], chunk: Optional[int], device: str, seed: int,
             threads: Optional[int], output: Optional[str], no_check: bool, quiet: bool, steps, restarts, step_size, candidates, loss,
             worst: int) -> None:
     import torch
@@ -116,6 +117,7 @@ def _attack(model: str, threats: "_run.Threats", *, locations_from: Optional[str
     run = _run.load(model=model, data=data, start=start, num=num, input_shape=input_shape, layout=layout, mean=mean,
                     std=std, device=device, check=not no_check, quiet=quiet, threads=threads)
     items = _run.threat_items(threats, run.image_shape)
+    memory = _run.memory(memory, device)  # on a GPU: a share of its free memory, the model on it
     images, labels = run.dataset.images, run.dataset.labels
 
     results = {}

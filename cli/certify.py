@@ -15,10 +15,11 @@ import click
 
 from . import _run
 from ._console import console, err_console, library_warnings_silenced
+from .launch import is_primary, launch_or_none
 
 
 @click.command("certify", context_settings={"show_default": True})
-@_run.model_data_options()
+@_run.model_data_options(nproc=True)
 @click.option("--heatmaps", "heatmaps", default=None, metavar="DIR",
               help="Write, per image and patch shape, the image with its worst location outlined beside a "
               "heatmap of the worst certified margin at every location (PNG; DIR is created if missing).")
@@ -46,13 +47,18 @@ def certify(model: str, patch: str, shape: str, sparse: Optional[str], heatmaps:
       lirpa-patch certify net.onnx --sparse 1,2,4,8
       lirpa-patch certify resnet.onnx --data cifar/ --num 100 --mean 0.4914,0.4822,0.4465 \\
           --std 0.2471,0.2435,0.2616 --patch 5x5 --shape all --heatmaps maps/
+      lirpa-patch certify net.onnx --data sample --start 4000 --nproc 2 -o report.json
+      torchrun --nproc-per-node 2 -- "$(command -v lirpa-patch)" certify net.onnx --data sample -o report.json
     """
     _run.check_model_exists(model)  # first, before anything imports torch
     threats = _run.parse_threats(patch, shape, sparse)
     if heatmaps is not None and threats.sparse:
         raise click.UsageError("--heatmaps shows patch locations; it does not apply to --sparse")
+    groups_value = _parse_groups(groups)
+    _run.parse_memory(opts["max_memory"])
+    launch_or_none(click.get_current_context(), opts.pop("nproc"))  # --nproc N: this command line in N processes
     with library_warnings_silenced():
-        _certify(model, threats, heatmaps=heatmaps, html=html, groups=_parse_groups(groups), **opts)
+        _certify(model, threats, heatmaps=heatmaps, html=html, groups=groups_value, **opts)
 
 
 def _parse_groups(value: str):
@@ -68,19 +74,24 @@ def _parse_groups(value: str):
 
 
 certify.param_flags = {**_run.PARAM_FLAGS, "groups": "--groups"}
+certify.memory_hint = "lower --max-memory (or --chunk)"
 
 
 def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], html: Optional[str], groups, data: str,
              start: int, num: Optional[int], method: str, input_shape: Optional[str], layout: Optional[str],
-             mean: Optional[str], std: Optional[str], max_memory: str, chunk: Optional[int], device: str, seed: int,
-             threads: Optional[int], output: Optional[str], no_check: bool, quiet: bool) -> None:
-    from lirpa_patch import report
-    from lirpa_patch.engine import bound_model, certify as certify_images
+             mean: Optional[str], std: Optional[str], max_memory: Optional[str], chunk: Optional[int], device: str,
+             seed: int, threads: Optional[int], output: Optional[str], no_check: bool, quiet: bool) -> None:
+    from lirpa_patch import distributed, report
+    from lirpa_patch.devices import resolve
+    from lirpa_patch.engine import bound_model
 
     from . import pictures, render
 
     # 1. options that need nothing loaded; an output that is an input of the run is refused here
     method, device = method.lower(), _run.check_device(device.lower())
+    where = resolve(device)  # under torchrun / --nproc, cuda is this process's own GPU
+    job = distributed.init(where)  # None in a single process
+    primary = is_primary()  # rank 0 alone prints and writes
     memory = _run.parse_memory(max_memory)
     _run.check_paths({"output": output, "html": html}, {"heatmaps": heatmaps}, model=model, data=data,
                      mask_file=threats.mask_file)
@@ -88,32 +99,36 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
 
     # 2. data and model; the threats, checked against the image size before allocating
     run = _run.load(model=model, data=data, start=start, num=num, input_shape=input_shape, layout=layout, mean=mean,
-                    std=std, device=device, check=not no_check, quiet=quiet, threads=threads)
+                    std=std, device=where, check=not no_check, quiet=quiet or not primary, threads=threads)
     items = _run.threat_items(threats, run.image_shape)
 
-    # 3. certify every threat
+    # 3. certify every threat (with several processes, each its share of the images; all results on rank 0)
     with _run.status("Building the bounded model...", run.interactive):
-        bounded = bound_model(run.net, run.image_shape, device)
+        bounded = bound_model(run.net, run.image_shape, where)
+    memory = _run.memory(memory, where)  # on a GPU: a share of its free memory, the model on it
     pictures_wanted = heatmaps is not None or html is not None
     results = {}
     with render.CertifyProgress(err_console, enabled=run.interactive) as progress:
         for item in items:
             label = item.label if len(items) > 1 else "Certifying"
-            common = dict(method=method, chunk_size=chunk, max_memory=memory, device=device, indices=run.indices,
+            common = dict(method=method, chunk_size=chunk, max_memory=memory, device=where, indices=run.indices,
                           bounded=bounded, progress=progress.task(label))
             if item.k is not None:
-                results[item.label] = certify_images(run.net, run.dataset.images, run.dataset.labels, k=item.k,
-                                                     **common)
+                results[item.label] = distributed.certify(run.net, run.dataset.images, run.dataset.labels, k=item.k,
+                                                          **common)
             else:
-                results[item.label] = certify_images(run.net, run.dataset.images, run.dataset.labels,
-                                                     shape=item.shape, keep_location_margins=pictures_wanted,
-                                                     groups=groups, **common)
+                results[item.label] = distributed.certify(run.net, run.dataset.images, run.dataset.labels,
+                                                          shape=item.shape, keep_location_margins=pictures_wanted,
+                                                          groups=groups, **common)
+    distributed.shutdown()
+    if not primary:
+        return
 
     # 4. reports: one per swept value (a single report, or a shape-transfer report), then the sweep
     def info(item):
         return _run.run_info(run, model=model, data=data, start=start, num=num, item=item, method=method,
                              chunk=results[item.label].chunk_size, device=device, seed=seed,
-                             mask_file=threats.mask_file)
+                             mask_file=threats.mask_file, world_size=job.world_size if job else 1)
 
     docs = {}
     for value in dict.fromkeys(item.value for item in items):

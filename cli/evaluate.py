@@ -45,6 +45,7 @@ def evaluate(model: str, patch: str, shape: str, sparse: Optional[str], html: Op
       lirpa-patch evaluate net.onnx --sparse 1,2,4,8
     """
     _run.check_model_exists(model)  # first, before anything imports torch
+    _run.single_process("evaluate")  # no share of the images per process: not under torchrun
     threats = _run.parse_threats(patch, shape, sparse)
     _run.check_candidates(opts["candidates"])
     if threats.sparse and click.get_current_context().get_parameter_source("step_size") \
@@ -62,7 +63,7 @@ evaluate.param_flags = {**_run.PARAM_FLAGS, "candidates": "--candidates", "resta
 
 def _evaluate(model: str, threats: "_run.Threats", *, html: Optional[str], plots: Optional[str], data: str, start: int,
               num: Optional[int], method: str, input_shape: Optional[str], layout: Optional[str], mean: Optional[str],
-              std: Optional[str], max_memory: str, chunk: Optional[int], device: str, seed: int,
+              std: Optional[str], max_memory: Optional[str], chunk: Optional[int], device: str, seed: int,
               threads: Optional[int], output: Optional[str], no_check: bool, quiet: bool, steps, restarts, step_size, candidates, loss,
               worst: int) -> int:
     from lirpa_patch.engine import bound_model
@@ -78,6 +79,7 @@ def _evaluate(model: str, threats: "_run.Threats", *, html: Optional[str], plots
     run = _run.load(model=model, data=data, start=start, num=num, input_shape=input_shape, layout=layout, mean=mean,
                     std=std, device=device, check=not no_check, quiet=quiet, threads=threads)
     items = _run.threat_items(threats, run.image_shape)
+    memory = _run.memory(memory, device)  # on a GPU: a share of its free memory, the model on it
     images, labels = run.dataset.images, run.dataset.labels
     with _run.status("Building the bounded model...", run.interactive):
         bounded = bound_model(run.net, run.image_shape, device)

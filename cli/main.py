@@ -32,6 +32,7 @@ import click
 from rich.markup import escape
 
 from ._console import err_console
+from .launch import ARGV_KEY, is_primary, silence_secondary_ranks, under_nproc
 
 _COMMAND_MODULES = (
     "lirpa_patch_cli.certify",
@@ -76,7 +77,46 @@ def flag_message(
 
 
 def _print_error(message: str) -> None:
+    err_console.quiet = False  # a rank other than 0 prints nothing else, but may report the job's failure
     err_console.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def _report(message: str, exc: BaseException) -> None:
+    """Print the one-line error, once for the whole job when several processes run (torchrun, --nproc).
+
+    Before the processes joined (``lirpa_patch.distributed.init``) they all fail alike: rank 0
+    reports. After, the lowest rank whose own work failed reports, naming itself
+    (:func:`lirpa_patch.distributed.failure_line`); a process that stops because another
+    failed or vanished waits for that report, and says nothing (under ``--nproc``, whose
+    launcher names a killed process, it never does).
+    """
+    dist = sys.modules.get("lirpa_patch.distributed")
+    group = dist.current() if dist is not None else None
+    if group is None:
+        if is_primary():
+            _print_error(message)
+        return
+    lost = isinstance(exc, dist.PeerLost) or _collective_error(exc)
+    if lost and under_nproc():
+        dist.wait_for_failure_report()
+        return
+    line = dist.failure_line(message, own=not (lost or isinstance(exc, dist.PeerFailed)))
+    if line is None:
+        dist.wait_for_failure_report()
+        return
+    _print_error(line)
+    dist.failure_reported()
+
+
+def _collective_error(exc: BaseException) -> bool:
+    """A torch.distributed error: a collective failed because another process stopped."""
+    torch_dist = sys.modules.get("torch.distributed")
+    error = getattr(torch_dist, "DistError", None) if torch_dist is not None else None
+    return error is not None and isinstance(exc, error)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
 
 
 class _Group(click.Group):
@@ -93,20 +133,37 @@ class _Group(click.Group):
         except Exception as exc:  # a library error, or anything else: one line, never a traceback
             if os.environ.get("LIRPA_PATCH_DEBUG"):
                 raise
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
             errors = sys.modules.get("lirpa_patch.errors")  # not imported here: that imports torch
+            dist = sys.modules.get("lirpa_patch.distributed")
+            if dist is not None and isinstance(exc, dist.PeerFailed):
+                _report(str(exc), exc)
+                ctx.exit(2 if exc.usage else 1)
+            if dist is not None and dist.current() is not None and _collective_error(exc):
+                _report(str(dist.PeerLost.from_error(exc)), exc)
+                ctx.exit(1)
             if errors is not None and isinstance(exc, errors.LirpaPatchError):
-                command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
                 message = flag_message(str(exc), getattr(exc, "param", None), command, getattr(exc, "related", ()))
-                _print_error(message)
+                _report(message, exc)
                 ctx.exit(2 if isinstance(exc, errors.UsageError) else 1)
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            _print_error(f"unexpected {type(exc).__name__}: {message} (set LIRPA_PATCH_DEBUG=1 for the traceback)")
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            if _out_of_memory(exc):
+                hint = getattr(command, "memory_hint", "")
+                _report(f"out of memory{f' ({first})' if first else ''}{f'; {hint}' if hint else ''}", exc)
+                ctx.exit(1)
+            _report(f"unexpected {type(exc).__name__}: {first} (set LIRPA_PATCH_DEBUG=1 for the traceback)", exc)
             ctx.exit(1)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Keep the command line as typed (``--nproc`` hands it to every process it starts)."""
+        ctx.meta.setdefault(ARGV_KEY, list(args))
+        return super().parse_args(ctx, args)
 
     def main(self, *args, **kwargs):
         """Click's own errors (bad option values, missing arguments) as one line too, not three."""
         if kwargs.get("standalone_mode", True) is False:
             return super().main(*args, **kwargs)
+        silence_secondary_ranks()
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Abort:
@@ -116,7 +173,7 @@ class _Group(click.Group):
             hint = ""
             if isinstance(exc, click.UsageError) and exc.ctx is not None:
                 hint = f" (see '{exc.ctx.command_path} --help')"
-            _print_error(exc.format_message() + hint)
+            _report(exc.format_message() + hint, exc)
             sys.exit(exc.exit_code)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)

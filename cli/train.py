@@ -14,6 +14,7 @@ every epoch) -> certify the whole validation split with IBP over every location
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import click
 
 from ._console import InputError, console, err_console, library_warnings_silenced, param_as, parse_floats
+from .launch import NPROC_HELP, is_primary, launch_or_none
 
 _STRATEGY_HELP = (
     "Which locations the loss bounds: 'all' (every location, eq. 11-12), 'random' (--patches "
@@ -192,7 +194,10 @@ class _Display:
 @click.option("--final-eval/--no-final-eval", default=True,
               help="Certify the whole validation split at the end.")
 @click.option("--seed", type=int, default=0, help="Seed: a CPU run with the same seed repeats exactly.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu", help="Device.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu",
+              help="Device (cuda: the process's own GPU under torchrun or --nproc).")
+@click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N", show_default="1",
+              help=NPROC_HELP + " --batch-size stays the images per optimizer step, over all processes.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, show_default="torch's default",
               help="CPU threads torch may use.")
 @click.option("--out", "-o", "out", required=True, metavar="PATH",
@@ -203,7 +208,7 @@ class _Display:
               help="Checkpoint written after every epoch (weights, optimizer, scheduler, RNG).")
 @click.option("--resume", default=None, metavar="PATH",
               help="Continue from a checkpoint: its configuration, architecture and data selection are used; "
-              "only --epochs, --device, --threads, --out, --checkpoint, --metrics and --quiet apply.")
+              "only --epochs, --device, --nproc, --threads, --out, --checkpoint, --metrics and --quiet apply.")
 @click.option("--metrics", default=None, metavar="PATH", show_default="OUT with .metrics.jsonl",
               help="Per-epoch metrics file: JSON lines, or CSV when it ends in .csv.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No live table (the summary is still printed).")
@@ -216,6 +221,7 @@ def train(**opts: Any) -> None:
       lirpa-patch train --data cifar10/ --arch cnn5wide --patch 5x5 --strategy guided --patches 20 --out c.onnx
       lirpa-patch certify m.onnx --patch 2x2 --data sample --start 4000
       lirpa-patch train --data sample --arch mlp --sparse 4 --out mnist_sparse4.onnx
+      lirpa-patch train --data sample --arch mlp --epochs 30 --nproc 2 --out m.onnx
     """
     if opts["sparse"] is not None:
         ctx = click.get_current_context()
@@ -231,10 +237,12 @@ def train(**opts: Any) -> None:
         raise InputError(f"checkpoint {opts['resume']} does not exist")
     mean = parse_floats(opts["mean"], "--mean")
     std = parse_floats(opts["std"], "--std")
+    launch_or_none(click.get_current_context(), opts["nproc"])  # --nproc N: this command line in N processes
 
     import torch
 
     import lirpa_patch  # noqa: F401  (auto_LiRPA shims first)
+    from lirpa_patch import distributed
     from lirpa_patch.data import source_files
     from lirpa_patch.domain import check_normalization
     from lirpa_patch.models.adapter import ImageModel
@@ -249,6 +257,8 @@ def train(**opts: Any) -> None:
 
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
+    group = distributed.init(opts["device"])  # None in a single process; several: rank 0 alone writes
+    primary = is_primary()
     check_normalization(mean, std)  # both or neither, before any data is read
     if opts["sparse"] is None and not opts["resume"]:
         check_pixels(opts["patch"])  # a patch no image can hold fails before the data is read
@@ -274,6 +284,8 @@ def train(**opts: Any) -> None:
         allow=[("checkpoint", "resume")],  # resuming writes the checkpoint it continues
     )
     for path, what in ((out, "the ONNX model"), (checkpoint, "the checkpoint"), (metrics_path, "the metrics")):
+        if not primary:
+            break
         try:
             path.parent.mkdir(parents=True, exist_ok=True)  # a new run folder is made, as before
         except OSError as exc:
@@ -337,15 +349,21 @@ def train(**opts: Any) -> None:
         f"lr {config.lr:g}" + (f" | resuming at epoch {trainer.epoch}" if resumed is not None else ""),
         highlight=False,
     )
-    display = _Display(not opts["quiet"], config.epochs, trainer.strategy.describe())
+    if group is not None:
+        err_console.print(f"{group.world_size} processes ({group.backend}): each batch of {config.batch_size} "
+                          "images is split between them", highlight=False)
+    display = _Display(not opts["quiet"] and primary, config.epochs, trainer.strategy.describe())
 
-    # 4. train (checkpoint after every epoch), evaluate, export
-    with param_as({"path": "metrics"}):
-        log = MetricsLog(metrics_path)
+    # 4. train (checkpoint after every epoch, by rank 0), evaluate, export
+    if primary:
+        with param_as({"path": "metrics"}):
+            log = MetricsLog(metrics_path)
+    else:
+        log = contextlib.nullcontext()
     with log:
 
         def callback(event) -> None:
-            if event.kind == "epoch":
+            if event.kind == "epoch" and primary:
                 log.append(event.metrics)
             display.event(event)
 
@@ -359,11 +377,15 @@ def train(**opts: Any) -> None:
             t0 = time.perf_counter()
             with library_warnings_silenced():
                 final = trainer.evaluate()
-            log.append(EpochMetrics(
-                kind="final", epoch=trainer.epoch, val_images=final.num_images,
-                val_clean_accuracy=final.clean_accuracy, val_certified_accuracy=final.certified_accuracy,
-                eval_seconds=time.perf_counter() - t0,
-            ))
+            if primary:
+                log.append(EpochMetrics(
+                    kind="final", epoch=trainer.epoch, val_images=final.num_images,
+                    val_clean_accuracy=final.clean_accuracy, val_certified_accuracy=final.certified_accuracy,
+                    eval_seconds=time.perf_counter() - t0,
+                ))
+    distributed.shutdown()
+    if not primary:
+        return
     with library_warnings_silenced(), param_as({"path": "out"}):
         check = val[0][:64] if val is not None else train_x[:64]
         diff = export_onnx(trainer.model, out, image_shape, check_images=check)
@@ -382,5 +404,6 @@ def train(**opts: Any) -> None:
 
 
 train.param_flags = {"chunk_size": "--chunk", "size": "--patch", "k": "--sparse", "dataset": "--preset"}
+train.memory_hint = "lower --chunk (or --batch-size)"
 
 COMMANDS = [train]

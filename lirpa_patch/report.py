@@ -48,6 +48,10 @@ One shape (``--shape square``, ``diamond``, ``rectangle:3x5``, a mask file, ...)
                                          # certified through blocks, bound computations done
                                          # and what every location alone takes; null when off
         "device": "cpu",
+        "world_size": 1,                 # processes that shared the images (torchrun, --nproc);
+                                         # the report is the same for any number but for the
+                                         # timing fields (seconds, images_per_second), this one,
+                                         # and location groups decided per process (README)
         "seed": 0,
         "versions": {"lirpa_patch": "0.1.0", "auto_LiRPA": "0.3", "torch": "2.15.0",
                      "onnxruntime": "1.32.0"}   # onnxruntime only when the cross-check ran
@@ -151,6 +155,7 @@ class RunInfo:
         versions: package versions (see :func:`collect_versions`).
         threat: ``"patch"`` or ``"sparse"`` (``--sparse K``); ``sparse_k`` is K.
         mask_file: the ``--shape`` mask file, when one was given.
+        world_size: the number of processes that certified the images (1: one process).
     """
 
     model: str
@@ -170,6 +175,7 @@ class RunInfo:
     threat: str = "patch"
     sparse_k: Optional[int] = None
     mask_file: Optional[str] = None
+    world_size: int = 1
 
     @classmethod
     def of(
@@ -190,6 +196,7 @@ class RunInfo:
         seed: int = 0,
         onnxruntime_max_abs_diff: Optional[float] = None,
         mask_file: Optional[str] = None,
+        world_size: int = 1,
     ) -> "RunInfo":
         """The :class:`RunInfo` of a run, from the objects it used: exactly what ``lirpa-patch certify`` records.
 
@@ -208,6 +215,7 @@ class RunInfo:
                 what the engine chose).
             onnxruntime_max_abs_diff: the cross-check's result, None when not run.
             mask_file: the patch mask file, when one was used.
+            world_size: the number of processes that shared the images.
         """
         from .shapes import parse_size
 
@@ -244,6 +252,7 @@ class RunInfo:
             threat="sparse" if sparse_k is not None else "patch",
             sparse_k=sparse_k,
             mask_file=mask_file,
+            world_size=int(world_size),
         )
 
 
@@ -307,6 +316,7 @@ def _run_fields(run: RunInfo, result: CertifyResult) -> dict[str, Any]:
         "num": None if run.num is None else int(run.num),
         "chunk": int(run.chunk if run.chunk is not None else result.chunk_size),
         "device": run.device,
+        "world_size": int(run.world_size),
         "seed": int(run.seed),
         "versions": dict(run.versions),
         "head": {"merged": bool(result.head.get("merged", False)), "form": str(result.head.get("form", "")),

@@ -28,11 +28,23 @@ Everything random (shuffling, augmentation, location sampling) draws from one
 seeded CPU generator whose state is checkpointed, so a CPU run repeats exactly
 and ``resume`` continues exactly where the checkpoint left off.
 
+Under torch.distributed (a job joined with :func:`lirpa_patch.distributed.init`, e.g.
+under ``torchrun``), every process builds the same trainer on the same data; every
+batch is split between them (:func:`lirpa_patch.distributed.shard`: a distributed
+sampler that keeps the one-process batches) and ``DistributedDataParallel`` averages
+the gradients, each process's loss weighted by its share of the batch, so a step is the
+one-process step up to float rounding. Shuffling and augmentation draw from the shared,
+checkpointed generator (the same on every process); a strategy's random locations draw
+from a per-process generator seeded from ``seed``, the epoch and the rank. The epoch's
+metrics are summed over the processes, :meth:`evaluate` certifies its images split the
+same way, and :meth:`fit` saves checkpoints on rank 0 only.
+
 The library never prints: progress goes to the ``callback`` of :meth:`Trainer.fit`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -47,8 +59,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import outputs
-from ..engine import CertifyResult, ProgressFn, bound_model, certify
+from .. import devices, distributed, outputs
+from ..engine import SPARSE_CHUNK, CertifyResult, ProgressFn, bound_model
 from ..domain import PixelDomain
 from ..errors import DataError, UsageError
 from ..locations import Locations, all_locations
@@ -372,7 +384,7 @@ class Trainer:
                 metrics.val_clean_accuracy = result.clean_accuracy
                 metrics.val_certified_accuracy = result.certified_accuracy
                 metrics.eval_seconds = time.perf_counter() - start
-            if checkpoint is not None:
+            if checkpoint is not None and self._rank() == 0:  # one writer: rank 0 (under torch.distributed)
                 self.save(checkpoint)
             if callback is not None:
                 callback(TrainEvent("epoch", self.epoch, self.config.epochs, metrics=metrics))
@@ -383,6 +395,10 @@ class Trainer:
         cfg = self.config
         start = time.perf_counter()
         epoch = self.epoch
+        group = distributed.current()
+        if group is not None:  # this rank's draws (locations): its own generator, reseeded every epoch
+            self._rank_generator = torch.Generator().manual_seed(
+                (cfg.seed * 1_000_003 + epoch * 7919 + group.rank) % (1 << 62))
         lr = float(self.optimizer.param_groups[0]["lr"])
         n = self.train_images.shape[0]
         order = torch.randperm(n, generator=self.generator).to(self.device)
@@ -397,7 +413,8 @@ class Trainer:
             if cfg.crop > 0 or cfg.flip:
                 images = _augment(images, self.generator, cfg.crop, cfg.flip)
             strength = self.warmup.strength(epoch, b, num_batches)
-            step = self._step(images, labels, strength)
+            part = distributed.shard(images.shape[0], group.rank, group.world_size) if group is not None else None
+            step = self._step(images, labels, strength, part=part)
             m = images.shape[0]
             for key in ("loss", "natural", "correct"):
                 sums[key] += step[key] * m
@@ -434,8 +451,14 @@ class Trainer:
     def _micro_batch(self) -> int:
         return max(1, self.config.chunk_size // max(1, self.strategy.grad_rows_per_image()))
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor, strength: float) -> dict:
-        """One optimizer step on a batch, in micro-batches; returns batch averages."""
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, strength: float,
+              part: Optional[slice] = None) -> dict:
+        """One optimizer step on a batch, in micro-batches; returns batch averages.
+
+        Under torch.distributed every rank gets the whole batch and works on its ``part``;
+        the gradients are averaged by ``DistributedDataParallel`` with each rank's loss
+        weighted by its share of the batch, so the step is the one-process step.
+        """
         cfg = self.config
         w = cfg.natural_weight
         robust = strength > 0 and w < 1
@@ -443,34 +466,84 @@ class Trainer:
         if self.aux_optimizer is not None:
             self.aux_optimizer.zero_grad(set_to_none=True)
         n = images.shape[0]
-        micro = self._micro_batch() if robust else n
+        ddp = self._ddp() if part is not None else None
+        world = distributed.current().world_size if ddp is not None else 1
+        weight = 1.0
+        if part is not None:
+            local, local_labels = images[part], labels[part]
+            if local.shape[0] == 0:  # no share of this batch: a weightless image keeps the ranks in step
+                local, local_labels, weight = images[:1], labels[:1], 0.0
+            images, labels = local, local_labels
+        generator = self.generator if ddp is None else self._rank_generator
+        micro = self._micro_batch() if robust else images.shape[0]
+        starts = list(range(0, images.shape[0], micro))
         out = dict(loss=0.0, robust=None, natural=0.0, correct=0.0, certified=None, unet=None, rows=0)
-        for s in range(0, n, micro):
+        for i, s in enumerate(starts):
             x, y = images[s : s + micro], labels[s : s + micro]
-            frac = x.shape[0] / n
-            logits = self.model(x)
-            natural = F.cross_entropy(logits, y)
-            out["natural"] += float(natural.detach()) * frac
-            out["correct"] += float((logits.detach().argmax(1) == y).float().mean()) * frac
-            loss = natural
-            total = natural
-            if robust:
-                margins = self.strategy.worst_margins(x, y, strength=strength, generator=self.generator)
-                rob = F.cross_entropy(margin_logits(margins.worst, y, self.num_classes), y)
-                loss = (1 - w) * rob + w * natural if w > 0 else rob
-                total = loss if margins.aux_loss is None else loss + margins.aux_loss
-                out["robust"] = (out["robust"] or 0.0) + float(rob.detach()) * frac
-                cert = float((margins.worst.detach() >= 0).all(dim=1).float().mean())
-                out["certified"] = (out["certified"] or 0.0) + cert * frac
-                if "unet_mse" in margins.stats:
-                    out["unet"] = (out["unet"] or 0.0) + margins.stats["unet_mse"] * frac
-                out["rows"] += margins.rows
-            (total * frac).backward()
-            out["loss"] += float(loss.detach()) * frac
+            frac = x.shape[0] / n * weight
+            last = i == len(starts) - 1
+            with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+                parts = (ddp if ddp is not None else self._loss)(x, y, strength, generator)
+                (parts["total"] * (frac * world)).backward()
+            out["natural"] += parts["natural"] * frac
+            out["correct"] += parts["correct"] * frac
+            if parts["robust"] is not None:
+                out["robust"] = (out["robust"] or 0.0) + parts["robust"] * frac
+                out["certified"] = (out["certified"] or 0.0) + parts["certified"] * frac
+                if parts["unet"] is not None:
+                    out["unet"] = (out["unet"] or 0.0) + parts["unet"] * frac
+                out["rows"] += parts["rows"] if weight else 0
+            out["loss"] += parts["loss"] * frac
+        if ddp is not None:
+            out = _sum_over_ranks(out)
         self.optimizer.step()
         if self.aux_optimizer is not None:
             self.aux_optimizer.step()  # a no-op without gradients (strength 0)
         return out
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, strength: float, generator: torch.Generator) -> dict:
+        """The loss of one micro-batch: ``total`` (to back-propagate) and its parts as floats."""
+        w = self.config.natural_weight
+        robust = strength > 0 and w < 1
+        logits = self.model(x)
+        natural = F.cross_entropy(logits, y)
+        out = dict(natural=float(natural.detach()), correct=float((logits.detach().argmax(1) == y).float().mean()),
+                   robust=None, certified=None, unet=None, rows=0)
+        loss = natural
+        total = natural
+        if robust:
+            margins = self.strategy.worst_margins(x, y, strength=strength, generator=generator)
+            rob = F.cross_entropy(margin_logits(margins.worst, y, self.num_classes), y)
+            loss = (1 - w) * rob + w * natural if w > 0 else rob
+            total = loss if margins.aux_loss is None else loss + margins.aux_loss
+            out["robust"] = float(rob.detach())
+            out["certified"] = float((margins.worst.detach() >= 0).all(dim=1).float().mean())
+            if "unet_mse" in margins.stats:
+                out["unet"] = margins.stats["unet_mse"]
+            out["rows"] = margins.rows
+        out["loss"] = float(loss.detach())
+        out["total"] = total
+        return out
+
+    # ------------------------------------------------------------------ torch.distributed
+    def _rank(self) -> int:
+        group = distributed.current()
+        return group.rank if group is not None else 0
+
+    def _ddp(self) -> Optional[nn.Module]:
+        """The ``DistributedDataParallel`` wrapper of :meth:`_loss` (model and U-net), built on first use."""
+        group = distributed.current()
+        if group is None:
+            return None
+        if self.__dict__.get("_ddp_module") is None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._ddp_module = DistributedDataParallel(
+                _LossModule(self), device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,  # ranks run different numbers of micro-batches per step
+                find_unused_parameters=self.strategy.auxiliary is not None,  # the U-net rests at strength 0
+            )
+        return self._ddp_module
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(
@@ -485,7 +558,8 @@ class Trainer:
 
         Against the sparse threat (``config.sparse``) instead: IBP with the exact top-k
         first layer, full valid range. Defaults to the validation set given to the
-        constructor.
+        constructor. Under torch.distributed every process must call it (each certifies
+        its share of the images; every process gets the whole result).
         """
         if images is None or labels is None:
             if self.val_images is None or self.val_labels is None:
@@ -496,13 +570,13 @@ class Trainer:
         was_training = self.model.training
         try:
             if self.config.sparse:
-                from ..engine import certify_sparse
+                from ..threats.sparse import SparseThreat
 
-                return certify_sparse(
-                    self.model, images, labels, k=self.config.sparse, method="ibp", device=self.device,
-                    domain=self.domain, bounded=self.bounded, progress=progress,
+                return distributed.certify(
+                    self.model, images, labels, SparseThreat(self.config.sparse), chunk_size=SPARSE_CHUNK,
+                    method="ibp", device=self.device, domain=self.domain, bounded=self.bounded, progress=progress,
                 )
-            return certify(
+            return distributed.certify(
                 self.model, images, labels, shape=self.shape, locations=self.locations, method="ibp",
                 chunk_size=self.config.chunk_size, device=self.device, domain=self.domain, bounded=self.bounded,
                 progress=progress,
@@ -608,13 +682,34 @@ def load_checkpoint(path: PathLike) -> dict:
 
 
 def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}; use cpu or cuda", param="device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} was given but CUDA is not available on this machine", param="device")
-    return device
+    """This process's device (under torchrun, ``cuda`` is the process's own GPU)."""
+    return devices.resolve(name)
+
+
+class _LossModule(nn.Module):
+    """A trainer's micro-batch loss as a module that owns the trained parameters (model and U-net),
+    so that ``DistributedDataParallel`` can average their gradients."""
+
+    def __init__(self, trainer: "Trainer") -> None:
+        super().__init__()
+        self.model = trainer.model
+        self.aux = trainer.strategy.auxiliary
+        self._loss = trainer._loss  # a bound method: the trainer is not a submodule
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, strength: float, generator: torch.Generator) -> dict:
+        return self._loss(x, y, strength, generator)
+
+
+def _sum_over_ranks(step: dict) -> dict:
+    """A step's averages over the whole batch: every rank's shares added up (None stays None)."""
+    import torch.distributed as dist
+
+    keys = ("loss", "natural", "correct", "robust", "certified", "unet", "rows")
+    values = torch.tensor([float(step[k] or 0.0) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values, group=distributed.current().objects)
+    out = {k: (None if step[k] is None else float(v)) for k, v in zip(keys, values.tolist())}
+    out["rows"] = int(round(out["rows"]))
+    return out
 
 
 # --------------------------------------------------------------------------- metrics file
