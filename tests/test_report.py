@@ -21,7 +21,7 @@ SUMMARY_KEYS = {
     "report_version", "threat", "patch", "shape", "shape_variants", "pixel_count", "requested_pixel_count",
     "num_locations", "method", "num_images", "num_correct", "num_certified", "clean_accuracy",
     "certified_accuracy", "seconds", "images_per_second", "model", "model_input", "onnxruntime_max_abs_diff",
-    "data", "dataset", "image_shape", "start", "num", "chunk", "device", "seed", "versions", "head",
+    "data", "dataset", "image_shape", "start", "num", "chunk", "device", "seed", "versions", "head", "cascade",
 }
 IMAGE_KEYS = {"index", "label", "prediction", "correct", "certified", "worst_margin", "worst_location", "worst_class"}
 LOCATION_KEYS = {"shape", "variant", "height", "width", "top", "left"}
