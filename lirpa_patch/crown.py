@@ -212,8 +212,18 @@ def _alpha_crown(bounded: BoundedModule, x: torch.Tensor, ptb, C: torch.Tensor, 
             "init_alpha": False}
     saved = {k: opts[k] for k in ours if k in opts}
     opts.update(ours)
-    frozen = [p for p in bounded.parameters() if p.requires_grad]
-    for p in frozen:  # gradients go to the slopes only, never into the model's .grad
+    # Dense slopes: auto_LiRPA 0.3 keeps slopes for the unstable neurons only when they are
+    # under 90% of a layer, but beyond that forgets to drop their indices ("shape mismatch").
+    relus = [n for n in all_nodes(bounded) if hasattr(n, "use_sparse_features_alpha")]
+    sparse_features = [n.use_sparse_features_alpha for n in relus]
+    for n in relus:
+        n.use_sparse_features_alpha = False
+    # Gradients go to the slopes only, never into the model's .grad: auto_LiRPA's parameter
+    # nodes set requires_grad from the module's training mode on every forward.
+    frozen = [(p, p.requires_grad) for p in bounded.parameters()]
+    training = bounded.training
+    bounded.train(False)
+    for p, _ in frozen:
         p.requires_grad_(False)
     bx = (BoundedTensor(x.detach(), ptb),)
     try:
@@ -230,8 +240,11 @@ def _alpha_crown(bounded: BoundedModule, x: torch.Tensor, ptb, C: torch.Tensor, 
                 opts[k] = saved[k]
             else:
                 opts.pop(k, None)
-        for p in frozen:
-            p.requires_grad_(True)
+        for n, value in zip(relus, sparse_features):
+            n.use_sparse_features_alpha = value
+        bounded.train(training)
+        for p, flag in frozen:
+            p.requires_grad_(flag)
         for node in all_nodes(bounded):  # free the slopes (per row and neuron)
             alpha = getattr(node, "alpha", None)
             if isinstance(alpha, dict) and isinstance(node, _ops.BoundOptimizableActivation):
