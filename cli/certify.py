@@ -125,7 +125,7 @@ def _status(message: str, enabled: bool):
 @click.option("--intermediate", type=click.Choice(["auto", "crown", "ibp"], case_sensitive=False), default="auto",
               help="How CROWN bounds the hidden layers: crown (full CROWN), ibp (CROWN-IBP: much faster on "
               "convolutional nets, looser), or auto (measured per model: ibp only where full CROWN would take "
-              "over 30 s per image and CROWN-IBP stays close). The report says which was used.")
+              "over 2 min per image and CROWN-IBP stays close). The report says which was used.")
 @click.option("--input-shape", "input_shape", default=None, metavar="DIMS",
               help="Per-sample input shape of the model, batch dim excluded (e.g. 784x1, 1x28x28). "
               "Read from ONNX files; required for .pt/.pth models.")

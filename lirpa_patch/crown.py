@@ -167,9 +167,11 @@ def crown_margins(
         found = _ibp_bounds(bounded, x, ptb, final, list(dict.fromkeys(pre + first)))
         exact = [n for n in first if n in found and "lp_fallback_reason" not in bounded[n].__dict__]
         given_names = exact + ([n for n in pre if n in found] if intermediate == "ibp" else [])
-        kwargs = {
+        reference = {n: found[n] for n in pre if n in found} or None
+        kwargs = {  # (aux_reference_bounds: which neurons are unstable, without auto_LiRPA's own IBP pass)
             _given_bounds_keyword(): {n: found[n] for n in given_names} or None,
-            "reference_bounds": {n: found[n] for n in pre if n in found} or None,
+            "reference_bounds": reference,
+            "aux_reference_bounds": reference,
         }
         ptb.virtual = False
         if method == "alpha-crown":

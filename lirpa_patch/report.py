@@ -36,12 +36,13 @@ One shape (``--shape square``, ``diamond``, ``rectangle:3x5``, a mask file, ...)
           "intermediate": "crown",       # how CROWN bounded the pre-activations: "crown" (full
                                          # CROWN) or "ibp" (CROWN-IBP); null if no row reached CROWN
           "intermediate_choice": "auto", # "auto" (measured, see "probe") or "given" (--intermediate)
-          "probe": {"rows": 80, "crown_ms_per_row": 0.3, "crown_ibp_ms_per_row": 0.2,
-                    "share": 0.9, "crown_seconds_per_image": 0.2},
-                                         # the "auto" measurement on the first rows CROWN saw
-                                         # (CPU ms per row both ways, CROWN-IBP's share of CROWN's
-                                         # gain over IBP, full CROWN's projected seconds for all
-                                         # rows of an image); null when not measured
+          "probe": {"rows": 80, "crown_ms_per_row": 0.3, "crown_seconds_per_image": 0.2,
+                    "crown_ibp_ms_per_row": null, "share": null},
+                                         # the "auto" measurement on the first rows CROWN saw: full
+                                         # CROWN's CPU ms per row and projected seconds for every
+                                         # row of an image; when that is over budget, CROWN-IBP's
+                                         # ms per row and its share of CROWN's gain over IBP (else
+                                         # null); the probe itself is null when not measured
           "stages": {"ibp": {"method": "ibp", "rows": 72900, "settled": 70000, "seconds": 1.2,
                              "chunk": 8192},
                      "crown": {"method": "crown", "rows": 2100, "settled": 2000, "seconds": 3.4,

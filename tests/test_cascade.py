@@ -264,6 +264,7 @@ def test_auto_keeps_full_crown_where_it_is_cheap_and_says_so(toys):
     c = certify(model, images, labels, size=2, method="crown", bounded=bounded).extra["cascade"]
     assert (c["intermediate"], c["intermediate_choice"]) == ("crown", "auto")
     assert c["probe"]["rows"] > 0 and c["probe"]["crown_ms_per_row"] > 0
+    assert c["probe"]["crown_ibp_ms_per_row"] is None  # within budget: CROWN-IBP not even measured
     pinned = certify(model, images, labels, size=2, method="crown", bounded=bounded, intermediate="ibp")
     assert (pinned.extra["cascade"]["intermediate"], pinned.extra["cascade"]["intermediate_choice"]) == ("ibp", "given")
     assert pinned.extra["cascade"]["probe"] is None
@@ -340,3 +341,34 @@ def test_sparse_threat_through_the_cascade_is_sound_and_the_strongest(arch, meth
         assert record.worst_margin <= float(found[i].min()) + float(tol[i])
         assert record.certified == bool(strongest[i].min() >= 0)
     assert bool(correct.any())
+
+
+# ----------------------------------------------------------------------------- CROWN's patch-aware first layer
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+def test_first_layer_concretization_equals_stock_crown_and_is_used(monkeypatch, method, toys):
+    """CROWN's last step at the first linear layer reads only the patch's columns
+    (:mod:`lirpa_patch.ops.backward`): the same bounds as stock auto_LiRPA's, which forms the
+    whole ``A W`` product; it is really taken on the toy MLP."""
+    from lirpa_patch.ops import linear
+
+    images, labels, models, locations, _, full = toys
+    model, bounded = models["mlp"]
+    used = []
+    original = linear.first_linear_backward
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(linear, "first_linear_backward", spy)
+    with torch.no_grad():
+        ours = lower_margins(bounded, images, labels, locations=locations, num_classes=NUM_CLASSES, method=method)
+    assert used and all(used)
+    monkeypatch.setattr(linear, "first_linear_backward", lambda *a, **k: None)
+    with torch.no_grad():
+        stock = lower_margins(bounded, images, labels, locations=locations, num_classes=NUM_CLASSES, method=method)
+    tol = 1e-4 if method == "alpha-crown" else 1e-5  # alpha-CROWN's optimizer amplifies rounding
+    assert torch.allclose(ours, stock, atol=tol, rtol=tol)
