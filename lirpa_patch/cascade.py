@@ -240,17 +240,10 @@ def refine(
             raise ModelError("auto_LiRPA returned NaN/infinite bounds; the model cannot be certified")
         return out
 
-    remaining = order
     bounded_rows = 0
-    while remaining.numel():
-        alive = remaining if stats.exhaustive else remaining[~failed[img[remaining]]]
-        if alive.numel() == 0:
-            break
-        take = alive[:chunk]
-        if int(rank[take[0]]) > 0:  # past the first round: one image per chunk
-            take = take[img[take] == img[take[0]]]
-        else:  # the first round alone (rows of one image batch far better than rows of many)
-            take = take[rank[take] == 0]
+
+    def run(take: torch.Tensor) -> None:
+        nonlocal mode, bounded_rows
         cur = final[take]
         for m in methods:
             need = torch.nonzero(cur.min(dim=1).values < 0).flatten()
@@ -273,10 +266,29 @@ def refine(
         final[take] = cur
         refined[take] = True
         failed[img[take[cur.min(dim=1).values < 0]]] = True
-        remaining = remaining[~refined[remaining]]
+
+    # the first round: every image's lowest row, batched across images
+    first = order[rank[order] == 0]
+    for s in range(0, first.numel(), chunk):
+        run(first[s: s + chunk])
+    # then image by image (the order keeps each image's rows together), lowest margin first
+    rest = order[rank[order] > 0]
+    rest_images = torch.unique(img[rest])
+    left = int(rest_images.numel() if stats.exhaustive else (~failed[rest_images]).sum())
+    if progress is not None:
+        progress(bounded_rows, left)
+    bounds = torch.nonzero(torch.diff(img[rest], prepend=img[rest][:1] - 1)).flatten().tolist() + [rest.numel()]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        image = int(img[rest[a]])
+        if failed[image] and not stats.exhaustive:
+            continue  # settled by its first row
+        for s in range(a, b, chunk):
+            run(rest[s: min(s + chunk, b)])
+            if failed[image] and not stats.exhaustive:
+                break
+        left -= 1
         if progress is not None:
-            left = img[remaining] if stats.exhaustive else img[remaining][~failed[img[remaining]]]
-            progress(bounded_rows, int(torch.unique(left).numel()))
+            progress(bounded_rows, left)
     stats.rows_uncertified = int((final[refined].min(dim=1).values < 0).sum())
     stats.rows_skipped = int((~refined).sum())
     return final
