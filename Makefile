@@ -1,5 +1,6 @@
 # lirpa-patch: two commands do everything on a fresh machine.
 #   make demo   install, then certify the bundled MNIST 2x2 model on 100 bundled held-out digits
+#               (JSON report demo_report.json, HTML report with heatmaps demo_report.html)
 #   make test   install, then run the test suite (.ci/run calls this)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/lirpa-patch certify onnx_models/mnist_mlp_2x2.onnx --patch 2x2 --data sample \
-		--start 4000 --num 100 --output demo_report.json
+		--start 4000 --num 100 --threads 1 --output demo_report.json --html demo_report.html
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -31,4 +32,4 @@ test-all: install
 	$(BIN)/python -m pytest -q --runslow
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache demo_report.json
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo_report.json demo_report.html

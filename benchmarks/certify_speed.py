@@ -44,7 +44,7 @@ SHARED = ROOT.parent / "shared"
 
 CONFIGS = {
     # name: (model, patch, images, data, mean, std)
-    "mlp_2x2": ("onnx_models/mnist_mlp_2x2.onnx", "2x2", 30, "mnist", None, None),
+    "mlp_2x2": ("onnx_models/mnist_mlp_2x2.onnx", "2x2", 100, "mnist", None, None),
     "net256_2x2": ("models/mnist-net_256x2.onnx", "2x2", 30, "mnist", None, None),
     "net256_5x5": ("models/mnist-net_256x2.onnx", "5x5", 30, "mnist", None, None),
     "cifar_kw_2x2": ("models/cifar_base_kw.onnx", "2x2", 10, "cifar", (0.485, 0.456, 0.406), (0.225, 0.225, 0.225)),
@@ -75,7 +75,6 @@ def _setup(name: str):
 def _hand_ibp(net, lo, hi):
     """IBP of an ImageModel over an fx graph of Conv2d/Linear/ReLU/Flatten/Add; returns (lo, hi) of the
     input of the last Linear and that Linear (the specification is merged into it by the caller)."""
-    import torch
     import torch.nn.functional as F
     from torch import nn
 
@@ -118,26 +117,36 @@ def _hand_ibp(net, lo, hi):
     raise TypeError("no final Linear layer")
 
 
-def _run_hand(net, ds, patch):
-    """Worst margin per correctly classified image, hand-batched."""
+def _image_boxes(net, ds, patch):
+    """Per image: ``(i, x, lo, hi)`` every location's box, one row per location; None if misclassified."""
     import torch
 
     from lirpa_patch.locations import all_locations
     from lirpa_patch.shapes import make_shape
+
+    masks = all_locations(make_shape("square", patch), ds.images.shape[-2:]).masks[:, None]
+    preds = net(ds.images).argmax(1)
+    for i in range(len(ds)):
+        if preds[i] != ds.labels[i]:
+            yield None
+            continue
+        x = ds.images[i: i + 1]
+        yield i, x, torch.where(masks, torch.zeros(()), x), torch.where(masks, torch.ones(()), x)
+
+
+def _run_hand(net, ds, patch):
+    """Worst margin per correctly classified image, hand-batched."""
+    import torch
+
     from lirpa_patch.spec import margin_spec
 
-    locs = all_locations(make_shape("square", patch), ds.images.shape[-2:])
-    masks = locs.masks[:, None]
     out = []
     with torch.no_grad():
-        preds = net(ds.images).argmax(1)
-        for i in range(len(ds)):
-            if preds[i] != ds.labels[i]:
+        for box in _image_boxes(net, ds, patch):
+            if box is None:
                 out.append(None)
                 continue
-            x = ds.images[i: i + 1]
-            lo = torch.where(masks, torch.zeros(()), x)
-            hi = torch.where(masks, torch.ones(()), x)
+            i, x, lo, hi = box
             h_lo, h_hi, last = _hand_ibp(net, lo, hi)
             spec = margin_spec(ds.labels[i: i + 1], last.weight.shape[0])[0]  # (K-1, K)
             coef, bias = spec @ last.weight, spec @ last.bias  # merged once per image
@@ -155,29 +164,22 @@ def _run_autolirpa(net, ds, patch):
     from auto_LiRPA.perturbations import PerturbationLpNorm
 
     from lirpa_patch.ops import stock_ops
-    from lirpa_patch.locations import all_locations
-    from lirpa_patch.shapes import make_shape
     from lirpa_patch.spec import margin_spec
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bounded = BoundedModule(net, torch.zeros(1, *ds.images.shape[1:]), bound_opts={"conv_mode": "matrix"},
                                 custom_ops=stock_ops())
-    locs = all_locations(make_shape("square", patch), ds.images.shape[-2:])
-    masks = locs.masks[:, None]
     out = []
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        preds = net(ds.images).argmax(1)
-        for i in range(len(ds)):
-            if preds[i] != ds.labels[i]:
+        for box in _image_boxes(net, ds, patch):
+            if box is None:
                 out.append(None)
                 continue
-            x = ds.images[i: i + 1]
-            lo = torch.where(masks, torch.zeros(()), x)
-            hi = torch.where(masks, torch.ones(()), x)
+            i, x, lo, hi = box
             ptb = PerturbationLpNorm(norm=float("inf"), x_L=lo, x_U=hi)
-            spec = margin_spec(ds.labels[i: i + 1], 10).expand(len(locs), -1, -1)
+            spec = margin_spec(ds.labels[i: i + 1], 10).expand(lo.shape[0], -1, -1)
             lb, _ = bounded.compute_bounds(x=(BoundedTensor(x.expand_as(lo), ptb),), C=spec, method="IBP",
                                            bound_upper=False)
             out.append(float(lb.min()))

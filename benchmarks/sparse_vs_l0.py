@@ -29,7 +29,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import lirpa_patch  # noqa: E402  (shims before auto_LiRPA)
+import lirpa_patch  # noqa: E402,F401  (shims before auto_LiRPA)
 from auto_LiRPA import BoundedModule, BoundedTensor  # noqa: E402
 from auto_LiRPA.perturbations import PerturbationL0Norm  # noqa: E402
 

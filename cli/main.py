@@ -33,7 +33,13 @@ from rich.markup import escape
 
 from ._console import err_console
 
-_COMMAND_MODULES = ("lirpa_patch_cli.certify", "lirpa_patch_cli.train", "lirpa_patch_cli.shapes")
+_COMMAND_MODULES = (
+    "lirpa_patch_cli.certify",
+    "lirpa_patch_cli.attack",
+    "lirpa_patch_cli.evaluate",
+    "lirpa_patch_cli.train",
+    "lirpa_patch_cli.shapes",
+)
 
 
 def _flag_for(command: Optional[click.Command], param: str) -> Optional[str]:

@@ -98,6 +98,43 @@ class ProgressTask:
         self._progress.update(self._task_id, completed=images_done, rate=rate)
 
 
+class AttackProgress:
+    """Progress bars on ``console`` (stderr) for :func:`lirpa_patch.attack.attack_patch` /
+    :func:`~lirpa_patch.attack.attack_sparse`: one bar per stage (sweep, restarts), rows done.
+
+    Use as a context manager; :meth:`task` returns the attack's ``progress(stage, done, total)``.
+    """
+
+    def __init__(self, console: Console, *, enabled: bool = True) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rows"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
+
+    def __enter__(self) -> "AttackProgress":
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._progress.__exit__(exc_type, exc, tb)
+
+    def task(self, label: str) -> Callable[[str, int, int], None]:
+        bars: dict[str, TaskID] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = self._progress.add_task(f"{label}: {stage}", total=max(total, 1))
+            self._progress.update(bars[stage], completed=done, total=max(total, 1))
+
+        return update
+
+
 # --------------------------------------------------------------------------- formatting
 
 
@@ -120,10 +157,17 @@ def rate(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def pixel_text(summary: Mapping[str, Any]) -> str:
+    """``"4"``, or ``"26-28"`` when the variants differ in size (rectangles), from a (shape) summary."""
+    counts = summary.get("pixel_counts") or [summary["pixel_count"]]
+    low, high = min(counts), max(counts)
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def patch_description(summary: Mapping[str, Any]) -> str:
-    """E.g. ``"diamond 3x3 (5 px; 4 requested)"`` from a (shape) summary."""
-    text = f"{summary['shape']} {', '.join(summary['shape_variants'])} ({summary['pixel_count']} px"
-    if summary["pixel_count"] != summary["requested_pixel_count"]:
+    """E.g. ``"rectangle 2x3, 3x2 (6 px; 4 requested)"`` from a (shape) summary."""
+    text = f"{summary['shape']} {', '.join(summary['shape_variants'])} ({pixel_text(summary)} px"
+    if pixel_text(summary) != str(summary["requested_pixel_count"]):
         text += f"; {summary['requested_pixel_count']} requested"
     return text + ")"
 
@@ -204,8 +248,8 @@ def transfer_table(report: Mapping[str, Any]) -> Table:
     table.add_column("Time", justify="right")
     for name, section in report["shapes"].items():
         s = section["summary"]
-        pixels = str(s["pixel_count"])
-        if s["pixel_count"] != s["requested_pixel_count"]:
+        pixels = pixel_text(s)
+        if pixels != str(s["requested_pixel_count"]):
             pixels += "*"
         table.add_row(
             name,
@@ -215,8 +259,82 @@ def transfer_table(report: Mapping[str, Any]) -> Table:
             f"{percent(s['certified_accuracy'])} ({s['num_certified']}/{n})",
             seconds(s["seconds"]),
         )
-    if any(s["summary"]["pixel_count"] != s["summary"]["requested_pixel_count"] for s in report["shapes"].values()):
-        table.caption = f"* closest count to the requested {summary['requested_pixel_count']} pixels the shape allows"
+    if any(pixel_text(s["summary"]) != str(s["summary"]["requested_pixel_count"]) for s in report["shapes"].values()):
+        table.caption = (f"* rectangles: every h x w with at least the requested {summary['requested_pixel_count']} "
+                         "pixels; an image counts as certified only against all of them")
+    return table
+
+
+def sweep_table(report: Mapping[str, Any]) -> Table:
+    """Certified accuracy against patch size or k (one row per swept value, one column per shape)."""
+    summary = report["summary"]
+    rows = summary["rows"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    sparse = summary["threat"] == "sparse"
+    table = Table(
+        title=(f"Certified accuracy against {'k pixels' if sparse else 'patch size'}: "
+               f"{str(summary['method']).upper()}, {summary['num_images']} images, "
+               f"clean accuracy {percent(summary['clean_accuracy'])}"),
+        box=box.SIMPLE_HEAVY,
+    )
+    table.add_column("k" if sparse else "Patch", style="bold")
+    for name in shapes:
+        table.add_column("Certified acc." if sparse or len(shapes) == 1 else f"{name}", justify="right")
+    table.add_column("Time", justify="right")
+    for value in summary["sweep"]:
+        cells, total = [], 0.0
+        for name in shapes:
+            row = next((r for r in rows if r["value"] == value and r["shape"] == name), None)
+            counts = f" ({row['num_certified']})" if row is not None and len(shapes) == 1 else ""
+            cells.append("-" if row is None else f"{percent(row['certified_accuracy'])}{counts}")
+            total += float(row["seconds"] or 0.0) if row is not None else 0.0
+        table.add_row(value, *cells, seconds(total))
+    return table
+
+
+def attack_table(report: Mapping[str, Any]) -> Table:
+    """An attack run: per threat, clean accuracy, successes and empirical (attacked) accuracy."""
+    summary = report["summary"]
+    n = summary["num_images"]
+    table = Table(title=f"Empirical attack: {escape(str(summary['model']))}, {n} images", box=box.SIMPLE_HEAVY)
+    table.add_column("Threat", style="bold")
+    table.add_column("Clean acc.", justify="right")
+    table.add_column("Broken", justify="right")
+    table.add_column("Empirical acc.", justify="right")
+    table.add_column("Time", justify="right")
+    for name, section in report["runs"].items():
+        s = section["summary"]
+        table.add_row(
+            escape(name), f"{percent(s['clean_accuracy'])} ({s['num_correct']}/{n})", str(s["num_successes"]),
+            f"[bold]{percent(s['empirical_accuracy'])}[/]", seconds(s["seconds"]),
+        )
+    return table
+
+
+def evaluation_table(report: Mapping[str, Any]) -> Table:
+    """Clean / empirical / certified accuracy per threat (the paper's Tables 2 and 5)."""
+    summary = report["summary"]
+    table = Table(
+        title=(f"Evaluation: {escape(str(summary['model']))}, {summary['num_images']} images, "
+               f"{str(summary['method']).upper()}"),
+        box=box.SIMPLE_HEAVY,
+    )
+    table.add_column("Threat", style="bold", no_wrap=True)
+    table.add_column("Pixels", justify="right")
+    table.add_column("Clean acc.", justify="right")
+    table.add_column("Empirical acc.", justify="right")
+    table.add_column("Certified acc.", justify="right")
+    table.add_column("Violations", justify="right")
+    for row in summary["rows"]:
+        counts = row["pixel_counts"]
+        pixels = str(row["sparse_k"]) if counts is None else (
+            str(min(counts)) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}")
+        bad = row["num_violations"]
+        table.add_row(
+            escape(row["name"]), pixels, percent(row["clean_accuracy"]), percent(row["empirical_accuracy"]),
+            f"[bold green]{percent(row['certified_accuracy'])}[/]", f"[bold red]{bad}[/]" if bad else "0",
+        )
+    table.caption = "empirical: correct and not broken by the attack; certified: proved for every attack"
     return table
 
 

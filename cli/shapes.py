@@ -1,7 +1,8 @@
 """``lirpa-patch shapes``: show every patch shape for a pixel budget, as text art.
 
-For ``--patch HxW`` each shape gets the pixel count of the H x W rectangle, or
-the closest the shape allows (see :mod:`lirpa_patch.shapes`). For each shape it
+For ``--patch HxW`` each shape gets exactly the pixel count of the H x W
+rectangle; the ``rectangle`` shape is every h x w with at least that many (see
+:mod:`lirpa_patch.shapes`). For each shape it
 prints the variants' masks (``#`` = a pixel the attacker controls), the pixel
 count used, and how many locations (variant, top, left) fit on an image of
 ``--image-size`` (:func:`lirpa_patch.locations.num_locations`, the engine's count);
@@ -46,6 +47,8 @@ def shape_rows(names: Sequence[str], patch: str, image_size: tuple[int, int]) ->
                 "shape": name,
                 "variants": [f"{int(v.shape[0])}x{int(v.shape[1])}" for v in shape.variants],
                 "pixel_count": shape.pixel_count,
+                "pixel_text": shape.pixel_text(),
+                "exact": shape.exact,
                 "requested_pixel_count": shape.requested_pixels,
                 "num_locations": num_locations(shape, image_size),
                 "masks": list(shape.variants),
@@ -55,9 +58,9 @@ def shape_rows(names: Sequence[str], patch: str, image_size: tuple[int, int]) ->
 
 
 def _pixels(row: dict) -> str:
-    if row["pixel_count"] == row["requested_pixel_count"]:
-        return f"{row['pixel_count']} px"
-    return f"{row['pixel_count']} px (closest to {row['requested_pixel_count']})"
+    if row["exact"]:
+        return f"{row['pixel_text']} px"
+    return f"{row['pixel_text']} px (at least {row['requested_pixel_count']})"
 
 
 def _locations(row: dict) -> str:
@@ -85,10 +88,10 @@ def render_shapes(rows: Sequence[dict], patch: str, image_size: tuple[int, int])
     table.add_column("Pixels", justify="right")
     table.add_column(f"Locations on {image_size[0]}x{image_size[1]}", justify="right")
     for row in rows:
-        pixels = str(row["pixel_count"]) + ("" if row["pixel_count"] == row["requested_pixel_count"] else "*")
+        pixels = row["pixel_text"] + ("" if row["exact"] else "*")
         table.add_row(row["shape"], ", ".join(row["variants"]), pixels, f"{row['num_locations']:,}")
-    if any(r["pixel_count"] != r["requested_pixel_count"] for r in rows):
-        table.caption = "* the closest count to the budget this shape allows"
+    if not all(r["exact"] for r in rows):
+        table.caption = "* every h x w rectangle with at least the budget's pixel count"
     out.append(table)
     return out
 

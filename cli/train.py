@@ -25,12 +25,14 @@ from ._console import InputError, console, err_console, library_warnings_silence
 _STRATEGY_HELP = (
     "Which locations the loss bounds: 'all' (every location, eq. 11-12), 'random' (--patches "
     "uniformly random locations per image, eq. 13-14), 'guided' (a U-net predicts every "
-    "location's margin; --patches locations per label sampled from softmax(-prediction/T), "
-    "eq. 15-18), 'pool' (all locations, adjacent intervals pooled after the layers of --pool)."
+    "location's margin; --patches locations per image, spread over the labels, sampled from "
+    "softmax(-prediction/T), eq. 15-18), 'guided-per-label' (--patches locations for every other "
+    "label), 'pool' (all locations, adjacent intervals pooled after the layers of --pool)."
 )
 _PATCHES_HELP = (
-    "K: random: locations per image, as the paper's Random(K); guided: locations per label "
-    "(per other class), as the paper's Guided(10) and Guided(20), so K x (classes - 1) per image."
+    "K: locations per image: random, as the paper's Random(K); guided, as the paper's Guided(10) "
+    "and Guided(20): K // (classes - 1) per label, the rest to the labels predicted weakest; "
+    "guided-per-label: K per label, so K x (classes - 1) per image."
 )
 
 
@@ -38,6 +40,8 @@ _SELECTION = ("data", "start", "num", "val_data", "val_start", "val_num", "val_s
 
 
 def _parse_pool(value: str) -> tuple[int, ...]:
+    if value.strip().lower() == "auto":
+        return ()
     try:
         pool = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
     except ValueError:
@@ -134,14 +138,16 @@ class _Display:
 @click.option("--val-size", type=click.IntRange(min=0), default=None,
               show_default="sample: the held-out digits 4000-4999; else 10% of the training images, at most 5000",
               help="Hold out the last N training images for validation (0: no validation).")
-@click.option("--arch", type=click.Choice(["mlp", "cnn2", "cnn4", "cnn5wide"], case_sensitive=False), default="mlp",
-              help="Architecture of the paper's App. A.1.")
+@click.option("--arch", type=click.Choice(["mlp", "cnn2", "cnn4", "cnn4conv11", "cnn4conv13", "cnn5wide"],
+                                         case_sensitive=False), default="mlp",
+              help="Architecture of the paper's App. A.1 (cnn4conv11/cnn4conv13: Table 7's CNNs for the "
+              "sparse threat, cnn4 with an 11x11 / 13x13 first convolution).")
 @click.option("--width", type=click.IntRange(min=1), default=None,
-              show_default="mlp 255, cnn2/cnn4 1, cnn5wide 16", help="Hidden units (mlp) or channel multiplier (CNNs).")
+              show_default="mlp 255, cnn2/cnn4* 1, cnn5wide 16", help="Hidden units (mlp) or channel multiplier (CNNs).")
 @click.option("--patch", default="2x2", metavar="HxW", help="Patch size.")
 @click.option("--shape", default="square", metavar="SHAPE",
               help="Patch shape: square, rectangle, line, hline, vline, diamond, parallelogram, rectangle:HxW.")
-@click.option("--strategy", type=click.Choice(["all", "random", "guided", "pool"], case_sensitive=False),
+@click.option("--strategy", type=click.Choice(["all", "random", "guided", "pool", "guided-per-label"], case_sensitive=False),
               default="random", help=_STRATEGY_HELP)
 @click.option("--patches", "-k", type=click.IntRange(min=1), default=10, help=_PATCHES_HELP)
 @click.option("--sparse", type=click.IntRange(min=1), default=None, metavar="K",
@@ -149,9 +155,10 @@ class _Display:
               "after it) instead of patches; --patch/--shape/--strategy/--patches do not apply. The "
               "schedules, outputs and checkpoints are the same.")
 @click.option("--temperature", "-T", type=float, default=1.0, help="Guided sampling temperature T.")
-@click.option("--pool", default="2", metavar="P[,P...]",
+@click.option("--pool", default="auto", metavar="auto|P[,P...]",
               help="Bound pooling windows after successive ReLU layers (pool strategy); the paper's 2,1,2 "
-              "pools 2x2 blocks of locations after the first and third.")
+              "pools 2x2 blocks of locations after the first and third. auto: 2x2 blocks after the last ReLU "
+              "before the first linear layer (after the convolutions; after the first ReLU of an MLP).")
 @click.option("--unet-width", type=click.IntRange(min=1), default=16, help="Base width of the guided U-net.")
 @click.option("--preset", type=click.Choice(["auto", "mnist", "cifar"]), default="auto",
               show_default="mnist for 1 channel, cifar for 3",

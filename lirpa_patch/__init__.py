@@ -43,6 +43,7 @@ with _compat.quiet_import():
         ) from exc
     _compat.apply_after_import()
 
+from .attack import AttackResult, attack_patch, attack_sparse
 from .data import Dataset, load_dataset
 from .domain import PixelDomain
 from .engine import (
@@ -55,6 +56,7 @@ from .engine import (
     sparse_lower_margins,
 )
 from .errors import DataError, LirpaPatchError, ModelError, UsageError
+from .evaluation import Evaluation, consistency_violations, evaluate_patch, evaluate_sparse
 from .locations import Locations, all_locations
 from .models import ImageModel, LoadedModel, image_model, load_model
 from .shapes import PatchShape, make_shape
@@ -72,9 +74,11 @@ def auto_lirpa_version() -> str:
 
 
 __all__ = [
+    "AttackResult",
     "CertifyResult",
     "DataError",
     "Dataset",
+    "Evaluation",
     "ImageModel",
     "ImageResult",
     "LirpaPatchError",
@@ -92,12 +96,17 @@ __all__ = [
     "UsageError",
     "__version__",
     "all_locations",
+    "attack_patch",
+    "attack_sparse",
     "auto_lirpa_version",
     "bound_model",
     "bounded_module",
     "certify",
     "certify_sparse",
+    "consistency_violations",
     "custom_ops",
+    "evaluate_patch",
+    "evaluate_sparse",
     "image_model",
     "load_dataset",
     "load_model",

@@ -1,8 +1,9 @@
 """Shims that let auto_LiRPA 0.3 (PyPI, 2022) run on torch 2.x and numpy 2.
 
 Each shim is applied once, before auto_LiRPA is imported, and is a no-op where
-the environment already provides what auto_LiRPA expects (older torch/numpy, or
-auto_LiRPA 0.7.x, which does not use these names at all).
+the environment already provides what auto_LiRPA expects (older torch/numpy), or
+where the auto_LiRPA about to be imported does not use these names at all (0.6 and
+later: :func:`apply` reads its version from its source without importing it).
 
 The three gaps:
 
@@ -23,10 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
+import re
 import sys
 import types
 import warnings
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Optional
 
 _APPLIED = False
 
@@ -90,10 +94,41 @@ def _shim_node_getitem() -> None:
     torch._C.Node.__getitem__ = node_get  # type: ignore[attr-defined]
 
 
+# auto_LiRPA 0.6.0 (April 2025) and later import none of the names the shims provide.
+_FIRST_VERSION_WITHOUT_NEED = (0, 6)
+
+
+def auto_lirpa_source_version() -> Optional[tuple[int, ...]]:
+    """Version of the auto_LiRPA that ``import auto_LiRPA`` would load, read from its
+    ``__init__.py`` without importing it; None when it cannot be found or read."""
+    try:
+        spec = importlib.util.find_spec("auto_LiRPA")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    try:
+        text = Path(spec.origin).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    match = re.search(r"""^__version__\s*=\s*['"](\d+(?:\.\d+)*)""", text, re.MULTILINE)
+    return tuple(int(part) for part in match.group(1).split(".")) if match else None
+
+
+def auto_lirpa_needs_shims() -> bool:
+    """Whether the auto_LiRPA to be imported uses the names the pre-import shims provide
+    (unknown versions get the shims: they only add names that are missing)."""
+    version = auto_lirpa_source_version()
+    return version is None or version < _FIRST_VERSION_WITHOUT_NEED
+
+
 def apply() -> None:
-    """Apply every shim (idempotent). Must run before ``import auto_LiRPA``."""
+    """Apply every shim the auto_LiRPA to be imported needs (idempotent). Must run before ``import auto_LiRPA``."""
     global _APPLIED
     if _APPLIED:
+        return
+    if not auto_lirpa_needs_shims():
+        _APPLIED = True
         return
     _shim_numpy_arraysetops()
     _shim_set_opset_version()

@@ -124,12 +124,14 @@ class Pending:
     It stands in for the engine's per-image tracker (same ``update(img, row, lb)``): rows
     whose lower margins ``lb`` ``(R, K - 1)`` are all >= 0 are settled and go to ``worst``;
     the others are counted (``unsettled``) and, with ``keep``, kept for the next method
-    (without ``keep`` they go to ``worst`` too: the chain ends here).
+    (without ``keep`` they go to ``worst`` too: the chain ends here). ``kept`` ``(N, rows)``,
+    when given, receives every row's smallest margin (rows, not location groups).
     """
 
-    def __init__(self, worst, *, keep: bool = True) -> None:
+    def __init__(self, worst, *, keep: bool = True, kept: Optional[torch.Tensor] = None) -> None:
         self.worst = worst
         self.keep = keep
+        self.kept = kept
         self._img: list[torch.Tensor] = []
         self._row: list[torch.Tensor] = []
         self._lb: list[torch.Tensor] = []
@@ -141,7 +143,10 @@ class Pending:
         if not torch.isfinite(lb).all():
             raise ModelError("auto_LiRPA returned NaN/infinite bounds; the model cannot be certified")
         row = row.to(img.device)
-        bad = lb.min(dim=1).values < 0
+        low = lb.min(dim=1).values
+        if self.kept is not None:
+            self.kept[img.cpu(), row.cpu()] = low.cpu()
+        bad = low < 0
         self.unsettled += int(bad.sum())
         if not self.keep:
             self.worst.update(img, row, lb)

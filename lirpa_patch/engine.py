@@ -21,7 +21,6 @@ perturbation for some of them. The engine does the rest, the same way for all:
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ from .errors import ModelError, UsageError
 from .head import Head, find_head, strip_monotone_output
 from .locations import Locations
 from .ops.graph import all_nodes, consumers, is_data_input, prepare, reaches_input
-from .ops.registry import custom_ops
+from .ops.registry import bound_opts, custom_ops
 from .ops.state import ElementState, WindowState
 from .ops.window import grouped_matmul, linear_window
 from .shapes import PatchShape, SizeLike
@@ -57,8 +56,11 @@ DEFAULT_MAX_MEMORY = 1 << 30
 CROWN_WORKING_SET = 384 << 20
 """Working-tensor budget of one CROWN call (bytes, below ``max_memory``): larger calls are slower per row on CPUs."""
 
-MAX_ROWS_PER_CALL = 8192
+MAX_ROWS_PER_CALL = 4096
 """Upper limit on rows per call when sizing by memory (larger calls stop paying off)."""
+
+PROBE_IMAGES = 8
+"""Images each way (with and without location groups) that ``groups="auto"`` measures."""
 
 ProgressFn = Callable[[int, int], None]
 """``progress(images_done, rows_done)``, called after every chunk.
@@ -120,8 +122,8 @@ def bound_model(
     dummy = torch.zeros(1, *[int(v) for v in image_shape], device=device)
     try:
         with _quiet():
-            bounded = BoundedModule(stripped_model, dummy, bound_opts={"conv_mode": conv_mode}, device=str(device),
-                                    custom_ops=custom_ops())
+            bounded = BoundedModule(stripped_model, dummy, bound_opts=bound_opts({"conv_mode": conv_mode}),
+                                    device=str(device), custom_ops=custom_ops())
     except Exception as exc:  # auto_LiRPA raises assorted errors for unsupported graphs
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelError(f"auto_LiRPA cannot bound this model: {type(exc).__name__}: {first}") from exc
@@ -393,6 +395,12 @@ class CertifyResult:
     chunk_size: int
     extra: dict = field(default_factory=dict)
     head: dict = field(default_factory=dict)
+    location_margins: Optional[torch.Tensor] = None
+    """``(N, L)`` float, on request (``keep_location_margins``): per image and row (patch:
+    location) the smallest certified lower margin over the other classes; NaN for
+    misclassified images."""
+    locations: Optional[Locations] = None
+    """The patch locations certified (with ``location_margins``)."""
 
     @property
     def threat(self) -> str:
@@ -536,17 +544,16 @@ def location_margins(
     key = check_method(method)
     spec = margin_spec(labels, num_classes, dtype=images.dtype)
     out = []
+    def build(img: torch.Tensor, loc: torch.Tensor):
+        ptb = PatchPerturbation(locations=locations, index=loc, domain=domain)
+        ptb._images_hint, ptb._row_images = images, img
+        return images[img], ptb
+
     for s in range(0, row_img.shape[0], chunk_size):
         img, loc = row_img[s: s + chunk_size], row_loc[s: s + chunk_size]
-
-        def build():
-            ptb = PatchPerturbation(locations=locations, index=loc, domain=domain)
-            ptb._images_hint, ptb._row_images = images, img
-            return images[img], ptb
-
-        x, ptb = build()
+        x, ptb = build(img, loc)
         lb = _ibp_margins(bounded, x, ptb, spec)
-        out.append(_stronger(bounded, build, spec, lb, key, img, check_intermediate(intermediate)))
+        out.append(_stronger(bounded, lambda: build(img, loc), spec, lb, key, img, check_intermediate(intermediate)))
     return torch.cat(out) if out else images.new_zeros(0, num_classes - 1)
 
 
@@ -617,7 +624,8 @@ def certify(
     bounded: Optional[BoundedModule] = None,
     progress: Optional[ProgressFn] = None,
     groups: Optional[int | str] = "auto",
-    exhaustive: bool = False,
+    keep_location_margins: bool = False,
+    exhaustive: Optional[bool] = None,
     intermediate: str = "auto",
 ) -> CertifyResult:
     """Certify images against a threat: every patch location (paper eq. 11), or any ``k`` pixels.
@@ -653,11 +661,16 @@ def certify(
         groups: location groups for a patch threat's IBP pass (:mod:`lirpa_patch.threats.blocks`):
             blocks of ``groups x groups`` adjacent locations (a power of two) are bounded by
             their union first and split only where they do not certify. ``"auto"`` (default)
-            uses blocks of 2 where they pay off (measured: the first chunk of images goes
-            through blocks, the second not, the faster way is kept); ``None`` or 0 bounds
+            uses blocks of 2 where they pay off (measured when there are at least 32 images:
+            a few go through blocks, a few not, the faster way is kept); ``None`` or 0 bounds
             every location. Certified decisions are the same either way.
+        keep_location_margins: also return every row's worst margin (patch threat: every
+            location's), ``CertifyResult.location_margins`` ``(N, L)`` (for heatmaps); every
+            location is then bounded on its own (no ``groups``): each row's tightest bound
+            computed (see ``worst_margin`` below).
         exhaustive: in a cascade, keep bounding the rows of an image after one of its rows
-            failed the strongest method (every row's margin, e.g. for heatmaps). By default
+            failed the strongest method (every row gets the strongest method's margin, e.g.
+            for heatmaps). By default (None) only with ``keep_location_margins``; otherwise
             such an image is settled (not certified) and its other rows keep their cheaper bound.
         intermediate: how CROWN and alpha-CROWN bound the pre-activations: ``"crown"``,
             ``"ibp"`` (CROWN-IBP: far cheaper on convolutional networks, looser), or ``"auto"``
@@ -679,6 +692,8 @@ def certify(
     """
     key = check_method(method)
     mode = check_intermediate(intermediate)
+    if exhaustive is None:
+        exhaustive = bool(keep_location_margins)
     if threat is None:
         threat = SparseThreat(check_k(k)) if k is not None else PatchThreat(size, shape, locations)
     elif k is not None:
@@ -712,14 +727,16 @@ def certify(
         ibp_chunk = chunk_size if chunk_size is not None else rows_per_call(bounded, max_memory, "ibp")
 
         worst = _Worst(n_img, device)
-        tracker = Pending(worst, keep=key != "ibp")
+        kept = torch.full((n_img, n_rows), float("nan")) if keep_location_margins else None
+        tracker = Pending(worst, keep=key != "ibp", kept=kept)
         todo = torch.nonzero(correct).flatten().tolist()
         start_progress(progress, len(todo), len(todo) * n_rows)
         ibp_start = time.perf_counter()
         with torch.no_grad():
             block, grouped_images, bounded_rows = _ibp_pass(
                 bounded, threat, images, labels, tracker, todo, num_classes=num_classes, domain=domain,
-                chunk_size=ibp_chunk, groups=groups, progress=progress, cascade=key != "ibp")
+                chunk_size=ibp_chunk, groups=None if keep_location_margins else groups, progress=progress,
+                cascade=key != "ibp")
             ibp = stats.stages["ibp"]
             ibp.rows, ibp.chunk, ibp.seconds = len(todo) * n_rows, int(ibp_chunk), time.perf_counter() - ibp_start
             ibp.settled = ibp.rows - tracker.unsettled
@@ -740,6 +757,8 @@ def certify(
                                num_classes=num_classes, domain=domain, intermediate=mode, chunk=int(crown_chunk),
                                progress=report)
                 worst.update(p_img, p_row, final)
+                if kept is not None and p_img.numel():
+                    kept[p_img.cpu(), p_row.cpu()] = final.min(dim=1).values.cpu()
                 if progress is not None:
                     progress(len(todo), done_rows + sum(stats.stages[m].rows for m in stats.methods[1:]))
     finally:
@@ -769,6 +788,8 @@ def certify(
         chunk_size=int(ibp_chunk),
         extra=extra,
         head=head.describe(),
+        location_margins=kept,
+        locations=threat.locations if keep_location_margins and isinstance(threat, PatchThreat) else None,
     )
 
 
@@ -782,13 +803,20 @@ def _ibp_pass(bounded, threat, images, labels, tracker, todo: list[int], *, num_
     device = images.device
     n_rows = threat.rows_per_image
     block = _block_size(groups, threat, "ibp")
+    if groups == "auto" and len(todo) < 4 * PROBE_IMAGES:
+        block = 0  # too few images to measure whether blocks pay off
     levels = threat.block_levels(block) if block else None
     row_chunk = min(n_rows, chunk_size)
     img_chunk = max(1, chunk_size // row_chunk)
     done_images, done_rows, bounded_rows, grouped_images = 0, 0, 0, 0
     probe = {"grouped": None, "plain": None} if groups == "auto" and levels is not None else None
-    for i in range(0, len(todo), img_chunk):
-        batch = torch.tensor(todo[i: i + img_chunk], device=device)
+    i = 0
+    while i < len(todo):
+        take = img_chunk
+        if probe is not None and (probe["grouped"] is None or probe["plain"] is None):
+            take = min(img_chunk, PROBE_IMAGES)  # "auto": measure both ways on a few images
+        batch = torch.tensor(todo[i: i + take], device=device)
+        i += take
         use_groups = levels is not None
         if probe is not None and probe["grouped"] is not None and probe["plain"] is None:
             use_groups = False  # "auto": the second chunk measures the plain way

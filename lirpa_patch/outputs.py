@@ -41,7 +41,7 @@ from .errors import LirpaPatchError, UsageError
 PathLike = Union[str, "os.PathLike[str]"]
 Files = Union[PathLike, Iterable[PathLike], None]
 
-__all__ = ["check_outputs", "check_writable", "open_output", "same_file", "write_output"]
+__all__ = ["check_outputs", "check_writable", "open_output", "output_folder", "same_file", "write_output"]
 
 
 def _target(path: PathLike) -> Path:
@@ -147,6 +147,37 @@ def check_writable(path: PathLike, *, what: str = "the output") -> Path:
     if st is not None and not os.access(target, os.W_OK):
         raise LirpaPatchError(f"cannot write {what} to {shown}: the file is not writable")
     return target
+
+
+def output_folder(path: PathLike, *, create: bool = True, what: str = "the output folder") -> Path:
+    """A folder to write several outputs into (pictures, arrays): created when missing (its
+    parent must exist; with ``create=False`` only checked, so a run can check before any
+    work), refused when it is something else; the files in it are written with
+    :func:`write_output`.
+
+    Raises:
+        LirpaPatchError: ``path`` exists and is not a folder, its parent folder is missing,
+            or it cannot be created or written.
+    """
+    shown = os.fspath(path)
+    target = _target(path)
+    st = _stat(target)
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise LirpaPatchError(f"cannot write {what} {shown}: it exists and is not a folder")
+    if st is None:
+        if not target.parent.is_dir():
+            raise LirpaPatchError(f"cannot create {what} {shown}: folder {target.parent} does not exist")
+        if not create:
+            if not os.access(target.parent, os.W_OK | os.X_OK):
+                raise LirpaPatchError(f"cannot create {what} {shown}: folder {target.parent} is not writable")
+            return Path(os.fspath(path))
+        try:
+            target.mkdir()
+        except OSError as exc:
+            raise LirpaPatchError(f"cannot create {what} {shown}: {exc.strerror or exc}") from None
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise LirpaPatchError(f"cannot write {what} {shown}: the folder is not writable")
+    return Path(os.fspath(path))
 
 
 def _new_file_mode(target: Path) -> int:

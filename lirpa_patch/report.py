@@ -16,7 +16,8 @@ One shape (``--shape square``, ``diamond``, ``rectangle:3x5``, a mask file, ...)
         "patch": "2x2",                  # --patch as HxW
         "shape": "square",               # shape name ("custom" for a mask file)
         "shape_variants": ["2x2"],       # h x w of each variant the attacker may use
-        "pixel_count": 4,                # pixels the attacker controls (count used)
+        "pixel_count": 4,                # pixels the attacker controls (fewest over the variants)
+        "pixel_counts": [4],             # pixels of each variant (rectangles: at least the budget)
         "requested_pixel_count": 4,      # H*W of --patch (mask pixels for a mask file)
         "num_locations": 729,            # (variant, top, left) placements checked per image
         "method": "ibp",                 # "ibp", "crown" or "alpha-crown" (a cascade, see below)
@@ -67,6 +68,10 @@ One shape (``--shape square``, ``diamond``, ``rectangle:3x5``, a mask file, ...)
                                          # ("form": Gemm, MatMul, MatMul+Add, ...), else interval
                                          # arithmetic on the logits; "stripped": a final Softmax or
                                          # LogSoftmax certified on the logits before it
+        "location_groups": {"block": 2, "images": 99, "rows_bounded": 30057, "rows_per_location": 72171},
+                                         # location groups (--groups): block size, images
+                                         # certified through blocks, bound computations done
+                                         # and what every location alone takes; null when off
         "device": "cpu",
         "seed": 0,
         "versions": {"lirpa_patch": "0.1.0", "auto_LiRPA": "0.3", "torch": "2.15.0",
@@ -105,7 +110,7 @@ them in order, ``seconds`` is the total, ``images_per_second`` is omitted), and
                   ... (run fields as above) ...},
       "shapes": {
         "square": {"summary": {"shape": "square", "shape_variants": ["2x2"], "pixel_count": 4,
-                               "requested_pixel_count": 4, "num_locations": 729,
+                               "pixel_counts": [4], "requested_pixel_count": 4, "num_locations": 729,
                                "num_images": 100, "num_correct": 99, "num_certified": 91,
                                "clean_accuracy": 0.99, "certified_accuracy": 0.91,
                                "seconds": 12.3, "images_per_second": 8.1, "cascade": {...}},
@@ -126,6 +131,23 @@ them in order, ``seconds`` is the total, ``images_per_second`` is omitted), and
                   ... (run fields as above) ...},
       "images": [... as above, "worst_location" is always null ...]
     }
+
+A sweep (``--patch 1x1,2x2,3x3,5x5`` or ``--sparse 1,2,4,8``): the report of every
+value, as a run with that value alone writes it, under ``runs``; the ``summary`` holds
+the run fields and a row per value and shape::
+
+    {
+      "summary": {"report_version": 1, "threat": "patch", "sweep": ["1x1", "2x2"], "method": "ibp",
+                  "num_images": 100, "num_correct": 99, "clean_accuracy": 0.99, "seconds": 20.5,
+                  "rows": [{"value": "1x1", "shape": "square", "pixel_counts": [1], "num_images": 100,
+                            "num_certified": 95, "clean_accuracy": 0.99, "certified_accuracy": 0.95,
+                            "seconds": 8.1}, ...],
+                  ... (run fields as above) ...},
+      "runs": {"1x1": {"summary": ..., "images": [...]}, "2x2": {...}}
+    }
+
+The ``attack`` and ``evaluate`` commands write reports with the same conventions
+(:func:`lirpa_patch.evaluation.attack_report`, :func:`lirpa_patch.evaluation.evaluation_report`).
 
 Numbers are plain JSON numbers; a value that is not finite is written as null.
 """
@@ -292,6 +314,7 @@ def shape_summary(result: CertifyResult) -> dict[str, Any]:
         "shape": shape.name,
         "shape_variants": [f"{int(v.shape[0])}x{int(v.shape[1])}" for v in shape.variants],
         "pixel_count": shape.pixel_count,
+        "pixel_counts": list(shape.pixel_counts),
         "requested_pixel_count": int(shape.requested_pixels),
         "num_locations": int(result.num_locations),
         "num_images": result.num_images,
@@ -332,6 +355,7 @@ def _run_fields(run: RunInfo, result: CertifyResult) -> dict[str, Any]:
         "versions": dict(run.versions),
         "head": {"merged": bool(result.head.get("merged", False)), "form": str(result.head.get("form", "")),
                  "stripped": [str(op) for op in result.head.get("stripped", [])]},
+        "location_groups": dict(result.extra["location_groups"]) if "location_groups" in result.extra else None,
     }
     if run.mask_file is not None:
         out["mask_file"] = run.mask_file
@@ -353,6 +377,7 @@ def build_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
         "shape": per_shape["shape"],
         "shape_variants": per_shape["shape_variants"],
         "pixel_count": per_shape["pixel_count"],
+        "pixel_counts": per_shape["pixel_counts"],
         "requested_pixel_count": per_shape["requested_pixel_count"],
         "num_locations": per_shape["num_locations"],
         "method": result.method,
@@ -419,6 +444,54 @@ def build_transfer_report(results: Mapping[str, CertifyResult], run: RunInfo) ->
     }
     summary.update(_run_fields(run, first))
     return {"summary": summary, "shapes": sections}
+
+
+def sweep_rows(docs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (swept value, shape) of the reports ``docs`` (value -> one-value report)."""
+    rows = []
+    for value, doc in docs.items():
+        sections = doc["shapes"].items() if "shapes" in doc else [(doc["summary"].get("shape"), doc)]
+        for name, section in sections:
+            s = section["summary"]
+            rows.append({
+                "value": value,
+                "shape": name,
+                "pixel_counts": s.get("pixel_counts"),
+                "num_images": s["num_images"],
+                "num_certified": s["num_certified"],
+                "clean_accuracy": s["clean_accuracy"],
+                "certified_accuracy": s["certified_accuracy"],
+                "seconds": s["seconds"],
+            })
+    return rows
+
+
+def build_sweep_report(docs: Mapping[str, Mapping[str, Any]], run: RunInfo, result: CertifyResult) -> dict[str, Any]:
+    """The report of a sweep (``--patch 1x1,2x2,...`` or ``--sparse 1,2,...``).
+
+    ``docs`` maps each swept value (``"2x2"``, ``"4"``) to the report a run with that
+    value alone writes (:func:`build_report` or :func:`build_transfer_report`); ``result``
+    is any one of the results (for the run fields). The top-level ``summary`` holds the
+    run fields, ``sweep`` (the values, in order) and ``rows`` (one per value and shape:
+    ``value``, ``shape``, ``pixel_counts``, ``num_images``, ``num_certified``,
+    ``clean_accuracy``, ``certified_accuracy``, ``seconds``); ``runs`` holds the reports.
+    """
+    if not docs:
+        raise ValueError("build_sweep_report needs at least one report")
+    first = next(iter(docs.values()))["summary"]
+    summary: dict[str, Any] = {
+        "report_version": REPORT_VERSION,
+        "threat": first["threat"],
+        "sweep": list(docs),
+        "method": first["method"],
+        "num_images": first["num_images"],
+        "num_correct": first["num_correct"],
+        "clean_accuracy": first["clean_accuracy"],
+        "seconds": _number(sum(float(d["summary"]["seconds"] or 0.0) for d in docs.values())),
+        "rows": sweep_rows(docs),
+    }
+    summary.update(_run_fields(run, result))
+    return {"summary": summary, "runs": dict(docs)}
 
 
 def collect_versions(*, onnxruntime: bool) -> dict[str, str]:

@@ -4,9 +4,10 @@ A :class:`PatchShape` is one or more *variants* (e.g. a horizontal and a vertica
 line), each a tight boolean mask ``(h, w)``. The attacker may use any variant at
 any position where it fits inside the image.
 
-Pixel-count rule (paper, Appendix A.2): for a patch size ``HxW`` and shape ``S`` every shape
-gets the same number of pixels ``P = H * W`` as the H x W rectangle, where that
-is possible:
+Pixel-count rule (paper, Appendix A.2 and Table 5: "with the exception of
+rectangles, all the shapes have the exact same pixel count" as the square): for
+a patch size ``HxW`` and shape ``S`` every shape has exactly ``P = H * W`` pixels, and the
+rectangles have at least ``P``:
 
 ==============  =================================================================
 square          the H x W block itself (a true square when H == W). Exact.
@@ -14,17 +15,26 @@ line            1 x P (horizontal) and P x 1 (vertical); ``hline``/``vline`` kee
                 one orientation. Exact.
 parallelogram   H rows of W pixels, each row shifted one pixel further (right- and
                 left-leaning variants). Exact.
-rectangle       for H != W: H x W and W x H. For an n x n request: a x b and b x a
-                with a = ceil(n / 2), b = round(P / a) (halves round up). Exact
-                when a divides P (n even), otherwise within a/2 pixels, e.g.
-                5x5 -> 3x8 (24 pixels), 3x3 -> 2x5 (10 pixels). For n = 2 this is
-                1 x 4, the only non-square rectangle with four pixels.
-diamond         the L1 ball |dy| + |dx| <= r, which has 2r^2 + 2r + 1 pixels
-                (1, 5, 13, 25, 41, ...). r minimises the difference to P, ties go
-                to the larger diamond: 2x2 -> 5 pixels, 5x5 -> 25 (exact).
+diamond         the P pixels nearest to the centre in the L1 norm, ring by ring
+                (see :func:`diamond_mask`). When ``P = 2r^2 + 2r + 1`` (1, 5, 13, 25,
+                41, ...) it is the L1 ball ``|dy| + |dx| <= r`` (25 px: rows
+                1,3,5,7,5,3,1); in between, the next ring is filled from its top and
+                bottom tips inwards, left flank before right (4 px: rows 1,2,1;
+                9 px: rows 1,2,3,2,1). Exact, 4-connected, and each diamond contains
+                the smaller ones.
+rectangle       several h x w choices, each with at least P pixels: for every
+                height ``h = 2 .. floor(sqrt(P))`` the narrowest ``w = ceil(P / h)``,
+                skipping the square itself, in both orientations (25 px: 2x13, 3x9,
+                4x7 and their transposes; 6 px: 2x3, 3x2). When no height qualifies
+                (P = 4: only the square and the line have four pixels) the next size
+                up, ``h x (h + 1)`` with ``h = floor(sqrt(P))`` (4 px: 2x3, 3x2).
+                The attacker may use any of them, so an image is certified against
+                ``rectangle`` only if it is certified against every one: the worst
+                rectangle decides. ``rectangle:HxW`` asks for one explicitly.
 ==============  =================================================================
 
-The count actually used is ``PatchShape.pixel_count``; reports show it.
+The counts actually used are ``PatchShape.pixel_counts`` (one per variant) and
+``PatchShape.pixel_count`` (the smallest); reports show them.
 A custom boolean mask (any 2-D array) is used as given.
 """
 
@@ -62,7 +72,8 @@ class PatchShape:
 
     Attributes:
         name: ``"square"``, ``"diamond"``, ... or ``"custom"``.
-        variants: tuple of bool tensors ``(h_v, w_v)``, each with the same pixel count.
+        variants: tuple of bool tensors ``(h_v, w_v)``; every variant of a named shape
+            has the requested pixel count, except rectangles (at least that many).
         requested_pixels: the pixel count asked for (``H * W`` of the patch size).
     """
 
@@ -71,19 +82,29 @@ class PatchShape:
     requested_pixels: int
 
     @property
+    def pixel_counts(self) -> tuple[int, ...]:
+        """Pixels the attacker controls with each variant."""
+        return tuple(int(v.sum()) for v in self.variants)
+
+    @property
     def pixel_count(self) -> int:
-        """Number of pixels the attacker controls (the count actually used)."""
-        return int(self.variants[0].sum())
+        """Pixels the attacker controls: the smallest count over the variants (all equal except rectangles)."""
+        return min(self.pixel_counts)
 
     @property
     def exact(self) -> bool:
-        """Whether :attr:`pixel_count` equals the requested count."""
-        return self.pixel_count == self.requested_pixels
+        """Whether every variant has exactly the requested pixel count."""
+        return all(c == self.requested_pixels for c in self.pixel_counts)
+
+    def pixel_text(self) -> str:
+        """``"4"`` or, for variants of different sizes, ``"26-28"``."""
+        low, high = min(self.pixel_counts), max(self.pixel_counts)
+        return str(low) if low == high else f"{low}-{high}"
 
     def describe(self) -> str:
         """Human-readable summary, e.g. ``"line 1x4, 4x1 (4 px)"``."""
         dims = ", ".join(f"{v.shape[0]}x{v.shape[1]}" for v in self.variants)
-        return f"{self.name} {dims} ({self.pixel_count} px)"
+        return f"{self.name} {dims} ({self.pixel_text()} px)"
 
 
 MAX_PATCH_PIXELS = 1 << 24
@@ -150,36 +171,64 @@ def _block(h: int, w: int) -> torch.Tensor:
     return torch.ones(h, w, dtype=torch.bool)
 
 
-def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
+def rectangle_sizes(pixels: int) -> list[tuple[int, int]]:
+    """The ``(h, w)`` rectangles (``h < w``) of the ``rectangle`` shape for a budget of ``pixels``.
+
+    For every height ``h = 2 .. floor(sqrt(P))``: ``w = ceil(P / h)``, unless that is
+    the square itself; when no height qualifies, ``h x (h + 1)`` with
+    ``h = floor(sqrt(P))``. Each has at least ``P`` pixels.
+    """
+    if pixels < 1:
+        raise UsageError(f"a patch needs at least one pixel, got {pixels}", param="size")
+    sizes = []
+    for h in range(2, math.isqrt(pixels) + 1):
+        w = -(-pixels // h)
+        if w > h:
+            sizes.append((h, w))
+    if not sizes:
+        h = max(1, math.isqrt(pixels))
+        sizes.append((h, max(h + 1, -(-pixels // h))))
+    return sizes
 
 
-def _rectangle(h: int, w: int) -> list[torch.Tensor]:
-    if h != w:
-        return [_block(h, w), _block(w, h)]
-    pixels = h * w
-    a = math.ceil(h / 2)
-    b = max(1, _round_half_up(pixels / a))
-    if a == b:
-        return [_block(a, b)]
-    return [_block(a, b), _block(b, a)]
+def _rectangle(pixels: int) -> list[torch.Tensor]:
+    variants = []
+    for h, w in rectangle_sizes(pixels):
+        variants += [_block(h, w), _block(w, h)]
+    return variants
 
 
-def _diamond(pixels: int) -> list[torch.Tensor]:
-    best_r, best_diff = 0, None
+def diamond_mask(pixels: int) -> torch.Tensor:
+    """The ``diamond`` of exactly ``pixels`` pixels, as a tight bool mask.
+
+    Pixels ``(dy, dx)`` around a centre are taken in this order until there are
+    ``pixels`` of them: by L1 ring ``|dy| + |dx|``; within a ring, larger ``|dy|``
+    first (the top and bottom tips, then the flanks from the tips inwards, the
+    side tips last); then left (``dx < 0``) before right; then top before bottom.
+    Equivalently: the pixels nearest to a centre nudged slightly left, in an L1
+    norm that weighs rows slightly less than columns. Complete rings give the L1
+    ball with ``2r^2 + 2r + 1`` pixels.
+    """
+    if pixels < 1:
+        raise UsageError(f"a patch needs at least one pixel, got {pixels}", param="size")
     r = 0
-    while True:
-        count = 2 * r * r + 2 * r + 1
-        diff = abs(count - pixels)
-        if best_diff is None or diff <= best_diff:
-            best_r, best_diff = r, diff
-        if count > pixels:
-            break
+    while 2 * r * r + 2 * r + 1 < pixels:
         r += 1
-    r = best_r
     coords = torch.arange(-r, r + 1)
-    mask = coords.abs()[:, None] + coords.abs()[None, :] <= r
-    return [mask]
+    dy, dx = torch.meshgrid(coords, coords, indexing="ij")
+    dy, dx = dy.flatten(), dx.flatten()
+    ring = dy.abs() + dx.abs()
+    side = torch.sign(dx)
+    n = 2 * r + 1
+    # lexicographic key (ring, -|dy|, side, dy) as one integer; every part lies in [-n, n]
+    base = 2 * n + 1
+    key = ((ring * base - dy.abs() + n) * base + side + n) * base + dy + n
+    order = torch.argsort(key)[:pixels]
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    mask[dy[order] + r, dx[order] + r] = True
+    rows = torch.nonzero(mask.any(1)).flatten()
+    cols = torch.nonzero(mask.any(0)).flatten()
+    return mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].clone()
 
 
 def _parallelogram(h: int, w: int) -> list[torch.Tensor]:
@@ -236,7 +285,8 @@ def make_shape(
             h, w = check_pixels(name.split(":", 1)[1], image_size)
         except UsageError as exc:
             raise UsageError(f"shape {shape!r}: {exc}", param="shape") from None
-        return PatchShape("rectangle", tuple(_rectangle(h, w)) if h != w else (_block(h, w),), h * w)
+        variants = (_block(h, w), _block(w, h)) if h != w else (_block(h, w),)
+        return PatchShape("rectangle", variants, h * w)
     if name not in SHAPE_NAMES:
         raise UsageError(
             f"unknown shape {shape!r}; choose one of {', '.join(SHAPE_NAMES)}, rectangle:HxW, or a mask",
@@ -247,7 +297,7 @@ def make_shape(
     if name == "square":
         variants = [_block(h, w)]
     elif name == "rectangle":
-        variants = _rectangle(h, w)
+        variants = _rectangle(pixels)
     elif name == "line":
         variants = [_block(1, pixels), _block(pixels, 1)] if pixels > 1 else [_block(1, 1)]
     elif name == "hline":
@@ -255,7 +305,7 @@ def make_shape(
     elif name == "vline":
         variants = [_block(pixels, 1)]
     elif name == "diamond":
-        variants = _diamond(pixels)
+        variants = [diamond_mask(pixels)]
     else:  # parallelogram
         variants = _parallelogram(h, w)
     return PatchShape(name, tuple(variants), pixels)

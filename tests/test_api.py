@@ -147,7 +147,7 @@ def test_a_huge_patch_is_refused_before_any_mask_is_built(monkeypatch):
         raise AssertionError("a mask was built")
 
     monkeypatch.setattr(shapes, "_block", no_allocation)
-    monkeypatch.setattr(shapes, "_diamond", no_allocation)
+    monkeypatch.setattr(shapes, "diamond_mask", no_allocation)
     for name in ("square", "line", "diamond", "rectangle"):
         error = _raises(lambda: shapes.make_shape(name, (100_000_000_000, 2), image_size=(28, 28)))
         assert error.param == "size" and "larger than the 28x28 image" in str(error)

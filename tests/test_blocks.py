@@ -73,7 +73,7 @@ def _shipped():
 
 @pytest.mark.parametrize("groups", [2, 4, "auto"])
 def test_groups_give_the_per_location_decisions(groups):
-    images, labels = _digits(24)
+    images, labels = _digits(40 if groups == "auto" else 24)  # "auto" measures on 2 x 8 images first
     model, bounded = _shipped()
     plain = certify(model, images, labels, bounded=bounded, groups=None, chunk_size=729 * 4)
     grouped = certify(model, images, labels, bounded=bounded, groups=groups, chunk_size=729 * 4)
@@ -89,6 +89,12 @@ def test_groups_give_the_per_location_decisions(groups):
         else:
             assert b.worst_margin == pytest.approx(a.worst_margin, rel=1e-5, abs=1e-5)
             assert b.worst_location == a.worst_location and b.worst_class == a.worst_class
+
+
+def test_auto_groups_stay_off_for_a_few_images():
+    images, labels = _digits(8)
+    model, bounded = _shipped()
+    assert "location_groups" not in certify(model, images, labels, bounded=bounded, groups="auto").extra
 
 
 def test_groups_off_bounds_every_location():

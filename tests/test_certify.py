@@ -96,6 +96,31 @@ def test_worst_margin_is_the_minimum_over_a_brute_force_loop_of_locations(setup)
         assert record.worst_class == int(others[k, cls])
 
 
+@pytest.mark.parametrize("chunk", [5, 4096])
+def test_location_margins_are_each_locations_worst_margin_and_nan_when_misclassified(chunk, setup):
+    images, labels, models, bounded = setup
+    shape = make_shape("line", 2)
+    locations = all_locations(shape, (SIZE, SIZE))
+    result = certify(models["mlp"], images, labels, shape=shape, bounded=bounded["mlp"], chunk_size=chunk,
+                     keep_location_margins=True)
+    kept = result.location_margins
+    assert kept.shape == (4, len(locations)) and result.locations is not None
+    want = _margins(bounded["mlp"], images, labels, locations.masks).min(dim=2).values  # (N, L)
+    for k, record in enumerate(result.images):
+        if not record.correct:
+            assert bool(kept[k].isnan().all())
+            continue
+        assert torch.allclose(kept[k], want[k], atol=1e-5)
+        assert float(kept[k].min()) == pytest.approx(record.worst_margin, abs=1e-6)
+        assert locations.describe(int(kept[k].argmin())) == record.worst_location
+
+
+def test_location_margins_are_not_kept_unless_asked(setup):
+    images, labels, models, bounded = setup
+    result = certify(models["mlp"], images, labels, size=2, bounded=bounded["mlp"])
+    assert result.location_margins is None and result.locations is None
+
+
 @pytest.mark.parametrize("method", ["ibp", "crown"])
 def test_chunk_size_does_not_change_results(method, setup):
     """(A cascade that stops early bounds fewer rows of a failed image with smaller chunks, which

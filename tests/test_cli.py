@@ -358,17 +358,18 @@ def test_shapes_prints_every_shape_with_pixels_and_locations():
     out = result.stdout
     for name in SHAPE_NAMES:
         shape = make_shape(name, "5x5")
-        heading = [line for line in out.splitlines() if line.split()[:1] == [name]][0]
-        assert f"{shape.pixel_count} px" in heading
-        assert f"{num_locations(shape, (28, 28)):,} locations" in heading
-    assert "#####" in out and "24 px (closest to 25)" in out  # 5x5 square art; 3x8 rectangle
+        variants = ", ".join(f"{v.shape[0]}x{v.shape[1]}" for v in shape.variants)
+        flat = " ".join(out.split())  # headings may wrap
+        assert f"{name} {variants} {shape.pixel_text()} px" in flat
+        assert f"{num_locations(shape, (28, 28)):,} locations" in flat
+    assert "#####" in out and "26-28 px (at least 25)" in out  # 5x5 square art; 2x13 .. 4x7 rectangles
 
 
 def test_shapes_draws_the_diamond():
     result = invoke("shapes", "--patch", "2x2", "--shape", "diamond", "--image-size", "10x10")
     assert_ok(result)
-    assert ".#.\n  ###\n  .#." in result.stdout and "5 px (closest to 4)" in result.stdout
-    assert "64 locations" in result.stdout
+    assert ".#\n  ##\n  .#" in result.stdout and "4 px " in result.stdout  # the paper's rows 1, 2, 1
+    assert "72 locations" in result.stdout
 
 
 def test_shapes_unknown_shape():

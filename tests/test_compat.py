@@ -187,3 +187,41 @@ def test_quiet_import_leaves_global_warning_filters_untouched():
         warnings.simplefilter("once")  # what auto_LiRPA does at import time
     assert warnings.simplefilter is simplefilter
     assert warnings.filters == filters
+
+
+# ----------------------------------------------------------------------------- which auto_LiRPA needs them
+
+
+def _fake_auto_lirpa(monkeypatch, tmp_path, init_text):
+    """Make importlib find an auto_LiRPA package whose __init__.py is ``init_text`` (nothing is imported)."""
+    import importlib.util
+
+    init = tmp_path / "auto_LiRPA" / "__init__.py"
+    init.parent.mkdir()
+    init.write_text(init_text)
+    spec = importlib.util.spec_from_file_location("auto_LiRPA", init)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "auto_LiRPA" else real(name, *a))
+
+
+@pytest.mark.parametrize("text, version, needs", [
+    ("from .x import y\n__version__ = '0.3'\n", (0, 3), True),
+    ("# header\n__version__ = '0.7.1'\n", (0, 7, 1), False),
+    ('__version__ = "0.6.0"\n', (0, 6, 0), False),
+    ("from .version import __version__\n", None, True),  # unknown: the shims only add missing names
+])
+def test_needs_shims_is_read_from_the_auto_lirpa_source(monkeypatch, tmp_path, text, version, needs):
+    _fake_auto_lirpa(monkeypatch, tmp_path, text)
+    assert _compat.auto_lirpa_source_version() == version
+    assert _compat.auto_lirpa_needs_shims() is needs
+
+
+@pytest.mark.parametrize("text, applied", [("__version__ = '0.7.1'\n", False), ("__version__ = '0.3'\n", True)])
+def test_apply_runs_the_shims_only_for_an_auto_lirpa_that_needs_them(monkeypatch, tmp_path, text, applied):
+    _fake_auto_lirpa(monkeypatch, tmp_path, text)
+    calls = []
+    for name in ("_shim_numpy_arraysetops", "_shim_set_opset_version", "_shim_node_getitem"):
+        monkeypatch.setattr(_compat, name, lambda name=name: calls.append(name))
+    monkeypatch.setattr(_compat, "_APPLIED", False)
+    _compat.apply()
+    assert len(calls) == (3 if applied else 0)

@@ -222,3 +222,30 @@ def test_bounds_of_every_layout_hold_under_attack(arch):
             lower = lower_margins(bounded, x, labels, masks, num_classes=NUM_CLASSES, domain=domain)
         found = attack_patch(model, x, labels, masks, domain=domain, restarts=1, pgd_steps=6, seed=11)
         assert_sound(found, lower, rounding_tolerance(model, x), what=f"{arch} {name}")
+
+
+# ----------------------------------------------------------------------------- rows without masks
+
+
+@pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
+def test_location_index_rows_equal_mask_rows(arch):
+    """``locations=`` + ``index=`` (shared or per image) and any (image, location) rows bound like masks."""
+    from lirpa_patch.engine import location_margins
+
+    images, labels = toy_images(3, channels=3, seed=9)
+    model = ImageModel(_colour_net(arch), image_shape=(3, SIZE, SIZE), mean=MEAN3, std=STD3).eval()
+    bounded = bound_model(model, (3, SIZE, SIZE))
+    locations = all_locations(make_shape("diamond", 2), (SIZE, SIZE))
+    g = torch.Generator().manual_seed(0)
+    per_image = torch.stack([torch.randperm(len(locations), generator=g)[:7] for _ in range(3)])  # (3, 7)
+    with torch.no_grad():
+        by_masks = lower_margins(bounded, images, labels, locations.masks[per_image], num_classes=NUM_CLASSES)
+        by_index = lower_margins(bounded, images, labels, locations=locations, index=per_image,
+                                 num_classes=NUM_CLASSES)
+        shared = lower_margins(bounded, images, labels, locations=locations, num_classes=NUM_CLASSES)
+        row_img = torch.tensor([2, 0, 1, 0, 2])
+        row_loc = torch.tensor([5, 3, 0, 9, 5])
+        rows = location_margins(bounded, locations, images, labels, row_img, row_loc, num_classes=NUM_CLASSES)
+    scale = 1e-5 * (1 + float(shared.abs().max()))  # float rounding: sums in another order
+    assert float((by_index - by_masks).abs().max()) <= scale
+    assert float((rows - shared[row_img, row_loc]).abs().max()) <= scale

@@ -18,10 +18,12 @@ from lirpa_patch.errors import LirpaPatchError
 from lirpa_patch.shapes import make_shape
 
 SUMMARY_KEYS = {
-    "report_version", "threat", "patch", "shape", "shape_variants", "pixel_count", "requested_pixel_count",
+    "report_version", "threat", "patch", "shape", "shape_variants", "pixel_count", "pixel_counts",
+    "requested_pixel_count",
     "num_locations", "method", "num_images", "num_correct", "num_certified", "clean_accuracy",
     "certified_accuracy", "seconds", "images_per_second", "model", "model_input", "onnxruntime_max_abs_diff",
-    "data", "dataset", "image_shape", "start", "num", "chunk", "device", "seed", "versions", "head", "cascade",
+    "data", "dataset", "image_shape", "start", "num", "chunk", "device", "seed", "versions", "head",
+    "location_groups", "cascade",
 }
 IMAGE_KEYS = {"index", "label", "prediction", "correct", "certified", "worst_margin", "worst_location", "worst_class"}
 LOCATION_KEYS = {"shape", "variant", "height", "width", "top", "left"}
@@ -80,9 +82,9 @@ def test_shape_fields_describe_the_patch():
     assert (summary["pixel_count"], summary["requested_pixel_count"], summary["num_locations"]) == (4, 4, 1400)
 
 
-def test_inexact_shape_reports_both_pixel_counts():
-    summary = report.build_report(_result("diamond"), _run())["summary"]
-    assert (summary["pixel_count"], summary["requested_pixel_count"]) == (5, 4)
+def test_rectangle_reports_every_variant_pixel_count_and_the_request():
+    summary = report.build_report(_result("rectangle"), _run())["summary"]
+    assert (summary["pixel_count"], summary["pixel_counts"], summary["requested_pixel_count"]) == (6, [6, 6], 4)
 
 
 def test_misclassified_image_has_null_margin_location_and_class():
@@ -134,7 +136,7 @@ def test_transfer_report_has_common_summary_and_one_section_per_shape():
     assert doc["summary"]["shape"] == "all" and doc["summary"]["seconds"] == pytest.approx(4.5)
     for name, section in doc["shapes"].items():
         assert section["summary"]["shape"] == name and len(section["images"]) == 3
-    assert doc["shapes"]["diamond"]["summary"]["pixel_count"] == 5
+    assert doc["shapes"]["diamond"]["summary"]["pixel_count"] == 4
 
 
 def test_collect_versions_names_onnxruntime_only_when_asked():
@@ -180,8 +182,8 @@ def _text(renderable) -> str:
 
 
 def test_summary_table_shows_patch_locations_and_accuracies():
-    text = _text(render.summary_table(report.build_report(_result("diamond"), _run())["summary"]))
-    assert "diamond 3x3 (5 px; 4 requested)" in text and "1,400 per image" in text
+    text = _text(render.summary_table(report.build_report(_result("rectangle"), _run())["summary"]))
+    assert "rectangle 2x3, 3x2 (6 px; 4 requested)" in text and "1,400 per image" in text
     assert "66.7% (2/3)" in text and "33.3% (1/3)" in text  # clean, certified
     assert "1.50" in text  # images/s
 
@@ -191,7 +193,7 @@ def test_transfer_table_has_one_row_per_shape():
     lines = _text(render.transfer_table(report.build_transfer_report(results, _run()))).splitlines()
     for name in results:
         assert sum(line.split()[:1] == [name] for line in lines) == 1
-    assert any("5*" in line for line in lines)  # diamond: 5 pixels for a budget of 4
+    assert any("6*" in line for line in lines)  # rectangle: 2x3 and 3x2 for a budget of 4
 
 
 def test_mask_art_and_side_by_side():

@@ -82,6 +82,23 @@ def test_architectures_build_and_bound(name, channels, size):
         assert net[1].out_features == 255
 
 
+@pytest.mark.parametrize("name, kernel", [("cnn4conv11", 11), ("cnn4conv13", 13)])
+def test_table_7_sparse_cnns_are_cnn4_with_a_wide_first_convolution(name, kernel):
+    wide, plain = build_architecture(name, 1, 28), build_architecture("cnn4", 1, 28)
+    first = wide[0]
+    assert first.kernel_size == (kernel, kernel) and first.padding == (kernel // 2, kernel // 2)
+    assert first.stride == (1, 1) and first.out_channels == 4
+    assert [type(m) for m in wide] == [type(m) for m in plain]
+    assert [tuple(p.shape) for p in wide[2:].parameters()] == [tuple(p.shape) for p in plain[2:].parameters()]
+
+
+def test_cli_offers_every_architecture():
+    from lirpa_patch_cli.train import train
+
+    (arch,) = [p for p in train.params if p.name == "arch"]
+    assert set(arch.type.choices) == set(ARCHITECTURES)
+
+
 def test_architecture_errors():
     with pytest.raises(UsageError, match="unknown architecture"):
         build_architecture("resnet50", 1, 28)
@@ -140,6 +157,79 @@ def test_pool_strategy_is_sound_and_looser_than_all(toy):
         a = exact.worst_margins(x, y, strength=1.0, generator=torch.Generator()).worst
     assert p.shape == a.shape == (4, NUM_CLASSES - 1)
     assert (p <= a + 1e-5).all()
+
+
+def test_pool_two_passes_give_the_value_and_gradient_of_the_minimum_over_pooled_cells(toy):
+    x, y = toy[0][:5], toy[1][:5]
+    model = _mlp()
+    pooled = make_strategy("pool", pool=(2,))
+    pooled.setup(_ctx(model, chunk=60))  # one image per gradient-free call
+    worst = pooled.worst_margins(x, y, strength=0.8, generator=torch.Generator()).worst
+    grads = torch.autograd.grad(worst.sum(), list(model.parameters()))
+    every = torch.arange(len(pooled.ctx.locations))
+    full = pooled._pooled(x, y, every, pooled.grid, 0.8).min(dim=1).values  # one pass, every cell, with gradients
+    ref = torch.autograd.grad(full.sum(), list(model.parameters()))
+    assert torch.allclose(worst, full, atol=1e-5)
+    for a, b in zip(grads, ref):
+        assert torch.allclose(a, b, atol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(pooled.worst_margins(x, y, strength=0.8, generator=torch.Generator()).worst, full,
+                              atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, expected", [("mlp", (2,)), ("cnn2", (1, 2)), ("cnn4", (1, 1, 1, 2))])
+def test_pool_by_default_merges_after_the_last_relu_before_the_dense_layers(arch, expected):
+    torch.manual_seed(0)
+    model = ImageModel(build_architecture(arch, 1, SIZE, NUM_CLASSES, width=2 if arch == "mlp" else None),
+                       image_shape=(1, SIZE, SIZE))
+    pooled = make_strategy("pool")
+    pooled.setup(_ctx(model))
+    assert pooled.pool == expected and pooled.describe() == f"pool({','.join(map(str, expected))})"
+
+
+def test_pool_with_window_one_is_all(toy):
+    x, y = toy[0][:4], toy[1][:4]
+    model = _mlp()
+    pooled, exact = make_strategy("pool", pool=(1,)), AllLocations()
+    pooled.setup(_ctx(model))
+    exact.setup(_ctx(model))
+    with torch.no_grad():
+        p = pooled.worst_margins(x, y, strength=1.0, generator=torch.Generator()).worst
+        a = exact.worst_margins(x, y, strength=1.0, generator=torch.Generator()).worst
+    assert torch.allclose(p, a, atol=1e-5)
+
+
+def test_pool_bounds_fewer_gradient_rows_than_all_locations(toy):
+    x, y = toy[0][:4], toy[1][:4]
+    pooled = make_strategy("pool", pool=(2,))
+    pooled.setup(_ctx(_mlp()))
+    rows = pooled.worst_margins(x, y, strength=1.0, generator=torch.Generator()).rows
+    n_loc = len(pooled.ctx.locations)
+    assert 4 * n_loc < rows <= 4 * (n_loc + (NUM_CLASSES - 1) * 4)
+
+
+@pytest.mark.parametrize("k, per_class", [(10, (4, 3, 3)), (3, (1, 1, 1)), (2, (1, 1, 0)), (1, (1, 0, 0))])
+def test_guided_k_is_per_image_spread_over_the_labels_weakest_first(k, per_class):
+    guided = make_strategy("guided", patches=k)
+    guided.setup(_ctx(_mlp()))
+    n_loc = len(guided.ctx.locations)
+    pred = torch.zeros(6, n_loc, NUM_CLASSES - 1)
+    pred[:, 7, 0] = -200.0  # each class map has one clear favourite location;
+    pred[:, 8, 1] = -300.0  # class slot 1 is predicted weakest, then slot 0, then slot 2
+    pred[:, 9, 2] = -100.0
+    idx = guided._sample(pred, torch.Generator().manual_seed(0))
+    assert idx.shape == (6, k) and guided.rows_per_image() == k
+    counts = sorted(per_class, reverse=True)
+    expected_first = [8, 7, 9][: sum(c > 0 for c in counts)]  # weakest class first gets its extra location
+    for row in idx.tolist():
+        assert {7, 8, 9} & set(row) == set(expected_first)
+
+
+def test_guided_per_label_keeps_k_for_every_other_class():
+    guided = make_strategy("guided-per-label", patches=3)
+    guided.setup(_ctx(_mlp()))
+    idx = guided._sample(torch.randn(2, len(guided.ctx.locations), NUM_CLASSES - 1), torch.Generator())
+    assert idx.shape == (2, 3 * (NUM_CLASSES - 1)) and guided.describe().startswith("guided-per-label(3")
 
 
 def test_sampling_without_replacement():

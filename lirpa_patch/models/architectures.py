@@ -25,6 +25,15 @@ image size; convolutions are ``Conv2d(in, out, kernel, stride, padding)``):
     Conv2d(4w, 8w, 3, 1, 1), ReLU, Conv2d(8w, 8w, 4, 2, 1), ReLU,
     Flatten, Linear(8w*h*w, 256), ReLU, Linear(256, 256), ReLU, Linear(256, K)
 
+``cnn4conv11`` and ``cnn4conv13`` (default ``width`` 1; the paper's Table 7 CNNs for the
+sparse threat): ``cnn4`` with a large first convolution, ``Conv2d(c, 4w, 11, 1, 5)`` or
+``Conv2d(c, 4w, 13, 1, 6)``, so the first layer sees wide neighbourhoods (the rest as
+``cnn4``)::
+
+    Conv2d(c, 4w, 11, 1, 5), ReLU, Conv2d(4w, 4w, 4, 2, 1), ReLU,
+    Conv2d(4w, 8w, 3, 1, 1), ReLU, Conv2d(8w, 8w, 4, 2, 1), ReLU,
+    Flatten, Linear(8w*h*w, 256), ReLU, Linear(256, 256), ReLU, Linear(256, K)
+
 ``cnn5wide`` (default ``width`` 16; the paper's large CIFAR model, 5 conv layers)::
 
     Conv2d(c, 4w, 3, 1, 1), ReLU, Conv2d(4w, 4w, 3, 1, 1), ReLU,
@@ -32,8 +41,8 @@ image size; convolutions are ``Conv2d(in, out, kernel, stride, padding)``):
     Conv2d(8w, 8w, 3, 1, 1), ReLU, Flatten, Linear(8w*h*w, 512), ReLU, Linear(512, K)
 
 These follow the models of the authors' public configuration (``mlp_255``,
-``cnn_2layer_width_1``, ``cnn_4layer_linear_256_width_1`` and
-``cnn_5layer_linear_512_width_16``). ``width`` is the one knob: the hidden
+``cnn_2layer_width_1``, ``cnn_4layer_linear_256_width_1``,
+``cnn_4layer_conv11`` / ``cnn_4layer_conv13`` and ``cnn_5layer_linear_512_width_16``). ``width`` is the one knob: the hidden
 units of ``mlp``, the channel multiplier of the CNNs.
 """
 
@@ -50,20 +59,26 @@ ARCHITECTURES: dict[str, str] = {
     "mlp": "one hidden layer of `width` units (default 255)",
     "cnn2": "2 conv layers (4w, 8w channels, stride 2), linear 256 (default w = 1)",
     "cnn4": "4 conv layers (4w, 4w, 8w, 8w channels), linear 256, 256 (default w = 1)",
+    "cnn4conv11": "cnn4 with an 11x11 first convolution (Table 7, sparse threat; default w = 1)",
+    "cnn4conv13": "cnn4 with a 13x13 first convolution (Table 7, sparse threat; default w = 1)",
     "cnn5wide": "5 conv layers (4w, 4w, 8w, 8w, 8w channels), linear 512 (default w = 16)",
 }
 """Architecture names accepted by :func:`build_architecture`, with a one-line summary."""
 
-DEFAULT_WIDTHS: dict[str, int] = {"mlp": 255, "cnn2": 1, "cnn4": 1, "cnn5wide": 16}
+DEFAULT_WIDTHS: dict[str, int] = {"mlp": 255, "cnn2": 1, "cnn4": 1, "cnn4conv11": 1, "cnn4conv13": 1, "cnn5wide": 16}
+
+_FIRST_KERNEL: dict[str, int] = {"cnn4": 3, "cnn4conv11": 11, "cnn4conv13": 13}
+"""Kernel of the first convolution of the cnn4 family (padding keeps the size: kernel // 2)."""
 """``width`` used when :func:`build_architecture` gets none."""
 
 
 def _conv_stack(c: int, w: int, name: str) -> list[nn.Module]:
     if name == "cnn2":
         return [nn.Conv2d(c, 4 * w, 4, 2, 1), nn.ReLU(), nn.Conv2d(4 * w, 8 * w, 4, 2, 1), nn.ReLU()]
-    if name == "cnn4":
+    if name in _FIRST_KERNEL:
+        kernel = _FIRST_KERNEL[name]
         return [
-            nn.Conv2d(c, 4 * w, 3, 1, 1), nn.ReLU(),
+            nn.Conv2d(c, 4 * w, kernel, 1, kernel // 2), nn.ReLU(),
             nn.Conv2d(4 * w, 4 * w, 4, 2, 1), nn.ReLU(),
             nn.Conv2d(4 * w, 8 * w, 3, 1, 1), nn.ReLU(),
             nn.Conv2d(8 * w, 8 * w, 4, 2, 1), nn.ReLU(),
@@ -80,6 +95,8 @@ def _conv_stack(c: int, w: int, name: str) -> list[nn.Module]:
 _HEADS: dict[str, Callable[[int, int], list[nn.Module]]] = {
     "cnn2": lambda f, k: [nn.Linear(f, 256), nn.ReLU(), nn.Linear(256, k)],
     "cnn4": lambda f, k: [nn.Linear(f, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, k)],
+    "cnn4conv11": lambda f, k: _HEADS["cnn4"](f, k),
+    "cnn4conv13": lambda f, k: _HEADS["cnn4"](f, k),
     "cnn5wide": lambda f, k: [nn.Linear(f, 512), nn.ReLU(), nn.Linear(512, k)],
 }
 
@@ -104,7 +121,8 @@ def build_architecture(
     """Build a freshly initialised network of the paper's Appendix A.1 (see the module docstring).
 
     Args:
-        name: one of :data:`ARCHITECTURES` (``mlp``, ``cnn2``, ``cnn4``, ``cnn5wide``).
+        name: one of :data:`ARCHITECTURES` (``mlp``, ``cnn2``, ``cnn4``, ``cnn4conv11``,
+            ``cnn4conv13``, ``cnn5wide``).
         in_channels: ``C``, 1 (MNIST) or 3 (CIFAR-10); any positive number works.
         image_size: ``S`` or ``(H, W)``.
         num_classes: ``K``.

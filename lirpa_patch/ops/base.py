@@ -18,7 +18,6 @@ import sys
 import warnings
 from typing import Optional
 
-import torch
 from auto_LiRPA.operators.base import Interval
 
 from .state import ElementState, WindowState, emit, lookup, may_stay_virtual, placeholder
@@ -78,8 +77,21 @@ def emit_window(node, ptb, ws: WindowState):
     return Interval(lo, hi, ptb=ptb)
 
 
+def op_name(node) -> str:
+    """``"Linear"`` for a ``BoundLinear`` node (for messages)."""
+    name = type(node).__name__
+    return name[5:] if name.startswith("Bound") else name
+
+
 class Plugin:
-    """Marker and dispatch of every plugin operator (mix in before the stock class)."""
+    """The plugin side of every plugin operator.
+
+    A plugin operator is written as ``class PluginX(<family rule>, Plugin, BoundX)``, but
+    nodes keep auto_LiRPA's own class ``BoundX``: the registry grafts the methods of the
+    plugin side onto each node it serves (:func:`lirpa_patch.ops.registry.graft`), because
+    auto_LiRPA and its users compare node classes exactly (``type(node) == BoundX``).
+    Hence ``_lp_stock`` calls the node's class, never ``super()``.
+    """
 
     _lp_plugin = True
 
@@ -100,7 +112,7 @@ class Plugin:
     # hooks ------------------------------------------------------------------------------
     def _lp_stock(self, *v, **kwargs):
         """The stock operator's interval propagation."""
-        return super(Plugin, self).interval_propagate(*v, **kwargs)
+        return type(self).interval_propagate(self, *v, **kwargs)  # the node's own (stock) class
 
     def _lp_propagate(self, v, found, **kwargs):
         """The output (Interval, maybe with a state) from inputs with states, or None for the stock path."""
@@ -122,7 +134,7 @@ class Plugin:
             if not self.__dict__.get("_lp_warned"):
                 self.__dict__["_lp_warned"] = True
                 warnings.warn(
-                    f"SparsePerturbation: cannot apply the k-pixel rule at {type(self).__name__[6:]} node "
+                    f"SparsePerturbation: cannot apply the k-pixel rule at {op_name(self)} node "
                     f"{getattr(self, 'name', '?')} ({reason}); using a sound but looser box bound there",
                     SparseFallbackWarning,
                     stacklevel=4,

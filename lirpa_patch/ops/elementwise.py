@@ -10,9 +10,8 @@ With one operand constant they are affine maps of every element:
 ``Add`` of two window states over the same rows is a residual connection: the
 windows are placed in their union. Anything else takes the stock path.
 
-Compatibility: in auto_LiRPA 0.7.x stock ``BoundDiv`` is a stub that a graph pass
-rewrites into ``Mul``/``Reciprocal``; our ``Div`` (used only for constant divisors)
-implements IBP, backward and forward bounds itself there.
+Compatibility: auto_LiRPA 0.7.x rewrites every ``Div`` into ``Mul`` by a ``Reciprocal``
+after the operators are built; the registry serves the new ``Mul`` nodes too.
 """
 
 from __future__ import annotations
@@ -159,45 +158,8 @@ class PluginNeg(_Elementwise, _ops.BoundNeg):
     _kind = "neg"
 
 
-_DIV_COMPLETE = "interval_propagate" in _ops.BoundDiv.__dict__
-
-
 class PluginDiv(_Elementwise, _ops.BoundDiv):
-    """Division by a constant. Where stock ``BoundDiv`` is a stub (auto_LiRPA 0.7.x), bounds it itself."""
+    """Division by a constant (auto_LiRPA 0.7.x rewrites stock ``Div`` into ``Mul``/``Reciprocal``
+    after the operators are built; :func:`~lirpa_patch.ops.registry.graft_all` then serves the ``Mul``)."""
 
     _kind = "div"
-
-    if not _DIV_COMPLETE:
-
-        def _lp_stock(self, *v, **kwargs):
-            x, y = v
-            c = y[0]
-            a, b = x[0] / c, x[1] / c
-            return torch.minimum(a, b), torch.maximum(a, b)
-
-        def update_requires_input_bounds(self):  # noqa: D102 - auto_LiRPA hook
-            self.requires_input_bounds = []
-
-        def bound_backward(self, last_lA, last_uA, x, y, **kwargs):  # noqa: D102
-            factor = 1.0 / y.forward_value
-
-            def one(A):
-                if A is None:
-                    return None
-                return self.broadcast_backward(_ops.BoundMul._multiply_by_const(A, factor), x)
-
-            return [(one(last_lA), one(last_uA)), (None, None)], 0.0, 0.0
-
-        def bound_forward(self, dim_in, x, y):  # noqa: D102
-            from auto_LiRPA.linear_bound import LinearBound
-
-            c = 1.0 / y.lb
-            pos, neg = c.clamp(min=0), c.clamp(max=0)
-            lb = pos * x.lb + neg * x.ub
-            ub = pos * x.ub + neg * x.lb
-            wpos, wneg = pos, neg
-            if self.inputs[1].batch_dim != -1:
-                wpos, wneg = pos.unsqueeze(1), neg.unsqueeze(1)
-            lw = wpos * x.lw + wneg * x.uw
-            uw = wpos * x.uw + wneg * x.lw
-            return LinearBound(lw, lb, uw, ub)

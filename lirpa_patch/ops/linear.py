@@ -138,7 +138,7 @@ def _check_sparse_root(node, v) -> None:
     if any(isinstance(getattr(r, "perturbation", None), SparsePerturbation) for r in data_roots(node)):
         ops = path_ops(node, lambda n: getattr(n, "_lp_carries_elements", False))
         reason = f"the input passes through {', '.join(ops)}" if ops else "unsupported input"
-        ptb = next(getattr(r, "perturbation") for r in data_roots(node)
+        ptb = next(r.perturbation for r in data_roots(node)
                    if isinstance(getattr(r, "perturbation", None), SparsePerturbation))
         node._lp_fallback(reason, [(None, ptb)])
 
@@ -196,10 +196,10 @@ class PluginMatMul(_Linear, _ops.BoundMatMul):
 
     def _lp_stock(self, *v, C=None, **kwargs):
         if C is None:
-            return super()._lp_stock(*v, **kwargs)
+            return Plugin._lp_stock(self, *v, **kwargs)
         # Stock MatMul (auto_LiRPA 0.3) does not take the specification IBP merges into a
         # last layer: merge it here for a constant right operand, as Gemm does.
         if self.is_input_perturbed(1) or v[0][0].dim() != 2 or not torch.is_tensor(v[1][0]) or v[1][0].dim() != 2:
-            lo, hi = super()._lp_stock(*v, **kwargs)
+            lo, hi = Plugin._lp_stock(self, *v, **kwargs)
             return merged_interval((lo, hi), C, None)
         return merged_interval(v[0], C.matmul(v[1][0].t()), None)

@@ -1,11 +1,15 @@
 """Which ONNX op gets which plugin operator, and how a ``BoundedModule`` gets them.
 
 Each entry is a *factory*: auto_LiRPA calls it like a bound class while it builds
-a ``BoundedModule``, and it returns the plugin class only for nodes on the
+a ``BoundedModule``. It always builds auto_LiRPA's own class, and for nodes on the
 threat's path (a data operand that depends on the model input, the other operands
-constant); every other node gets auto_LiRPA's own class. Plugin classes subclass
-the stock ones and behave exactly like them unless an input carries a state of
-this plugin, so bounds for every other perturbation are unchanged.
+constant) grafts the plugin's methods onto that one node (:func:`graft`): the node
+keeps its class, so every ``type(node) == BoundX`` check in auto_LiRPA (its CROWN
+shortcuts, its graph rewrites) and in users' code sees the stock operator, and the
+node behaves exactly like it unless an input carries a state of this plugin.
+auto_LiRPA 0.7.x rewrites some nodes after the factories ran (``Div`` into ``Mul``
+by a ``Reciprocal``); its graph-optimizer hook runs :func:`graft_all` afterwards
+(:func:`bound_opts` sets it).
 
 Nothing is registered globally on import: :func:`custom_ops` is passed as
 ``BoundedModule(..., custom_ops=...)`` (:func:`bounded_module` and
@@ -15,14 +19,15 @@ scripts that build ``BoundedModule`` objects they cannot change.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
+
+import types
 
 import torch
 from auto_LiRPA import BoundedModule
 from auto_LiRPA import bound_ops as _ops
 
 from .activation import PluginRelu
-from .base import Plugin
 from .conv import PluginConv
 from .elementwise import PluginAdd, PluginDiv, PluginMul, PluginNeg, PluginSub
 from .graph import all_nodes, before_mixing, mixing_types, prepare, reaches_input
@@ -30,7 +35,10 @@ from .linear import PluginLinear, PluginMatMul
 from .shape import PluginFlatten, PluginReshape, PluginSqueeze, PluginTranspose, PluginUnsqueeze
 
 __all__ = [
+    "bound_opts",
     "bounded_module",
+    "graft",
+    "graft_all",
     "custom_ops",
     "is_registered",
     "plugin_report",
@@ -75,6 +83,68 @@ _TABLE = {
 }
 
 
+def _plugin_side(plugin: type) -> list[type]:
+    """The classes of ``plugin``'s MRO before its stock base, base-most first."""
+    mro = plugin.__mro__
+    stock = next(k for k in mro if k.__module__.startswith("auto_LiRPA"))
+    return list(reversed(mro[: mro.index(stock)]))
+
+
+def graft(node, plugin: type) -> None:
+    """Give ``node`` (an instance of auto_LiRPA's class) the behaviour of ``plugin``, keeping its class."""
+    if node.__dict__.get("_lp_family") is plugin:
+        return
+    for klass in _plugin_side(plugin):
+        for name, value in vars(klass).items():
+            if name.startswith("__"):
+                continue
+            if isinstance(value, types.FunctionType):
+                node.__dict__[name] = types.MethodType(value, node)
+            elif not isinstance(value, (property, staticmethod, classmethod)):
+                node.__dict__[name] = value
+    node.__dict__["_lp_family"] = plugin
+    if isinstance(node, mixing_types()):
+        node.__dict__["_lp_first_mixing"] = bool(node.inputs) and before_mixing(node.inputs[0])
+
+
+def _serves(node, plugin_for) -> Optional[type]:
+    """The plugin class for ``node`` if its rule applies, else None."""
+    entry = plugin_for.get(type(node))
+    if entry is None:
+        return None
+    plugin, rule = entry
+    try:
+        return plugin if rule(list(node.inputs)) else None
+    except Exception:  # noqa: BLE001 - unknown graph shapes: stay stock
+        return None
+
+
+def graft_all(bounded) -> None:
+    """Graft the plugin onto every node of ``bounded`` it serves (idempotent; 0.7.x's graph-optimizer hook)."""
+    plugin_for = {getattr(_ops, spec[0]): (spec[1], spec[2]) for spec in _TABLE.values()}
+    for node in all_nodes(bounded):
+        for key in ("_lp_reaches_input", "_lp_before_mixing"):  # the graph may have been rewritten
+            node.__dict__.pop(key, None)
+    for node in all_nodes(bounded):
+        plugin = _serves(node, plugin_for)
+        if plugin is not None:
+            graft(node, plugin)
+
+
+def bound_opts(options: Optional[dict] = None) -> dict:
+    """``options`` for ``BoundedModule(..., bound_opts=...)`` with the plugin's graph hook added."""
+    out = dict(options or {})
+    optimizer = (out.get("optimize_graph") or {}).get("optimizer")
+
+    def hook(bounded):
+        if optimizer is not None:
+            optimizer(bounded)
+        graft_all(bounded)
+
+    out["optimize_graph"] = {**(out.get("optimize_graph") or {}), "optimizer": hook}
+    return out
+
+
 def _make(stock_name: str, plugin: type, rule: Callable[[list], bool]) -> Callable:
     stock = getattr(_ops, stock_name)
 
@@ -84,9 +154,9 @@ def _make(stock_name: str, plugin: type, rule: Callable[[list], bool]) -> Callab
             use = rule(inputs)
         except Exception:  # noqa: BLE001 - unknown graph shapes: stay stock
             use = False
-        node = (plugin if use else stock)(attr, inputs, output_index, options, *rest)
-        if use and isinstance(node, mixing_types()):
-            node._lp_first_mixing = bool(inputs) and before_mixing(inputs[0])
+        node = stock(attr, inputs, output_index, options, *rest)
+        if use:
+            graft(node, plugin)
         return node
 
     factory.__name__ = f"lirpa_patch_{plugin.__name__}"
@@ -117,6 +187,7 @@ def bounded_module(model: torch.nn.Module, example: torch.Tensor, **kwargs) -> B
     """
     ops = dict(kwargs.pop("custom_ops", None) or {})
     ops = {**custom_ops(), **ops}
+    kwargs["bound_opts"] = bound_opts(kwargs.get("bound_opts"))
     bounded = BoundedModule(model, example, custom_ops=ops, **kwargs)
     prepare(bounded)
     return bounded
@@ -187,7 +258,7 @@ def plugin_report(bounded) -> dict:
     first = [n for n in nodes if isinstance(n, mixing) and any(before_mixing(i) for i in n.inputs)]
     return {
         "first_mixing": [n.name for n in first],
-        "stock_first_mixing": [n.name for n in first if not isinstance(n, Plugin)],
+        "stock_first_mixing": [n.name for n in first if not getattr(n, "_lp_plugin", False)],
         "fallback": {n.name: n.__dict__["sparse_fallback_reason"] for n in nodes
-                     if isinstance(n, Plugin) and "sparse_fallback_reason" in n.__dict__},
+                     if getattr(n, "_lp_plugin", False) and "sparse_fallback_reason" in n.__dict__},
     }

@@ -14,7 +14,7 @@ import math
 import torch
 from auto_LiRPA import bound_ops as _ops
 
-from .base import Plugin, Unsupported, emit_element, emit_window
+from .base import Plugin, Unsupported, emit_element, emit_window, op_name
 from .state import ElementState, WindowState
 
 __all__ = ["PluginFlatten", "PluginReshape", "PluginSqueeze", "PluginTranspose", "PluginUnsqueeze"]
@@ -47,7 +47,7 @@ class _Shape(Plugin):
         except Unsupported:
             raise
         except Exception as exc:  # noqa: BLE001 - an operator we cannot replay per sample
-            raise Unsupported(f"cannot replay {type(self).__name__[6:]}: {type(exc).__name__}") from None
+            raise Unsupported(f"cannot replay {op_name(self)}: {type(exc).__name__}") from None
         expected = getattr(self, "output_shape", None)
         if expected is not None and len(expected) == x.dim() and tuple(expected[1:]) != tuple(x.shape[1:]):
             raise Unsupported("unexpected per-sample shape")

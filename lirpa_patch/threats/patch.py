@@ -10,7 +10,7 @@ Because the perturbation is a box (a ``PerturbationLpNorm`` with ``norm=inf`` an
 explicit ``x_L``/``x_U``), every auto_LiRPA bound method that handles boxes works:
 IBP, CROWN/backward, CROWN-IBP, and any graph auto_LiRPA parses.
 
-With the plugin operators (``BoundedModule(..., custom_ops=lirpa_patch.custom_ops())``)
+With the plugin operators (:func:`lirpa_patch.bounded_module`)
 IBP exploits that a row differs from its clean image in a few pixels:
 
 * the first linear layer computes the clean image's pre-activation once per image
@@ -51,6 +51,7 @@ from .box import BoxPerturbation, Layout
 __all__ = ["PatchPerturbation", "PatchRows", "PatchThreat"]
 
 _COLUMN_CACHE_BYTES = 512 << 20
+_DIRECT_ROWS = True
 """Largest first-layer column cache per operator (the columns every location reads, twice)."""
 
 
@@ -515,6 +516,20 @@ class PatchPerturbation(BoxPerturbation):
         if clean.shape[0] != n_img:
             clean = clean[rows.row_img[::n_loc]]
         # Per location m: rows = clean + centre @ W_m -/+ radius @ |W_m|, fused into the products.
+        if _DIRECT_ROWS and (not torch.is_grad_enabled() or not (coef_t.requires_grad or centre.requires_grad)):
+            # Image by image, straight into the image-major rows (no transposed copies).
+            n_out = coef_t.shape[-1]
+            lower = x.new_empty(rows.rows, n_out)
+            upper = x.new_empty(rows.rows, n_out)
+            for b in range(n_img):
+                lo_b = lower[b * n_loc:(b + 1) * n_loc].view(n_loc, 1, n_out)
+                up_b = upper[b * n_loc:(b + 1) * n_loc].view(n_loc, 1, n_out)
+                c_b, r_b, base = centre[:, b:b + 1], radius[:, b:b + 1], clean[b].view(1, 1, n_out)
+                torch.baddbmm(base, c_b, weights, out=lo_b)
+                lo_b.baddbmm_(r_b, weights_abs, alpha=-1.0)
+                torch.baddbmm(base, c_b, weights, out=up_b)
+                up_b.baddbmm_(r_b, weights_abs)
+            return lower, upper
         mid = torch.baddbmm(clean.unsqueeze(0), centre, weights)  # (M, B, O)
         lower = torch.baddbmm(mid, radius, weights_abs, alpha=-1.0)
         upper = torch.baddbmm(mid, radius, weights_abs)

@@ -12,8 +12,8 @@ IBP; under CROWN, :meth:`SparsePerturbation.concretize` applies the same top-k r
 to the linear coefficients, so every bound CROWN concretizes (intermediate ones
 included) is taken over the sparse set.
 
-Build the ``BoundedModule`` with the plugin bound operators,
-``custom_ops=lirpa_patch.custom_ops()`` (:func:`lirpa_patch.bound_model` does).
+Build the ``BoundedModule`` with the plugin bound operators:
+:func:`lirpa_patch.bounded_module` (or :func:`lirpa_patch.bound_model`) does.
 Normalization (``Sub``/``Div``/``Mul``/``Add`` by constants), ``Flatten``/``Reshape``/
 ``Transpose`` before the first layer are followed exactly; anything else in front
 of the first mixing layer (say a ReLU) falls back to a sound box bound there, with
@@ -22,10 +22,10 @@ one :class:`SparseFallbackWarning`.
 Example::
 
     import lirpa_patch
-    from lirpa_patch import SparsePerturbation
-    from auto_LiRPA import BoundedModule, BoundedTensor
+    from lirpa_patch import SparsePerturbation, bounded_module
+    from auto_LiRPA import BoundedTensor
 
-    model = BoundedModule(net, torch.zeros(1, 1, 28, 28), custom_ops=lirpa_patch.custom_ops())
+    model = bounded_module(net, torch.zeros(1, 1, 28, 28))
     x = BoundedTensor(images, SparsePerturbation(k=4))
     lb, ub = model.compute_bounds(x=(x,), method="IBP")      # or method="CROWN"
 """
@@ -301,7 +301,7 @@ def check_bounded(bounded: BoundedModule, method: Optional[str] = "ibp") -> list
         warnings.warn(
             f"SparsePerturbation: layer(s) {', '.join(stock)} of this BoundedModule are stock auto_LiRPA "
             "operators, so the k-pixel rule is not applied there (sound but loose box bounds). Build the "
-            "BoundedModule with custom_ops=lirpa_patch.custom_ops() (lirpa_patch.bound_model does)",
+            "BoundedModule with lirpa_patch.bounded_module(model, example)",
             SparseFallbackWarning,
             stacklevel=3,
         )

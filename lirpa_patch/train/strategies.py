@@ -22,18 +22,22 @@ Strategies:
 ``random`` (eq. 13-14)
     ``k`` locations per image, uniformly, without replacement.
 ``guided`` (eq. 15-18)
-    A U-net predicts the lower margin of every location for every class. Per
-    other class, ``k`` locations are drawn without replacement from
-    ``softmax(-prediction / T)`` (so ``k (K - 1)`` locations per image; the
-    paper's Guided(k) also samples for the true class, whose margin is 0 by
-    definition, so we skip it). The U-net is trained with the MSE between its
-    predictions and the actual bounds at the sampled locations only (eq. 17).
+    A U-net predicts the lower margin of every location for every class; ``k``
+    locations per image, spread over the other classes, are drawn without
+    replacement from ``softmax(-prediction / T)`` of each class's map (the
+    paper's Guided(k): Guided(10) bounds 10 locations per image, like
+    Random(10)). The U-net is trained with the MSE between its predictions and
+    the actual bounds at the sampled locations only (eq. 17).
+    ``guided-per-label`` draws ``k`` locations for every other class instead
+    (``k (K - 1)`` per image).
 ``pool`` (App. A.3, bound pooling)
     Every location, but after chosen ReLU layers the intervals of adjacent
     locations (``p x p`` blocks of the location grid) are merged (elementwise
     min of lower bounds, max of upper bounds) so later layers bound fewer rows.
     Each network segment is bounded by ``compute_bounds`` (IBP), the last one
     with the specification. Sound: a merged box contains every box it merges.
+    Two passes like ``all``: every location without gradients, then only each
+    image's worst cells (a block of ``p x p`` locations each) with gradients.
 
 Whenever a strategy bounds more than ``2 (K - 1)`` locations per image (``all``,
 large ``random``/``guided``), it uses the two-pass scheme of ``all``; below that
@@ -54,7 +58,7 @@ from auto_LiRPA.perturbations import PerturbationLpNorm
 from torch import nn
 from torch.nn import functional as F
 
-from ..engine import _quiet, bound_model, lower_margins
+from ..engine import _merge_head, _quiet, bound_model, head_of, lower_margins
 from ..domain import PixelDomain
 from ..errors import UsageError
 from ..locations import Locations
@@ -62,7 +66,7 @@ from ..threats.patch import PatchPerturbation
 from ..spec import margin_spec, other_classes
 from .unet import MarginUNet
 
-STRATEGY_NAMES: tuple[str, ...] = ("all", "random", "guided", "pool")
+STRATEGY_NAMES: tuple[str, ...] = ("all", "random", "guided", "pool", "guided-per-label")
 """Names accepted by :func:`make_strategy`."""
 
 
@@ -283,17 +287,26 @@ class RandomLocations(Strategy):
 
 
 class GuidedLocations(Strategy):
-    """U-net guided sampling (eq. 15-18): ``k`` locations per other class.
+    """U-net guided sampling (eq. 15-18): ``k`` locations per image, spread over the labels.
+
+    The paper's Guided(k) samples ``k / K`` locations per label from ``softmax(-prediction / T)``
+    of the U-net's map for that label (its Guided(10) on 10 classes bounds 10 locations per
+    image, comparable to Random(10)). The true class's margin is 0 by definition, so here the
+    ``k`` locations go to the ``K - 1`` other classes: ``k // (K - 1)`` each, and the
+    ``k % (K - 1)`` left over to the classes whose predicted worst margin is smallest.
 
     Args:
-        k: locations sampled per other class (the paper's Guided(k)).
+        k: locations per image (the paper's Guided(k)).
         temperature: ``T`` of ``softmax(-prediction / T)``; larger is closer to uniform.
         base_width: channels of the U-net's first level.
+        per_label: the other reading of Guided(k), ``k`` locations for *every* other class
+            (``k (K - 1)`` per image; lirpa-patch 0.1's ``guided``), strategy name
+            ``guided-per-label``.
     """
 
     name = "guided"
 
-    def __init__(self, k: int = 10, *, temperature: float = 1.0, base_width: int = 16) -> None:
+    def __init__(self, k: int = 10, *, temperature: float = 1.0, base_width: int = 16, per_label: bool = False) -> None:
         if k < 1:
             raise UsageError(f"patches must be at least 1, got {k}", param="patches")
         if not temperature > 0:
@@ -301,7 +314,10 @@ class GuidedLocations(Strategy):
         self.k = int(k)
         self.temperature = float(temperature)
         self.base_width = int(base_width)
+        self.per_label = bool(per_label)
         self.unet: Optional[MarginUNet] = None
+        if per_label:
+            self.name = "guided-per-label"
 
     def setup(self, ctx: BoundContext) -> None:
         super().setup(ctx)
@@ -313,13 +329,32 @@ class GuidedLocations(Strategy):
     def auxiliary(self) -> Optional[nn.Module]:
         return self.unet
 
-    def _k(self) -> int:
-        return min(self.k, len(self.ctx.locations))
+    def rows_per_image(self) -> int:
+        """Locations bounded per image."""
+        k1, n_loc = self.ctx.num_classes - 1, len(self.ctx.locations)
+        if self.per_label:
+            return min(self.k, n_loc) * k1
+        return min(self.k, n_loc * k1)
 
     def grad_rows_per_image(self) -> int:
-        k1 = self.ctx.num_classes - 1
-        rows = self._k() * k1
-        return rows if rows <= _reselect_threshold(self.ctx.num_classes) else k1
+        rows = self.rows_per_image()
+        return rows if rows <= _reselect_threshold(self.ctx.num_classes) else self.ctx.num_classes - 1
+
+    def _sample(self, pred: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Location indices ``(N, rows_per_image)`` from predicted margins ``pred`` ``(N, L, K - 1)``."""
+        n, n_loc, k1 = pred.shape
+        logits = (-pred.detach() / self.temperature).transpose(1, 2)  # (N, K-1, L)
+        if self.per_label:
+            return _topk_without_replacement(logits, min(self.k, n_loc), generator).reshape(n, -1)
+        total = self.rows_per_image()
+        base, extra = divmod(total, k1)
+        most = min(n_loc, base + (1 if extra else 0))
+        drawn = _topk_without_replacement(logits, most, generator)  # (N, K-1, most)
+        # classes ranked by predicted worst margin: the first `extra` get one more location
+        rank = torch.argsort(torch.argsort(pred.detach().amin(dim=1), dim=1), dim=1)  # (N, K-1)
+        count = base + (rank < extra).long()  # (N, K-1), sums to `total` per image
+        keep = torch.arange(most, device=pred.device).view(1, 1, most) < count.unsqueeze(2)
+        return drawn[keep].view(n, total)  # row-major: per image, class by class
 
     def worst_margins(self, images, labels, *, strength, generator):
         assert self.unet is not None, "setup() first"
@@ -327,15 +362,14 @@ class GuidedLocations(Strategy):
         scores = self.unet.location_scores(images, self.ctx.locations)  # (N, L, K)
         others = other_classes(labels, self.ctx.num_classes)  # (N, K-1)
         pred = scores.gather(2, others[:, None, :].expand(n, scores.shape[1], k1))  # (N, L, K-1)
-        logits = (-pred.detach() / self.temperature).transpose(1, 2)  # (N, K-1, L)
-        idx = _topk_without_replacement(logits, self._k(), generator).reshape(n, -1)  # (N, (K-1) k)
+        idx = self._sample(pred, generator)  # (N, R)
         worst, actual, rows = _worst_at(self.ctx, images, labels, idx, strength, keep=True)
-        sampled = pred.gather(1, idx[:, :, None].expand(n, idx.shape[1], k1))  # (N, (K-1) k, K-1)
+        sampled = pred.gather(1, idx[:, :, None].expand(n, idx.shape[1], k1))  # (N, R, K-1)
         mse = F.mse_loss(sampled, actual)
         return Margins(worst=worst, aux_loss=mse, rows=rows, stats={"unet_mse": float(mse.detach())})
 
     def describe(self) -> str:
-        return f"guided({self.k}, T={self.temperature:g})"
+        return f"{self.name}({self.k}, T={self.temperature:g})"
 
 
 class _Preprocess(nn.Module):
@@ -368,14 +402,17 @@ class PooledLocations(Strategy):
         pool: ``pool[i]`` is the window ``p`` (a ``p x p`` block of adjacent
             locations) merged after the ``(i + 1)``-th ReLU of the network; 1 means
             no merging there. The paper's ``[2, 1, 2]`` merges 2x2 blocks after the
-            first and again after the third ReLU.
+            first and again after the third ReLU. Empty (the default): 2x2 blocks after
+            the last ReLU before the first linear layer, i.e. after the convolutions
+            (after the first ReLU of an MLP). The engine bounds convolutions on the
+            window a patch reaches, so merging pays off where the dense layers begin.
     """
 
     name = "pool"
 
-    def __init__(self, pool: Sequence[int] = (2,)) -> None:
+    def __init__(self, pool: Sequence[int] = ()) -> None:
         pool = tuple(int(p) for p in pool)
-        if not pool or any(p < 1 for p in pool):
+        if any(p < 1 for p in pool):
             raise UsageError(f"pool needs positive window sizes, got {pool}", param="pool")
         self.pool = pool
 
@@ -386,6 +423,12 @@ class PooledLocations(Strategy):
                              param="strategy", related=("shape",))
         prefix, net = _sequential_parts(ctx.model)
         relus = [i for i, m in enumerate(net) if isinstance(m, nn.ReLU)]
+        if not relus:
+            raise UsageError("strategy pool needs a network with a ReLU layer", param="strategy")
+        if not self.pool:
+            linear = next((i for i, m in enumerate(net) if isinstance(m, nn.Linear)), len(net))
+            before = [r for r in relus if r < linear]
+            self.pool = (1,) * (len(before) - 1) + (2,) if before else (2,)
         if len(relus) < len(self.pool):
             raise UsageError(f"pool has {len(self.pool)} entries but the network has only {len(relus)} ReLU layers",
                              param="pool")
@@ -405,29 +448,94 @@ class PooledLocations(Strategy):
             self.bounded_segments.append(bound_model(seg, x.shape[1:], ctx.device))
             with torch.no_grad():
                 x = seg(x)
+        # the engine's patch fast path for the first segment: the box of every row stays
+        # virtual (never built) when every consumer of the input is a plugin operator; rows
+        # pick their locations from the location set (its pixel tables are computed once)
+        head_of(self.bounded_segments[0])
+        self._virtual = bool(getattr(self.bounded_segments[0], "_lp_virtual_ready", False))
+        self._all = torch.arange(len(ctx.locations), device=ctx.device)
+
+    @property
+    def span(self) -> int:
+        """Side, in locations, of the block of the location grid that one final cell covers."""
+        out = 1
+        for w in self.windows:
+            out *= w
+        return out
 
     def grad_rows_per_image(self) -> int:
-        return len(self.ctx.locations)
+        return (self.ctx.num_classes - 1) * self.span * self.span
+
+    def _pooled(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, grid: tuple[int, int],
+                strength: float) -> torch.Tensor:
+        """Pooled lower margins ``(n, G, K - 1)`` of images ``(n, ...)`` over a grid of locations.
+
+        ``index`` holds the ``gh x gw`` grid's location numbers in row-major order, ``(gh*gw,)``
+        shared by the images or ``(n, gh*gw)`` per image. A ``p x p`` block of grid cells is
+        merged after each pooling ReLU (``ceil_mode``: partial blocks at the border merge
+        fewer), so ``G`` is the number of final cells.
+        """
+        ctx = self.ctx
+        n = images.shape[0]
+        gh, gw = grid
+        ptb = PatchPerturbation(locations=ctx.locations, index=index, domain=ctx.domain, strength=strength)
+        ptb._images_hint = images  # the rows' clean images (as PatchThreat.perturbation does)
+        ptb.virtual = self._virtual
+        x = BoundedTensor(images.repeat_interleave(gh * gw, dim=0), ptb)
+        try:
+            with _quiet():
+                for seg, window in zip(self.bounded_segments[:-1], self.windows):
+                    lb, ub = seg.compute_bounds(x=(x,), method="IBP")
+                    ptb._lp_states = {}  # per-call descriptions hold autograd graphs: drop them
+                    feat = lb.shape[1:]
+                    lb, ub, (gh, gw) = self._merge(lb, ub, n, gh, gw, window)
+                    lb, ub = lb.reshape(-1, *feat), ub.reshape(-1, *feat)
+                    x = BoundedTensor((lb + ub) / 2, PerturbationLpNorm(norm=float("inf"), x_L=lb, x_U=ub))
+                # the specification merged into the last linear layer once per image, as the engine does
+                last = self.bounded_segments[-1]
+                head = head_of(last)
+                lower, upper = last.compute_bounds(x=(x,), method="IBP", final_node_name=head.node)
+                spec = margin_spec(labels, ctx.num_classes, dtype=images.dtype)  # (n, K-1, K)
+                row_img = torch.arange(n, device=images.device).repeat_interleave(gh * gw)
+                lb = _merge_head(head, spec, lower, upper, None, None, row_img)
+        finally:
+            ptb._lp_states = {}
+        return lb.reshape(n, gh * gw, ctx.num_classes - 1)
 
     def worst_margins(self, images, labels, *, strength, generator):
+        """Two passes, as ``all``: find each (image, class)'s worst final cell without gradients
+        (every location, in chunks of whole images), then re-bound only those cells (each a
+        ``span x span`` block of locations, shared between classes) with gradients. Value and
+        (sub)gradient are those of the minimum over all pooled cells."""
         ctx = self.ctx
         n, n_loc = images.shape[0], len(ctx.locations)
-        ptb = PatchPerturbation(masks=ctx.locations.masks, domain=ctx.domain, strength=strength)
-        x = BoundedTensor(images.repeat_interleave(n_loc, dim=0), ptb)
         gh, gw = self.grid
+        per_call = max(1, ctx.chunk_size // n_loc)
+        values, cells = [], []
+        with torch.no_grad():
+            for i in range(0, n, per_call):
+                b = min(n, i + per_call) - i
+                lb = self._pooled(images[i : i + b], labels[i : i + b], self._all, self.grid, strength)
+                v, c = lb.min(dim=1)  # (b, K-1)
+                values.append(v)
+                cells.append(c)
+        value, cell = torch.cat(values), torch.cat(cells)  # (N, K-1)
         rows = n * n_loc
-        with _quiet():
-            for seg, window in zip(self.bounded_segments[:-1], self.windows):
-                lb, ub = seg.compute_bounds(x=(x,), method="IBP")
-                feat = lb.shape[1:]
-                lb, ub, (gh, gw) = self._merge(lb, ub, n, gh, gw, window)
-                lb, ub = lb.reshape(-1, *feat), ub.reshape(-1, *feat)
-                x = BoundedTensor((lb + ub) / 2, PerturbationLpNorm(norm=float("inf"), x_L=lb, x_U=ub))
-                rows += lb.shape[0]
-            spec = margin_spec(labels, ctx.num_classes, dtype=images.dtype).repeat_interleave(gh * gw, dim=0)
-            lb, _ = self.bounded_segments[-1].compute_bounds(x=(x,), C=spec, method="IBP", bound_upper=False)
-        worst = lb.reshape(n, gh * gw, ctx.num_classes - 1).min(dim=1).values
-        return Margins(worst=worst, rows=rows)
+        if not torch.is_grad_enabled():
+            return Margins(worst=value, rows=rows)
+        # re-bound each distinct (image, worst cell) with gradients
+        final_w = -(-gw // self.span)
+        key = torch.arange(n, device=images.device)[:, None] * (n_loc + 1) + cell
+        unique, inverse = torch.unique(key, return_inverse=True)
+        img, c = unique // (n_loc + 1), unique % (n_loc + 1)
+        cy, cx = c // final_w, c % final_w
+        offsets = torch.arange(self.span, device=images.device)
+        ys = (cy[:, None] * self.span + offsets).clamp(max=gh - 1)  # (U, span); repeats at the border
+        xs = (cx[:, None] * self.span + offsets).clamp(max=gw - 1)
+        blocks = (ys[:, :, None] * gw + xs[:, None, :]).reshape(unique.numel(), -1)  # (U, span*span) locations
+        lb = self._pooled(images[img], labels[img], blocks, (self.span, self.span), strength)[:, 0]  # (U, K-1)
+        worst = lb[inverse, torch.arange(ctx.num_classes - 1, device=images.device).expand(n, -1)]
+        return Margins(worst=worst, rows=rows + unique.numel() * self.span * self.span)
 
     @staticmethod
     def _merge(lb: torch.Tensor, ub: torch.Tensor, n: int, gh: int, gw: int, window: int):
@@ -439,7 +547,7 @@ class PooledLocations(Strategy):
         return lo.permute(0, 2, 3, 1), hi.permute(0, 2, 3, 1), new
 
     def describe(self) -> str:
-        return f"pool({','.join(map(str, self.pool))})"
+        return f"pool({','.join(map(str, self.pool)) or 'auto'})"
 
 
 def make_strategy(
@@ -447,7 +555,7 @@ def make_strategy(
     *,
     patches: int = 10,
     temperature: float = 1.0,
-    pool: Sequence[int] = (2,),
+    pool: Sequence[int] = (),
     unet_width: int = 16,
 ) -> Strategy:
     """Build a strategy by name: ``all``, ``random``, ``guided`` or ``pool`` (see the module docstring)."""
@@ -456,8 +564,9 @@ def make_strategy(
         return AllLocations()
     if key == "random":
         return RandomLocations(patches)
-    if key == "guided":
-        return GuidedLocations(patches, temperature=temperature, base_width=unet_width)
+    if key in ("guided", "guided-per-label"):
+        return GuidedLocations(patches, temperature=temperature, base_width=unet_width,
+                               per_label=key == "guided-per-label")
     if key == "pool":
         return PooledLocations(pool)
     raise UsageError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}", param="strategy")

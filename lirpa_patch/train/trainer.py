@@ -70,10 +70,11 @@ class TrainConfig:
     Attributes:
         patch: patch size ``"HxW"`` (or ``n``).
         shape: patch shape name (see :mod:`lirpa_patch.shapes`).
-        strategy: ``all``, ``random``, ``guided`` or ``pool`` (:mod:`.strategies`).
-        patches: ``k``: locations per image (random) or per other class (guided).
+        strategy: ``all``, ``random``, ``guided``, ``pool`` or ``guided-per-label`` (:mod:`.strategies`).
+        patches: ``k``: locations per image (random, guided) or per other class (guided-per-label).
         temperature: guided sampling temperature ``T``.
-        pool: bound-pooling windows after successive ReLUs (``pool`` strategy).
+        pool: bound-pooling windows after successive ReLUs (``pool`` strategy); empty: 2x2
+            blocks after the last ReLU before the first linear layer.
         unet_width: base width of the guided U-net.
         epochs: total epochs.
         warmup_start: epochs of natural training (strength 0) before the ramp.
@@ -102,7 +103,7 @@ class TrainConfig:
     strategy: str = "random"
     patches: int = 10
     temperature: float = 1.0
-    pool: tuple[int, ...] = (2,)
+    pool: tuple[int, ...] = ()
     unet_width: int = 16
     epochs: int = 100
     warmup_start: int = 1

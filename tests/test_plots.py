@@ -1,0 +1,77 @@
+"""Pictures (``lirpa_patch.plots``): PNG bytes, a self-contained HTML page, matplotlib kept lazy."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lirpa_patch.locations import all_locations
+from lirpa_patch.plots import HtmlReport, adversarial_png, curve_png, heatmap_png
+from lirpa_patch.shapes import make_shape
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _size(png: bytes) -> tuple[int, int]:
+    from matplotlib.image import imread
+
+    return imread(io.BytesIO(png)).shape[:2]
+
+
+@pytest.mark.parametrize("shape", ["square", "rectangle"])
+def test_heatmap_is_a_png_with_one_panel_per_variant(shape):
+    locations = all_locations(make_shape(shape, 2), (12, 12))
+    margins = torch.linspace(-1, 2, len(locations))
+    png = heatmap_png(torch.rand(1, 12, 12), margins, locations, title="image 7")
+    assert png.startswith(PNG)
+    height, width = _size(png)
+    assert width > height  # the image and the panels side by side
+    single = _size(heatmap_png(torch.rand(1, 12, 12), margins, locations, worst=0))
+    assert single[0] > 0
+
+
+def test_heatmap_of_an_unbounded_image_still_draws():
+    locations = all_locations(make_shape("square", 2), (8, 8))
+    assert heatmap_png(torch.rand(3, 8, 8), torch.full((len(locations),), float("nan")), locations).startswith(PNG)
+
+
+def test_adversarial_and_curve_pictures_are_pngs():
+    clean = torch.zeros(1, 8, 8)
+    attacked = clean.clone()
+    attacked[0, 2:4, 2:4] = 1
+    assert adversarial_png(clean, attacked, title="4003 7 -> 3").startswith(PNG)
+    assert curve_png(["1x1", "2x2"], {"clean": [1.0, 1.0], "certified": [0.9, None]}, xlabel="patch").startswith(PNG)
+
+
+def test_html_report_embeds_pictures_and_escapes_text():
+    page = HtmlReport("net <1>.onnx")
+    page.heading("Results")
+    page.paragraph("a & b", css_class="alert")
+    page.table(["shape", "certified"], [["<square>", "84.0%"]])
+    png = curve_png(["1"], {"clean": [1.0]}, xlabel="k")
+    page.image(png, "curve")
+    text = page.render()
+    assert text.startswith("<!DOCTYPE html>") and "net &lt;1&gt;.onnx" in text and "a &amp; b" in text
+    assert "&lt;square&gt;" in text and "<td>84.0%</td>" in text
+    (data,) = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    assert base64.b64decode(data) == png
+    assert "http" not in text.replace("http-equiv", "")  # nothing fetched from elsewhere
+
+
+def test_importing_the_library_does_not_import_matplotlib():
+    code = "import lirpa_patch, lirpa_patch.plots, lirpa_patch.evaluation, sys; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_drawing_leaves_pyplot_unloaded():
+    code = ("import torch, sys; from lirpa_patch.plots import curve_png; curve_png(['1'], {'a': [0.5]}, xlabel='k');"
+            "print('matplotlib.pyplot' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
