@@ -29,12 +29,13 @@ class PluginRelu(Plugin, _ops.BoundRelu):
         return emit_window(self, ptb, relu_window(st))
 
     # alpha-CROWN: auto_LiRPA 0.3 calls clip_alpha_, 0.7.x clip_alpha, after every optimization step
+    # (grafted onto the node, so the stock method is the node's class's, not super()'s)
     def clip_alpha_(self):
-        super().clip_alpha_()
+        type(self).clip_alpha_(self)
         self._lp_inside()
 
     def clip_alpha(self):
-        super().clip_alpha()
+        type(self).clip_alpha(self)
         self._lp_inside()
 
     def _lp_inside(self) -> None:

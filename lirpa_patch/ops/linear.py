@@ -160,7 +160,7 @@ class PluginLinear(_Linear, _ops.BoundLinear):
                 out = first_linear_backward(self, last_lA, last_uA, weight, bias)
                 if out is not None:
                     return out
-        return super().bound_backward(last_lA, last_uA, *x, **kwargs)
+        return type(self).bound_backward(self, last_lA, last_uA, *x, **kwargs)  # the node's own (stock) class
 
     def _weights(self, v, data):
         if data != 0:
