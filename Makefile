@@ -26,10 +26,10 @@ demo: install
 		--start 4000 --num 100 --threads 1 --output demo_report.json --html demo_report.html
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-all: install
-	$(BIN)/python -m pytest -q --runslow
+	$(BIN)/python -m pytest -q -n 2 --runslow
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_report.json demo_report.html
