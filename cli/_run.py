@@ -61,8 +61,10 @@ def model_data_options(*, method: bool = True, nproc: bool = False) -> Callable:
         ]
         if method:
             options.append(click.option(
-                "--method", type=click.Choice(["ibp", "crown"], case_sensitive=False), default="ibp",
-                help="Bound method: IBP (fast, loose) or CROWN (tighter, slower, more memory)."))
+                "--method", type=click.Choice(["ibp", "crown", "alpha-crown"], case_sensitive=False), default="ibp",
+                help="Bound method: ibp (fast, loose); crown: IBP on every location, then CROWN only where IBP "
+                "cannot certify; alpha-crown: then alpha-CROWN (optimized CROWN) only where CROWN cannot. "
+                "Same certified images as the strongest method on every location."))
         options += [
             click.option("--input-shape", "input_shape", default=None, metavar="DIMS",
                          help="Per-sample input shape of the model, batch dim excluded (e.g. 784x1, 1x28x28). "

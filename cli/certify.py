@@ -31,8 +31,16 @@ from .launch import is_primary, launch_or_none
               "first and split only blocks that do not certify; 'auto' uses 2x2 blocks where they are faster "
               "(IBP), 'off' bounds every location. Decisions are the same either way. Heatmaps and --html need "
               "every location's margin: groups are off with them.")
+@click.option("--exhaustive", is_flag=True, default=False,
+              help="With --method crown/alpha-crown: keep bounding an image's locations after one failed the "
+              "strongest method (every location's margin). By default such an image is settled at once (not "
+              "certified); heatmaps and --html always bound every location.")
+@click.option("--intermediate", type=click.Choice(["auto", "crown", "ibp"], case_sensitive=False), default="auto",
+              help="How CROWN bounds the hidden layers: crown (full CROWN), ibp (CROWN-IBP: much faster on "
+              "convolutional nets, looser), or auto (measured per model: ibp only where full CROWN would take "
+              "over 2 min per image and CROWN-IBP stays close). The report says which was used.")
 def certify(model: str, patch: str, shape: str, sparse: Optional[str], heatmaps: Optional[str], html: Optional[str],
-            groups: str, **opts: Any) -> None:
+            groups: str, exhaustive: bool, intermediate: str, **opts: Any) -> None:
     """Certify MODEL against adversarial patches at every location of every image.
 
     MODEL is an ONNX file, a TorchScript file or a pickled torch.nn.Module (.pt/.pth).
@@ -58,7 +66,8 @@ def certify(model: str, patch: str, shape: str, sparse: Optional[str], heatmaps:
     _run.parse_memory(opts["max_memory"])
     launch_or_none(click.get_current_context(), opts.pop("nproc"))  # --nproc N: this command line in N processes
     with library_warnings_silenced():
-        _certify(model, threats, heatmaps=heatmaps, html=html, groups=groups_value, **opts)
+        _certify(model, threats, heatmaps=heatmaps, html=html, groups=groups_value,
+                 exhaustive=exhaustive or None, intermediate=intermediate.lower(), **opts)
 
 
 def _parse_groups(value: str):
@@ -77,7 +86,8 @@ certify.param_flags = {**_run.PARAM_FLAGS, "groups": "--groups"}
 certify.memory_hint = "lower --max-memory (or --chunk)"
 
 
-def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], html: Optional[str], groups, data: str,
+def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], html: Optional[str], groups,
+             exhaustive: Optional[bool], intermediate: str, data: str,
              start: int, num: Optional[int], method: str, input_shape: Optional[str], layout: Optional[str],
              mean: Optional[str], std: Optional[str], max_memory: Optional[str], chunk: Optional[int], device: str,
              seed: int, threads: Optional[int], output: Optional[str], no_check: bool, quiet: bool) -> None:
@@ -112,7 +122,8 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
         for item in items:
             label = item.label if len(items) > 1 else "Certifying"
             common = dict(method=method, chunk_size=chunk, max_memory=memory, device=where, indices=run.indices,
-                          bounded=bounded, progress=progress.task(label))
+                          bounded=bounded, progress=progress.task(label), exhaustive=exhaustive,
+                          intermediate=intermediate)
             if item.k is not None:
                 results[item.label] = distributed.certify(run.net, run.dataset.images, run.dataset.labels, k=item.k,
                                                           **common)

@@ -193,6 +193,8 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         table.add_row("Patch", f"{summary['patch']} -> {patch_description(summary)}")
         table.add_row("Locations", f"{summary['num_locations']:,} per image")
     table.add_row("Method", str(summary["method"]).upper())
+    for label, text in cascade_rows(summary.get("cascade")):
+        table.add_row(label, text)
     table.add_row("Images", str(n))
     table.add_row("Clean accuracy", f"{percent(summary['clean_accuracy'])} ({summary['num_correct']}/{n})")
     table.add_row(
@@ -202,6 +204,29 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     table.add_row("Time", seconds(summary["seconds"]))
     table.add_row("Images/s", rate(summary["images_per_second"]))
     return table
+
+
+_METHOD_NAMES = {"ibp": "IBP", "crown": "CROWN", "alpha-crown": "alpha-CROWN"}
+
+
+def cascade_rows(cascade: Optional[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """Table rows describing a cascade (nothing for IBP alone): what each method settled, and
+    how CROWN bounded the hidden layers."""
+    if not cascade or len(cascade.get("methods", [])) < 2:
+        return []
+    parts = []
+    for name in cascade["methods"]:
+        st = cascade["stages"].get(name, {})
+        parts.append(f"{_METHOD_NAMES.get(name, name)} {st.get('settled', 0):,}/{st.get('rows', 0):,} "
+                     f"({seconds(st.get('seconds'))})")
+    rows = [("Rows certified", escape(", ".join(parts)))]
+    if cascade.get("rows_skipped"):
+        rows.append(("Rows skipped", f"{cascade['rows_skipped']:,} (image already not certified)"))
+    mode = cascade.get("intermediate")
+    if mode is not None:
+        how = "full CROWN" if mode == "crown" else "IBP (CROWN-IBP)"
+        rows.append(("Hidden bounds", f"{how}, {cascade.get('intermediate_choice', 'given')}"))
+    return rows
 
 
 def transfer_table(report: Mapping[str, Any]) -> Table:

@@ -35,6 +35,7 @@ Nothing here prints or exits.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass, replace
@@ -436,6 +437,9 @@ def merge(results: Sequence[CertifyResult], *, seconds: Optional[float] = None) 
             merged["rows_bounded"] += int(g["rows_bounded"]) if g else plain
             merged["rows_per_location"] += int(g["rows_per_location"]) if g else plain
         extra["location_groups"] = merged
+    cascades = [r.extra.get("cascade") for r in results]
+    if all(cascades):
+        extra["cascade"] = merge_cascades(cascades)
     margins = [r.location_margins for r in results]
     return replace(
         first,
@@ -444,6 +448,31 @@ def merge(results: Sequence[CertifyResult], *, seconds: Optional[float] = None) 
         extra=extra,
         location_margins=torch.cat([m.cpu() for m in margins]) if all(m is not None for m in margins) else None,
     )
+
+
+def merge_cascades(stats: Sequence[dict]) -> dict:
+    """One cascade summary (``CertifyResult.extra["cascade"]``) from those of consecutive blocks.
+
+    Row counts and seconds are added up per method (seconds: CPU-side wall time summed over
+    processes); ``intermediate`` is the blocks' common choice, or ``"mixed"`` when
+    ``intermediate="auto"`` chose differently on different blocks (each block's probe is kept
+    in ``probes``).
+    """
+    out = copy.deepcopy(dict(stats[0]))
+    for key in ("rows_uncertified", "rows_skipped"):
+        out[key] = sum(int(s.get(key) or 0) for s in stats)
+    for method, stage in out.get("stages", {}).items():
+        for key in ("rows", "settled"):
+            stage[key] = sum(int(s["stages"][method][key]) for s in stats if method in s.get("stages", {}))
+        stage["seconds"] = sum(float(s["stages"][method]["seconds"]) for s in stats if method in s.get("stages", {}))
+        stage["chunk"] = max(int(s["stages"][method].get("chunk") or 0) for s in stats if method in s.get("stages", {}))
+    chosen = {s.get("intermediate") for s in stats} - {None}
+    out["intermediate"] = chosen.pop() if len(chosen) == 1 else ("mixed" if chosen else None)
+    probes = [s.get("probe") for s in stats]
+    if len({repr(p) for p in probes}) > 1:
+        out["probe"] = None
+        out["probes"] = probes
+    return out
 
 
 def _portable(result: Optional[CertifyResult]) -> Optional[CertifyResult]:

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from auto_LiRPA import BoundedModule, BoundedTensor
 
+from .cascade import CHAINS, CascadeStats, Pending, refine
+from .crown import check_intermediate, crown_margins
 from .domain import PixelDomain
 from .errors import ModelError, UsageError
 from .head import Head, find_head, strip_monotone_output
@@ -43,12 +45,16 @@ from .spec import margin_spec, other_classes
 from .threats.patch import PatchPerturbation, PatchThreat
 from .threats.sparse import SparsePerturbation, SparseThreat, check_bounded, check_k
 
-Method = Literal["ibp", "crown"]
-METHODS: dict[str, str] = {"ibp": "IBP", "crown": "CROWN"}
+Method = Literal["ibp", "crown", "alpha-crown"]
+METHODS: dict[str, str] = {"ibp": "IBP", "crown": "CROWN", "alpha-crown": "alpha-CROWN"}
+"""Bound methods, each a chain run cheapest first (:data:`lirpa_patch.cascade.CHAINS`)."""
 
 DEFAULT_MAX_MEMORY = 1 << 30
 """Default budget for the working tensors of one bound computation (1 GiB)."""
 
+
+CROWN_WORKING_SET = 384 << 20
+"""Working-tensor budget of one CROWN call (bytes, below ``max_memory``): larger calls are slower per row on CPUs."""
 
 MAX_ROWS_PER_CALL = 4096
 """Upper limit on rows per call when sizing by memory (larger calls stop paying off)."""
@@ -217,35 +223,14 @@ def _ibp_margins(bounded: BoundedModule, x: torch.Tensor, ptb, spec: torch.Tenso
         ptb._lp_states = {}  # drop the per-call descriptions (they hold autograd graphs)
 
 
-def _crown_margins(bounded: BoundedModule, x: torch.Tensor, ptb, spec: torch.Tensor,
-                   row_img: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """CROWN lower margins ``(R, K - 1)`` (dense rows, specification per row).
-
-    With a linear head the specification is merged into its weights and CROWN stops at
-    the head's input (exactly CROWN on the whole graph, since CROWN is linear through
-    that layer, and it avoids the last layer's form: ``MatMul`` + ``Add`` included).
-    """
-    ptb.virtual = False
-    head = head_of(bounded)
-    if row_img is None:  # rows are image-major, the same count per image
-        row_img = torch.arange(x.shape[0], device=x.device) // (x.shape[0] // spec.shape[0])
-    bias = None
-    if head.kind == "linear":
-        w, b = head.weights()
-        C = spec.matmul(w)
-        bias = spec.matmul(b) if b is not None else None
-        final = head.node
-    else:
-        C, final = spec, None
-    try:
-        with _quiet():
-            lb, _ = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=C[row_img],
-                                           method="CROWN", bound_upper=False, final_node_name=final)
-        if bias is not None:
-            lb = lb + bias[row_img]
-        return lb
-    finally:
-        ptb._lp_states = {}
+def _stronger(bounded: BoundedModule, build, spec: torch.Tensor, lb: torch.Tensor, key: str,
+              row_img: Optional[torch.Tensor] = None, intermediate: str = "crown") -> torch.Tensor:
+    """``lb`` (IBP) combined by an elementwise maximum with every further method of ``key``'s chain."""
+    for method in CHAINS[key][1:]:
+        x, ptb = build()
+        lb = torch.maximum(lb, crown_margins(bounded, x, ptb, spec, row_img, head=head_of(bounded), method=method,
+                                             intermediate=intermediate))
+    return lb
 
 
 def threat_margins(
@@ -270,9 +255,7 @@ def threat_margins(
     if isinstance(ptb, SparsePerturbation):
         check_bounded(bounded, key)
     lb = _ibp_margins(bounded, x, ptb, spec)
-    if key == "crown":
-        x, ptb = threat.perturbation(images, rows, domain=domain, strength=strength)
-        lb = torch.maximum(lb, _crown_margins(bounded, x, ptb, spec))
+    lb = _stronger(bounded, lambda: threat.perturbation(images, rows, domain=domain, strength=strength), spec, lb, key)
     return lb.reshape(images.shape[0], -1, num_classes - 1)
 
 
@@ -288,6 +271,7 @@ def lower_margins(
     method: Method | str = "ibp",
     domain: Optional[PixelDomain] = None,
     strength: float = 1.0,
+    intermediate: str = "crown",
 ) -> torch.Tensor:
     """Certified lower bounds of the margins for every (image, location) pair.
 
@@ -304,9 +288,13 @@ def lower_margins(
             locations to bound, ``(L,)`` shared or ``(N, L)`` per image (default: all);
             faster than masks (no masks are built).
         num_classes: ``K``.
-        method: ``"ibp"`` or ``"crown"``. CROWN's margins are combined with IBP's by an
-            elementwise maximum: both are sound lower bounds, and neither is always tighter.
+        method: ``"ibp"``, ``"crown"`` or ``"alpha-crown"``: every method of the chain
+            (:data:`lirpa_patch.cascade.CHAINS`) on every row, combined by an elementwise
+            maximum: each is a sound lower bound, and none is always tighter. (alpha-CROWN's
+            share is not differentiable.)
         strength: patch interval scale in ``[0, 1]`` (warm-up).
+        intermediate: how CROWN bounds the pre-activations, ``"crown"`` or ``"ibp"``
+            (:func:`lirpa_patch.crown.crown_margins`).
 
     Returns:
         ``(N, L, K - 1)``: lower bound of ``z_true - z_other`` over the patch box,
@@ -338,9 +326,7 @@ def lower_margins(
 
     x, ptb = build()
     lb = _ibp_margins(bounded, x, ptb, spec)
-    if key == "crown":
-        x, ptb = build()
-        lb = torch.maximum(lb, _crown_margins(bounded, x, ptb, spec))
+    lb = _stronger(bounded, build, spec, lb, key, intermediate=check_intermediate(intermediate))
     return lb.reshape(n, n_loc, num_classes - 1)
 
 
@@ -549,8 +535,12 @@ def location_margins(
     method: str = "ibp",
     domain: Optional[PixelDomain] = None,
     chunk_size: int = MAX_ROWS_PER_CALL,
+    intermediate: str = "crown",
 ) -> torch.Tensor:
-    """Lower margins ``(R, K - 1)`` of any (image, location) rows: ``images[row_img[r]]`` with location ``row_loc[r]``."""
+    """Lower margins ``(R, K - 1)`` of any (image, location) rows: ``images[row_img[r]]`` with location ``row_loc[r]``.
+
+    Every method of ``method``'s chain on every row, as :func:`lower_margins`.
+    """
     key = check_method(method)
     spec = margin_spec(labels, num_classes, dtype=images.dtype)
     out = []
@@ -563,10 +553,7 @@ def location_margins(
         img, loc = row_img[s: s + chunk_size], row_loc[s: s + chunk_size]
         x, ptb = build(img, loc)
         lb = _ibp_margins(bounded, x, ptb, spec)
-        if key == "crown":
-            x, ptb = build(img, loc)
-            lb = torch.maximum(lb, _crown_margins(bounded, x, ptb, spec, img))
-        out.append(lb)
+        out.append(_stronger(bounded, lambda: build(img, loc), spec, lb, key, img, check_intermediate(intermediate)))
     return torch.cat(out) if out else images.new_zeros(0, num_classes - 1)
 
 
@@ -638,6 +625,8 @@ def certify(
     progress: Optional[ProgressFn] = None,
     groups: Optional[int | str] = "auto",
     keep_location_margins: bool = False,
+    exhaustive: Optional[bool] = None,
+    intermediate: str = "auto",
 ) -> CertifyResult:
     """Certify images against a threat: every patch location (paper eq. 11), or any ``k`` pixels.
 
@@ -653,33 +642,58 @@ def certify(
         size, shape: the patch (see :func:`~lirpa_patch.shapes.make_shape`).
         locations: explicit location set; default every valid position.
         k: the sparse threat's pixel budget (instead of a patch).
-        method: ``"ibp"`` (default) or ``"crown"``.
-        chunk_size: rows per ``compute_bounds`` call; default sized by ``max_memory``
-            (:func:`rows_per_call`).
+        method: ``"ibp"`` (default), ``"crown"`` or ``"alpha-crown"``: a cascade
+            (:mod:`lirpa_patch.cascade`). IBP bounds every row; ``"crown"`` then bounds with
+            CROWN only the rows IBP leaves below zero, ``"alpha-crown"`` then bounds with
+            alpha-CROWN only the rows CROWN leaves below zero. An image is certified exactly
+            when every row is certified by some method of the chain: the same images as
+            running the strongest method (combined with the cheaper ones) on every row.
+        chunk_size: rows per ``compute_bounds`` call of every method; default sized by
+            ``max_memory`` per method (:func:`rows_per_call`).
         max_memory: bytes of working tensors per call when ``chunk_size`` is not given.
         indices: dataset index of each image, for the report (default ``0..N-1``).
         domain: pixel domain of ``images`` (default ``[0, 1]``, no normalization).
         bounded: a prebuilt ``BoundedModule`` of ``model`` from :func:`bound_model`
             (reused across calls).
         progress: callback ``(images_done, rows_done)``; its ``start(images, rows)``, when it
-            has one, first receives the totals (see :data:`ProgressFn`).
-        groups: location groups for a patch threat (:mod:`lirpa_patch.threats.blocks`):
+            has one, first receives the totals (see :data:`ProgressFn`). In a cascade an image
+            is done when its answer is final, and rows count every bound computed.
+        groups: location groups for a patch threat's IBP pass (:mod:`lirpa_patch.threats.blocks`):
             blocks of ``groups x groups`` adjacent locations (a power of two) are bounded by
             their union first and split only where they do not certify. ``"auto"`` (default)
-            uses blocks of 2 under IBP where they pay off (measured when there are at least
-            32 images: a few go through blocks, a few not, the faster way is kept); ``None``
-            or 0 bounds every location. Certified decisions are the
-            same either way; a certified image's ``worst_margin`` is then the smallest bound
-            that was needed, which may be below the per-location minimum (it is exact for
-            images that are not certified).
+            uses blocks of 2 where they pay off (measured when there are at least 32 images:
+            a few go through blocks, a few not, the faster way is kept); ``None`` or 0 bounds
+            every location. Certified decisions are the same either way.
         keep_location_margins: also return every row's worst margin (patch threat: every
             location's), ``CertifyResult.location_margins`` ``(N, L)`` (for heatmaps); every
-            location is then bounded on its own (no ``groups``).
+            location is then bounded on its own (no ``groups``): each row's tightest bound
+            computed (see ``worst_margin`` below).
+        exhaustive: in a cascade, keep bounding the rows of an image after one of its rows
+            failed the strongest method (every row gets the strongest method's margin, e.g.
+            for heatmaps). By default (None) only with ``keep_location_margins``; otherwise
+            such an image is settled (not certified) and its other rows keep their cheaper bound.
+        intermediate: how CROWN and alpha-CROWN bound the pre-activations: ``"crown"``,
+            ``"ibp"`` (CROWN-IBP: far cheaper on convolutional networks, looser), or ``"auto"``
+            (default: measured per model on the first rows that reach CROWN; see
+            :mod:`lirpa_patch.cascade`). The result's ``extra["cascade"]`` says which was used.
+
+    ``worst_margin`` of an image is the minimum, over its rows and other classes, of the
+    tightest bound computed for each row: always a valid lower bound of its worst margin.
+    A row decided by a cheaper method (IBP, a location group, or CROWN before alpha-CROWN)
+    keeps that method's bound, so for a certified image it is the smallest bound that was
+    needed (>= 0), which may be below what the strongest method would give; for an image
+    that is not certified it is the strongest method's minimum when ``exhaustive`` (or
+    when the chain is IBP alone).
 
     Returns:
-        A :class:`CertifyResult` with one :class:`ImageResult` per image.
+        A :class:`CertifyResult` with one :class:`ImageResult` per image; ``extra["cascade"]``
+        (:class:`~lirpa_patch.cascade.CascadeStats`) holds the rows each method bounded and
+        certified and its time.
     """
     key = check_method(method)
+    mode = check_intermediate(intermediate)
+    if exhaustive is None:
+        exhaustive = bool(keep_location_margins)
     if threat is None:
         threat = SparseThreat(check_k(k)) if k is not None else PatchThreat(size, shape, locations)
     elif k is not None:
@@ -691,6 +705,7 @@ def certify(
     device = torch.device(device)
     was_training = model.training
     model = model.to(device).eval()
+    stats = CascadeStats(list(CHAINS[key]), exhaustive=bool(exhaustive))
     try:
         images = images.to(device=device, dtype=torch.float32)
         labels = labels.to(device=device, dtype=torch.long)
@@ -709,75 +724,59 @@ def certify(
         if bounded is None:
             bounded = bound_model(model, images.shape[1:], device)
         head = head_of(bounded)
-        if chunk_size is None:
-            chunk_size = rows_per_call(bounded, max_memory, key)
+        ibp_chunk = chunk_size if chunk_size is not None else rows_per_call(bounded, max_memory, "ibp")
 
         worst = _Worst(n_img, device)
         kept = torch.full((n_img, n_rows), float("nan")) if keep_location_margins else None
+        tracker = Pending(worst, keep=key != "ibp", kept=kept)
         todo = torch.nonzero(correct).flatten().tolist()
         start_progress(progress, len(todo), len(todo) * n_rows)
-        block = 0 if keep_location_margins else _block_size(groups, threat, key)
-        if groups == "auto" and len(todo) < 4 * PROBE_IMAGES:
-            block = 0  # too few images to measure whether blocks pay off
-        levels = threat.block_levels(block) if block else None
-        row_chunk = min(n_rows, chunk_size)
-        img_chunk = max(1, chunk_size // row_chunk)
-        done_images, done_rows, bounded_rows, grouped_images = 0, 0, 0, 0
-        probe = {"grouped": None, "plain": None} if groups == "auto" and levels is not None else None
+        ibp_start = time.perf_counter()
         with torch.no_grad():
-            i = 0
-            while i < len(todo):
-                take = img_chunk
-                if probe is not None and (probe["grouped"] is None or probe["plain"] is None):
-                    take = min(img_chunk, PROBE_IMAGES)  # "auto": measure both ways on a few images
-                batch = torch.tensor(todo[i: i + take], device=device)
-                i += take
-                use_groups = levels is not None
-                if probe is not None and probe["grouped"] is not None and probe["plain"] is None:
-                    use_groups = False  # "auto": the second chunk measures the plain way
-                tick = time.thread_time()
-                if use_groups:
-                    bounded_rows += _grouped(bounded, threat, levels, images, labels, worst, batch,
-                                             num_classes=num_classes, method=key, domain=domain,
-                                             chunk_size=chunk_size)
-                    grouped_images += batch.numel()
-                else:
-                    for j in range(0, n_rows, row_chunk):
-                        lb = threat_margins(bounded, threat, images[batch], labels[batch], slice(j, j + row_chunk),
-                                            num_classes=num_classes, method=key, domain=domain)  # (b, r, K-1)
-                        r = lb.shape[1]
-                        if kept is not None:
-                            kept[batch.cpu(), j: j + r] = lb.min(dim=2).values.cpu()
-                        worst.update(batch.repeat_interleave(r), torch.arange(j, j + r).repeat(batch.numel()),
-                                     lb.reshape(-1, num_classes - 1))
-                        done_rows += batch.numel() * r
-                        bounded_rows += batch.numel() * r
-                        if progress is not None:
-                            progress(done_images, done_rows)
-                if probe is not None and (probe["grouped"] is None or probe["plain"] is None):
-                    probe["grouped" if use_groups else "plain"] = (time.thread_time() - tick) / batch.numel()
-                    if probe["plain"] is not None and probe["plain"] <= probe["grouped"]:
-                        levels = None  # "auto": blocks do not pay off on this model and threat
-                done_images += batch.numel()
-                done_rows = done_images * n_rows
+            block, grouped_images, bounded_rows = _ibp_pass(
+                bounded, threat, images, labels, tracker, todo, num_classes=num_classes, domain=domain,
+                chunk_size=ibp_chunk, groups=None if keep_location_margins else groups, progress=progress,
+                cascade=key != "ibp")
+            ibp = stats.stages["ibp"]
+            ibp.rows, ibp.chunk, ibp.seconds = len(todo) * n_rows, int(ibp_chunk), time.perf_counter() - ibp_start
+            ibp.settled = ibp.rows - tracker.unsettled
+            if key != "ibp":
+                p_img, p_row, p_lb = tracker.rows(num_classes, device)
+                decided = len(todo) - int(torch.unique(p_img).numel())
+                done_rows = len(todo) * n_rows
                 if progress is not None:
-                    progress(done_images, done_rows)
+                    progress(decided, done_rows)
+
+                def report(rows: int, left: int) -> None:
+                    if progress is not None:
+                        progress(len(todo) - left, done_rows + rows)
+
+                crown_chunk = chunk_size if chunk_size is not None else rows_per_call(
+                    bounded, min(max_memory, CROWN_WORKING_SET), "crown")
+                final = refine(bounded, threat, images, labels, p_img, p_row, p_lb, stats=stats,
+                               num_classes=num_classes, domain=domain, intermediate=mode, chunk=int(crown_chunk),
+                               progress=report)
+                worst.update(p_img, p_row, final)
+                if kept is not None and p_img.numel():
+                    kept[p_img.cpu(), p_row.cpu()] = final.min(dim=1).values.cpu()
+                if progress is not None:
+                    progress(len(todo), done_rows + sum(stats.stages[m].rows for m in stats.methods[1:]))
     finally:
         model.train(was_training)
 
     results = _image_results(idx, labels, preds, correct, worst.value, worst.cls, num_classes,
                              lambda k_: threat.locate(int(worst.row[k_])))
-    extra: dict = {}
+    extra: dict = {"cascade": stats.to_dict()}
     if block:
         extra["location_groups"] = {"block": block, "images": grouped_images, "rows_bounded": bounded_rows,
                                     "rows_per_location": len(todo) * n_rows}
     if isinstance(threat, SparseThreat):
-        extra = {"threat": "sparse", "k": threat.k}
+        extra.update({"threat": "sparse", "k": threat.k})
         from .ops.registry import plugin_report
 
-        report = plugin_report(bounded)
-        fallback = dict(report["fallback"])
-        fallback.update({name: "stock auto_LiRPA operator" for name in report["stock_first_mixing"]})
+        report_ = plugin_report(bounded)
+        fallback = dict(report_["fallback"])
+        fallback.update({name: "stock auto_LiRPA operator" for name in report_["stock_first_mixing"]})
         if fallback:
             extra["fallback"] = fallback
     return CertifyResult(
@@ -786,12 +785,66 @@ def certify(
         num_locations=len(threat.locations) if isinstance(threat, PatchThreat) else 0,
         method=key,
         seconds=time.perf_counter() - start,
-        chunk_size=int(chunk_size),
+        chunk_size=int(ibp_chunk),
         extra=extra,
         head=head.describe(),
         location_margins=kept,
         locations=threat.locations if keep_location_margins and isinstance(threat, PatchThreat) else None,
     )
+
+
+def _ibp_pass(bounded, threat, images, labels, tracker, todo: list[int], *, num_classes: int, domain, chunk_size: int,
+              groups, progress: Optional[ProgressFn], cascade: bool) -> tuple[int, int, int]:
+    """IBP on every row of images ``todo``, into ``tracker`` (``update(img, row, lb)``).
+
+    Returns ``(block size used, images through location groups, rows bounded)``. In a
+    cascade (``cascade``) progress counts no image as done (a later method decides).
+    """
+    device = images.device
+    n_rows = threat.rows_per_image
+    block = _block_size(groups, threat, "ibp")
+    if groups == "auto" and len(todo) < 4 * PROBE_IMAGES:
+        block = 0  # too few images to measure whether blocks pay off
+    levels = threat.block_levels(block) if block else None
+    row_chunk = min(n_rows, chunk_size)
+    img_chunk = max(1, chunk_size // row_chunk)
+    done_images, done_rows, bounded_rows, grouped_images = 0, 0, 0, 0
+    probe = {"grouped": None, "plain": None} if groups == "auto" and levels is not None else None
+    i = 0
+    while i < len(todo):
+        take = img_chunk
+        if probe is not None and (probe["grouped"] is None or probe["plain"] is None):
+            take = min(img_chunk, PROBE_IMAGES)  # "auto": measure both ways on a few images
+        batch = torch.tensor(todo[i: i + take], device=device)
+        i += take
+        use_groups = levels is not None
+        if probe is not None and probe["grouped"] is not None and probe["plain"] is None:
+            use_groups = False  # "auto": the second chunk measures the plain way
+        tick = time.thread_time()
+        if use_groups:
+            bounded_rows += _grouped(bounded, threat, levels, images, labels, tracker, batch,
+                                     num_classes=num_classes, method="ibp", domain=domain, chunk_size=chunk_size)
+            grouped_images += batch.numel()
+        else:
+            for j in range(0, n_rows, row_chunk):
+                lb = threat_margins(bounded, threat, images[batch], labels[batch], slice(j, j + row_chunk),
+                                    num_classes=num_classes, method="ibp", domain=domain)  # (b, r, K-1)
+                r = lb.shape[1]
+                tracker.update(batch.repeat_interleave(r), torch.arange(j, j + r).repeat(batch.numel()),
+                               lb.reshape(-1, num_classes - 1))
+                done_rows += batch.numel() * r
+                bounded_rows += batch.numel() * r
+                if progress is not None:
+                    progress(0 if cascade else done_images, done_rows)
+        if probe is not None and (probe["grouped"] is None or probe["plain"] is None):
+            probe["grouped" if use_groups else "plain"] = (time.thread_time() - tick) / batch.numel()
+            if probe["plain"] is not None and probe["plain"] <= probe["grouped"]:
+                levels = None  # "auto": blocks do not pay off on this model and threat
+        done_images += batch.numel()
+        done_rows = done_images * n_rows
+        if progress is not None:
+            progress(0 if cascade else done_images, done_rows)
+    return block, grouped_images, bounded_rows
 
 
 def _block_size(groups, threat, method: str) -> int:

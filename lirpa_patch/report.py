@@ -20,7 +20,7 @@ One shape (``--shape square``, ``diamond``, ``rectangle:3x5``, a mask file, ...)
         "pixel_counts": [4],             # pixels of each variant (rectangles: at least the budget)
         "requested_pixel_count": 4,      # H*W of --patch (mask pixels for a mask file)
         "num_locations": 729,            # (variant, top, left) placements checked per image
-        "method": "ibp",                 # "ibp" or "crown"
+        "method": "ibp",                 # "ibp", "crown" or "alpha-crown" (a cascade, see below)
         "num_images": 100,
         "num_correct": 99,               # images the model classifies correctly
         "num_certified": 91,             # of those, certified against every location
@@ -28,6 +28,31 @@ One shape (``--shape square``, ``diamond``, ``rectangle:3x5``, a mask file, ...)
         "certified_accuracy": 0.91,      # num_certified / num_images
         "seconds": 12.3,                 # wall time of certification (model loading excluded)
         "images_per_second": 8.1,        # null when not measurable
+        "cascade": {                     # what each bound method of the run did; null if unknown
+          "methods": ["ibp", "crown"],   # the chain, cheapest first: IBP bounds every row, each
+                                         # further method only the rows the previous one left
+                                         # below zero
+          "exhaustive": false,           # true: rows of an image already known not to be
+                                         # certified were still bounded (--exhaustive)
+          "intermediate": "crown",       # how CROWN bounded the pre-activations: "crown" (full
+                                         # CROWN) or "ibp" (CROWN-IBP); null if no row reached CROWN
+          "intermediate_choice": "auto", # "auto" (measured, see "probe") or "given" (--intermediate)
+          "probe": {"rows": 80, "crown_ms_per_row": 0.3, "crown_seconds_per_image": 0.2,
+                    "crown_ibp_ms_per_row": null, "share": null},
+                                         # the "auto" measurement on the first rows CROWN saw: full
+                                         # CROWN's CPU ms per row and projected seconds for every
+                                         # row of an image; when that is over budget, CROWN-IBP's
+                                         # ms per row and its share of CROWN's gain over IBP (else
+                                         # null); the probe itself is null when not measured
+          "stages": {"ibp": {"method": "ibp", "rows": 72900, "settled": 70000, "seconds": 1.2,
+                             "chunk": 8192},
+                     "crown": {"method": "crown", "rows": 2100, "settled": 2000, "seconds": 3.4,
+                               "chunk": 80}},
+                                         # per method: rows it bounded, rows it certified
+                                         # ("settled"), wall seconds, rows per call
+          "rows_uncertified": 60,        # rows still below zero after the strongest method
+          "rows_skipped": 840            # rows spared the stronger methods: their image had
+        },                               # already failed (0 when exhaustive)
         "model": "net.onnx",             # MODEL as given
         "model_input": {"input_shape": [784, 1], "layout": "flat", "mean": null, "std": null,
                         "num_classes": 10},
@@ -62,8 +87,14 @@ One shape (``--shape square``, ``diamond``, ``rectangle:3x5``, a mask file, ...)
          "correct": true,
          "certified": true,              # correct and worst_margin >= 0
          "worst_margin": 0.42,           # min over locations and other classes of the certified
-                                         # lower bound of logit[label] - logit[other];
-                                         # null when the image is misclassified (not bounded)
+                                         # lower bound of logit[label] - logit[other], each location
+                                         # with the tightest bound computed for it: a location a
+                                         # cheaper method (IBP, a location group, CROWN before
+                                         # alpha-CROWN) certified keeps that method's bound, so it
+                                         # is always a valid lower bound, and for a certified image
+                                         # the smallest bound that was needed; for an image not
+                                         # certified, the strongest method's minimum when
+                                         # exhaustive; null when the image is misclassified
          "worst_location": {"shape": "square", "variant": 0, "height": 2, "width": 2,
                             "top": 3, "left": 11},  # where worst_margin occurs, or null
          "worst_class": 8}               # the other class of worst_margin, or null
@@ -86,7 +117,7 @@ them in order, ``seconds`` is the total, ``images_per_second`` is omitted), and
                                "pixel_counts": [4], "requested_pixel_count": 4, "num_locations": 729,
                                "num_images": 100, "num_correct": 99, "num_certified": 91,
                                "clean_accuracy": 0.99, "certified_accuracy": 0.91,
-                               "seconds": 12.3, "images_per_second": 8.1},
+                               "seconds": 12.3, "images_per_second": 8.1, "cascade": {...}},
                    "images": [...]},
         "rectangle": {...}, ...
       }
@@ -99,6 +130,7 @@ them in order, ``seconds`` is the total, ``images_per_second`` is omitted), and
                   "patch": null, "shape": null, "num_locations": null, "method": "ibp",
                   "num_images": 100, "num_correct": 99, "num_certified": 90, "clean_accuracy": 0.99,
                   "certified_accuracy": 0.9, "seconds": 3.1, "images_per_second": 32.0,
+                  "cascade": {...},        # as above (one row per image)
                   "sparse_fallback": {},   # first layers bounded as a plain box, with why
                   ... (run fields as above) ...},
       "images": [... as above, "worst_location" is always null ...]
@@ -301,7 +333,19 @@ def shape_summary(result: CertifyResult) -> dict[str, Any]:
         "certified_accuracy": _number(result.certified_accuracy),
         "seconds": _number(result.seconds),
         "images_per_second": _number(result.images_per_second),
+        "cascade": cascade_summary(result),
     }
+
+
+def cascade_summary(result: CertifyResult) -> Optional[dict[str, Any]]:
+    """The result's cascade statistics (``extra["cascade"]``) as JSON-safe values, or None."""
+    stats = result.extra.get("cascade")
+    if not stats:
+        return None
+    out = json.loads(json.dumps(stats, default=str))
+    for stage in out.get("stages", {}).values():
+        stage["seconds"] = _number(stage.get("seconds"))
+    return out
 
 
 def _run_fields(run: RunInfo, result: CertifyResult) -> dict[str, Any]:
@@ -354,6 +398,7 @@ def build_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
         "certified_accuracy": per_shape["certified_accuracy"],
         "seconds": per_shape["seconds"],
         "images_per_second": per_shape["images_per_second"],
+        "cascade": per_shape["cascade"],
     }
     summary.update(_run_fields(run, result))
     return {"summary": summary, "images": image_entries(result)}
@@ -378,6 +423,7 @@ def build_sparse_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
         "certified_accuracy": _number(result.certified_accuracy),
         "seconds": _number(result.seconds),
         "images_per_second": _number(result.images_per_second),
+        "cascade": cascade_summary(result),
         "sparse_fallback": dict(result.extra.get("fallback", {})),
     }
     summary.update(_run_fields(run, result))

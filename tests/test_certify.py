@@ -123,11 +123,13 @@ def test_location_margins_are_not_kept_unless_asked(setup):
 
 @pytest.mark.parametrize("method", ["ibp", "crown"])
 def test_chunk_size_does_not_change_results(method, setup):
+    """(A cascade that stops early bounds fewer rows of a failed image with smaller chunks, which
+    can lower its margin but not its answer; exhaustive, every margin is the same.)"""
     images, labels, models, bounded = setup
     runs = {}
     for chunk in ([1, 7, 4096] if method == "ibp" else [7, 4096]):
         result = certify(models["cnn"], images, labels, size=2, shape="line", method=method,
-                         bounded=bounded["cnn"], chunk_size=chunk)
+                         bounded=bounded["cnn"], chunk_size=chunk, exhaustive=True, intermediate="crown")
         runs[chunk] = [(r.worst_margin, r.worst_location, r.worst_class, r.certified) for r in result.images]
     reference = runs.pop(4096)
     for chunk, records in runs.items():
@@ -135,7 +137,9 @@ def test_chunk_size_does_not_change_results(method, setup):
             if want[0] is None:
                 assert got == want
                 continue
-            assert got[0] == pytest.approx(want[0], rel=1e-5, abs=1e-5), f"chunk {chunk}"
+            # CROWN's float32 rounding depends on the batch (rel. 1e-4); IBP's hardly
+            tol = 1e-4 if method == "crown" else 1e-5
+            assert got[0] == pytest.approx(want[0], rel=tol, abs=tol), f"chunk {chunk}"
             assert got[1:] == want[1:], f"chunk {chunk}"
 
 
@@ -256,7 +260,8 @@ def test_non_finite_images_are_usage_error(value, setup):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"method": "alpha-crown"}, "method"),
+        ({"method": "beta-crown"}, "method"),
+        ({"method": "crown", "intermediate": "forward"}, "intermediate"),
         ({"chunk_size": 0}, "chunk"),
         ({"shape": "circle"}, "shape"),
         ({"size": 11}, "larger"),

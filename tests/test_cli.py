@@ -419,3 +419,26 @@ def test_sparse_with_a_shape_is_a_usage_error(tiny):
 
 def test_sparse_budget_larger_than_the_image(tiny):
     assert_one_line_error(invoke("certify", tiny.model, "--data", tiny.data, "--sparse", 785), 2, "785")
+
+
+def test_alpha_crown_cascade_is_recorded_with_its_stages(tiny, tmp_path):
+    output = tmp_path / "r.json"
+    result = invoke("certify", tiny.model, "--data", tiny.data, "--num", 2, "--patch", "3x3", "--method",
+                    "alpha-crown", "--exhaustive", "--intermediate", "crown", "--output", output)
+    assert_ok(result)
+    s = read_report(output)["summary"]
+    c = s["cascade"]
+    assert s["method"] == "alpha-crown"
+    assert (c["methods"], c["exhaustive"], c["intermediate_choice"]) == (["ibp", "crown", "alpha-crown"], True, "given")
+    assert set(c["stages"]) == {"ibp", "crown", "alpha-crown"}
+    assert "Rows certified" in result.stdout
+
+
+def test_default_method_is_ibp_alone(tiny_run):
+    c = tiny_run.report["summary"]["cascade"]
+    assert c["methods"] == ["ibp"] and c["exhaustive"] is False
+
+
+def test_unknown_method_is_a_usage_error(tiny):
+    result = invoke("certify", tiny.model, "--data", tiny.data, "--method", "beta-crown")
+    assert_one_line_error(result, 2, "--method")

@@ -94,6 +94,32 @@ def test_merging_adds_location_group_counts_and_counts_blocks_certified_without_
     assert distributed.merge([plain, plain]).extra == {}
 
 
+def test_merging_adds_up_what_each_method_of_the_cascade_settled(mnist):
+    kwargs = dict(size=2, method="crown", intermediate="crown", exhaustive=True)
+    whole = certify(mnist.net, mnist.images[:6], mnist.labels[:6], **kwargs)
+    parts = [certify(mnist.net, mnist.images[s], mnist.labels[s], **kwargs) for s in (slice(0, 4), slice(4, 6))]
+    merged = distributed.merge(parts).extra["cascade"]
+    expected = whole.extra["cascade"]
+    for method in ("ibp", "crown"):
+        for key in ("rows", "settled"):
+            assert merged["stages"][method][key] == expected["stages"][method][key]
+        assert merged["stages"][method]["seconds"] == pytest.approx(
+            sum(p.extra["cascade"]["stages"][method]["seconds"] for p in parts))
+    assert merged["rows_uncertified"] == expected["rows_uncertified"]
+    assert merged["intermediate"] == "crown"
+
+
+def test_merged_cascade_says_mixed_when_blocks_bounded_hidden_layers_differently():
+    block = {"methods": ["ibp", "crown"], "intermediate": "crown", "probe": {"share": 1.0},
+             "stages": {"ibp": {"rows": 2, "settled": 1, "seconds": 1.0, "chunk": 8},
+                        "crown": {"rows": 1, "settled": 1, "seconds": 2.0, "chunk": 4}},
+             "rows_uncertified": 0, "rows_skipped": 0}
+    other = {**block, "intermediate": "ibp", "probe": {"share": 0.9}}
+    merged = distributed.merge_cascades([block, other])
+    assert merged["intermediate"] == "mixed" and merged["probes"] == [block["probe"], other["probe"]]
+    assert merged["stages"]["crown"] == {"rows": 2, "settled": 2, "seconds": 4.0, "chunk": 4}
+
+
 def test_one_process_certify_is_the_engine(mnist):
     assert distributed.current() is None and distributed.init("cpu") is None
     ours = distributed.certify(mnist.net, mnist.images[:4], mnist.labels[:4], size=2)
@@ -208,11 +234,17 @@ def _ok(result: subprocess.CompletedProcess) -> None:
 
 
 def _without(report: dict, keys=TIMING | {"world_size"}) -> dict:
-    return {**report, "summary": {k: v for k, v in report["summary"].items() if k not in keys}}
+    summary = {k: v for k, v in report["summary"].items() if k not in keys}
+    if summary.get("cascade"):  # each method's seconds and the timed probe of intermediate="auto"
+        cascade = {k: v for k, v in summary["cascade"].items() if k not in ("probe", "probes")}
+        cascade["stages"] = {m: {k: v for k, v in st.items() if k != "seconds"} for m, st in cascade["stages"].items()}
+        summary["cascade"] = cascade
+    return {**report, "summary": summary}
 
 
-def test_certify_in_two_processes_writes_the_report_of_one(tmp_path):
-    args = ["certify", MODEL, "--data", "sample", "--start", "4000", "--num", "8", "--quiet"]
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_certify_in_two_processes_writes_the_report_of_one(tmp_path, method):
+    args = ["certify", MODEL, "--data", "sample", "--start", "4000", "--num", "8", "--quiet", "--method", method]
     _ok(_run(_lirpa(*args, "-o", "one.json"), tmp_path))
     two = _run(_torchrun(*args, "-o", "two.json"), tmp_path)
     _ok(two)

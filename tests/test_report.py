@@ -23,7 +23,7 @@ SUMMARY_KEYS = {
     "num_locations", "method", "num_images", "num_correct", "num_certified", "clean_accuracy",
     "certified_accuracy", "seconds", "images_per_second", "model", "model_input", "onnxruntime_max_abs_diff",
     "data", "dataset", "image_shape", "start", "num", "chunk", "device", "world_size", "seed", "versions", "head",
-    "location_groups",
+    "location_groups", "cascade",
 }
 IMAGE_KEYS = {"index", "label", "prediction", "correct", "certified", "worst_margin", "worst_location", "worst_class"}
 LOCATION_KEYS = {"shape", "variant", "height", "width", "top", "left"}
@@ -223,3 +223,33 @@ def test_percent_and_seconds_formatting():
     assert render.percent(0.915) == "91.5%" and render.percent(None) == "-"
     assert render.seconds(3.21) == "3.2 s" and render.seconds(125) == "2 min 05 s"
     assert math.isclose(float(render.rate(2.0)), 2.0)
+
+
+def _cascade() -> dict:
+    from lirpa_patch.cascade import CascadeStats
+
+    stats = CascadeStats(["ibp", "crown", "alpha-crown"], intermediate="crown", intermediate_choice="auto",
+                         probe={"rows": 8, "crown_ms_per_row": 1.0, "crown_ibp_ms_per_row": 0.5, "share": 0.9,
+                                "crown_seconds_per_image": 0.7})
+    stats.stages["crown"].rows, stats.stages["crown"].settled, stats.stages["crown"].seconds = 10, 7, 0.25
+    return stats.to_dict()
+
+
+def test_cascade_statistics_reach_the_summary_and_every_field_is_documented():
+    result = _result()
+    result.extra["cascade"] = _cascade()
+    summary = report.build_report(result, _run())["summary"]
+    c = summary["cascade"]
+    assert c["methods"] == ["ibp", "crown", "alpha-crown"]
+    assert c["stages"]["crown"] == {"method": "crown", "rows": 10, "settled": 7, "seconds": 0.25, "chunk": 0}
+    keys = set(c) | set(c["stages"]["crown"]) | set(c["probe"])
+    missing = [k for k in sorted(keys) if f'"{k}"' not in report.__doc__]
+    assert not missing
+    json.loads(report.to_json({"summary": summary}))  # strict JSON
+
+
+def test_summary_table_shows_what_each_method_certified():
+    result = _result()
+    result.extra["cascade"] = _cascade()
+    text = _text(render.summary_table(report.build_report(result, _run())["summary"]))
+    assert "Rows certified" in text and "CROWN 7/10" in text and "full CROWN, auto" in text

@@ -463,7 +463,8 @@ def test_certify_sparse_report():
     labels = preds.clone()
     labels[0] = (labels[0] + 1) % 3  # one misclassified image
     res = certify_sparse(model, x, labels, k=1, indices=range(10, 16), chunk_size=4)
-    assert res.extra == {"threat": "sparse", "k": 1}
+    assert (res.extra["threat"], res.extra["k"]) == ("sparse", 1) and "fallback" not in res.extra
+    assert res.extra["cascade"]["methods"] == ["ibp"]
     assert res.shape is None and res.num_locations == 0 and res.method == "ibp"
     assert [r.index for r in res.images] == list(range(10, 16))
     assert not res.images[0].correct and res.images[0].worst_margin is None and not res.images[0].certified

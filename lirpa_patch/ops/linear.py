@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from auto_LiRPA import bound_ops as _ops
 
+from .backward import first_linear_backward
 from .base import Plugin, Unsupported
 from .state import ElementState, WindowState
 from .window import linear_window
@@ -117,6 +118,16 @@ class _Linear(Plugin):
             _check_sparse_root(self, v)
 
 
+def _constant(node) -> torch.Tensor:
+    """The value of a constant operand during a backward pass."""
+    value = getattr(node, "lower", None)
+    if torch.is_tensor(value):
+        return value
+    from ..head import constant_value
+
+    return constant_value(node)
+
+
 def _check_sparse_root(node, v) -> None:
     """At a first mixing layer whose input carries no description: warn if the input is sparse."""
     from .graph import data_roots, path_ops
@@ -133,9 +144,23 @@ def _check_sparse_root(node, v) -> None:
 
 
 class PluginLinear(_Linear, _ops.BoundLinear):
-    """``Gemm``."""
+    """``Gemm``. Under CROWN, the first layer of patch rows concretizes itself (:mod:`lirpa_patch.ops.backward`)."""
 
     _lp_data_inputs = (0,)
+
+    def bound_backward(self, last_lA, last_uA, *x, **kwargs):
+        if self._lp_first_mixing and not getattr(self, "swap_x_and_weight", False) and len(x) in (2, 3) \
+                and not any(self.is_input_perturbed(i) for i in range(1, len(x))):
+            try:
+                consts = [_constant(xi) for xi in x[1:]]
+                weight, bias = self._weights([(None, None)] + [(c, c) for c in consts], 0)
+            except Unsupported:
+                weight = None
+            if weight is not None:
+                out = first_linear_backward(self, last_lA, last_uA, weight, bias)
+                if out is not None:
+                    return out
+        return type(self).bound_backward(self, last_lA, last_uA, *x, **kwargs)  # the node's own (stock) class
 
     def _weights(self, v, data):
         if data != 0:

@@ -1,0 +1,146 @@
+"""CROWN's last step for patch rows: concretize at the first linear layer, reading only the patch's columns.
+
+CROWN carries linear bounds ``A y + c`` backwards; at the first layer that mixes
+pixels ``y = W x + b`` stock auto_LiRPA forms ``A W`` (every input column, per row and
+specification) and concretizes it over the box at the input. A patch row moves only
+a few pixels, so the same bound is
+
+    A (W x_clean + b) + sum over the patch's elements e of min(a_e m_lo_e, a_e m_hi_e),
+    a_e = A W[:, e],
+
+with ``x_clean`` the row's clean image (the first term once per image) and ``m_lo``,
+``m_hi`` how far element ``e`` may move (:class:`~lirpa_patch.ops.state.ElementState`):
+exactly CROWN's concretization of a box, without the ``(specs, rows, pixels)`` product.
+
+:func:`first_linear_backward` applies it when the layer is a plugin ``Gemm``/``Linear``
+fed by the input through the plugin's element operators only (no other path from the
+input: stock CROWN would concretize the paths jointly), the threat is a patch, and the
+coefficients are a dense tensor; otherwise it returns None and the stock backward runs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .graph import before_mixing, consumers, data_roots, is_data_input, reaches_input
+from .state import ElementState, lookup
+
+__all__ = ["first_linear_backward"]
+
+
+def _prefix(node) -> Optional[tuple]:
+    """``(root, prefix nodes)`` when the model input reaches ``node`` only through element operators."""
+    memo = node.__dict__.get("_lp_backward_prefix", False)
+    if memo is not False:
+        return memo
+    memo = None
+    roots = data_roots(node)
+    if len(roots) == 1:
+        root, prefix, stack, ok = roots[0], [], [node.inputs[0]], True
+        seen = set()
+        while stack and ok:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n is root:
+                continue
+            if not getattr(n, "_lp_carries_elements", False) or not before_mixing(n):
+                ok = False
+                break
+            prefix.append(n)
+            stack.extend(i for i in n.inputs if reaches_input(i))
+        allowed = {id(n) for n in prefix} | {id(node)}
+        users = [consumers(n) for n in [root, *prefix]]
+        if ok and all(u is not None and all(id(c) in allowed for c in u) for u in users):
+            memo = (root, prefix)
+    node.__dict__["_lp_backward_prefix"] = memo
+    return memo
+
+
+def _interval(n, root, memo: dict):
+    """Interval of node ``n`` from the root's, through the plugin operators (registers their states)."""
+    if id(n) in memo:
+        return memo[id(n)]
+    if n is root:
+        out = root.interval
+    elif not reaches_input(n):
+        from ..head import constant_value
+
+        value = constant_value(n)
+        out = (value, value)
+    else:
+        out = n.interval_propagate(*[_interval(i, root, memo) for i in n.inputs])
+    memo[id(n)] = out
+    return out
+
+
+def _input_state(node, root) -> Optional[tuple]:
+    """``(ElementState, ptb)`` of ``node``'s data input for the current bound computation (cached per call)."""
+    interval = getattr(root, "interval", None)
+    if interval is None or not torch.is_tensor(interval[0]):
+        return None
+    key = id(interval[0])
+    cached = node.__dict__.get("_lp_backward_state")
+    if cached is not None and cached[0] == key and cached[1] is interval[0]:
+        return cached[2]
+    found = lookup(_interval(node.inputs[0], root, {}))
+    out = found if isinstance(found[0], ElementState) else None
+    node.__dict__["_lp_backward_state"] = (key, interval[0], out)
+    return out
+
+
+def first_linear_backward(node, last_lA, last_uA, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """Stock-format ``(A per input, lbias, ubias)`` of the first linear layer ``y = x W^T + b``, or None.
+
+    ``last_lA``/``last_uA`` are ``(S, R, O)`` (or None); ``weight`` ``(O, J)``; ``bias`` ``(O,)``.
+    """
+    from ..threats.patch import PatchPerturbation, _elements_of_pixel
+
+    coefs = [a for a in (last_lA, last_uA) if a is not None]
+    if not coefs or any(type(a) is not torch.Tensor or a.dim() != 3 for a in coefs):
+        return None
+    found = _prefix(node)
+    if found is None:
+        return None
+    root, _ = found
+    ptb = getattr(root, "perturbation", None)
+    if not isinstance(ptb, PatchPerturbation) or ptb.virtual or getattr(ptb, "_rows", None) is None:
+        return None
+    state = _input_state(node, root)
+    if state is None or state[1] is not ptb:
+        return None
+    st = state[0]
+    rows = ptb._rows
+    if st.x.dim() != 2 or st.x.shape[-1] != weight.shape[1] or coefs[0].shape[1] != rows.rows:
+        return None
+    hw = rows.size[0] * rows.size[1]
+    el_pix = ptb._element_pixels(st.src.reshape(-1))  # (J,)
+    table = _elements_of_pixel(el_pix, hw)
+    pix = rows.pix[rows.row_loc]  # (R, P)
+    elems = table[torch.where(pix >= 0, pix, hw)].reshape(rows.rows, -1)  # (R, E)
+    valid = elems >= 0
+    e = elems.clamp(min=0)
+    lo, hi = torch.minimum(st.m_lo, st.m_hi), torch.maximum(st.m_lo, st.m_hi)
+    lo, hi = lo.reshape(lo.shape[0], -1), hi.reshape(hi.shape[0], -1)
+    bi = rows.row_img if lo.shape[0] > 1 else torch.zeros_like(rows.row_img)
+    zero = torch.zeros((), dtype=lo.dtype, device=lo.device)
+    lo_e = torch.where(valid, lo[bi[:, None], e], zero)  # (R, E), <= 0
+    hi_e = torch.where(valid, hi[bi[:, None], e], zero)  # (R, E), >= 0
+    clean = st.x.matmul(weight.t())  # (B, O)
+    if bias is not None:
+        clean = clean + bias
+    clean = clean[rows.row_img]  # (R, O)
+    columns = weight.t()[e]  # (R, E, O)
+
+    def side(A: Optional[torch.Tensor], sign: int) -> torch.Tensor | float:
+        if A is None:
+            return 0.0
+        a = torch.einsum("sro,reo->sre", A, columns)
+        low, high = (lo_e, hi_e) if sign < 0 else (hi_e, lo_e)
+        move = a.clamp(min=0) * low + a.clamp(max=0) * high
+        return torch.einsum("sro,ro->sr", A, clean) + move.sum(dim=-1)
+
+    return [(None, None)] * len(node.inputs), side(last_lA, -1), side(last_uA, +1)
