@@ -224,7 +224,7 @@ def cascade_rows(cascade: Optional[Mapping[str, Any]]) -> list[tuple[str, str]]:
         rows.append(("Rows skipped", f"{cascade['rows_skipped']:,} (image already not certified)"))
     mode = cascade.get("intermediate")
     if mode is not None:
-        how = "full CROWN" if mode == "crown" else "IBP (CROWN-IBP)"
+        how = {"crown": "full CROWN", "ibp": "IBP (CROWN-IBP)"}.get(mode, "chosen per process (--intermediate auto)")
         rows.append(("Hidden bounds", f"{how}, {cascade.get('intermediate_choice', 'given')}"))
     return rows
 

@@ -35,7 +35,9 @@ One shape (``--shape square``, ``diamond``, ``rectangle:3x5``, a mask file, ...)
           "exhaustive": false,           # true: rows of an image already known not to be
                                          # certified were still bounded (--exhaustive)
           "intermediate": "crown",       # how CROWN bounded the pre-activations: "crown" (full
-                                         # CROWN) or "ibp" (CROWN-IBP); null if no row reached CROWN
+                                         # CROWN) or "ibp" (CROWN-IBP); null if no row reached CROWN;
+                                         # "mixed" when processes of a torchrun job chose differently
+                                         # (their probes are then in "probes", one per process)
           "intermediate_choice": "auto", # "auto" (measured, see "probe") or "given" (--intermediate)
           "probe": {"rows": 80, "crown_ms_per_row": 0.3, "crown_seconds_per_image": 0.2,
                     "crown_ibp_ms_per_row": null, "share": null},
