@@ -182,6 +182,30 @@ def test_engine_margins_equal_plain_ibp_in_every_layout(arch):
             assert float((ours - plain).abs().max()) <= 1e-5 * scale, (arch, name, shape)
 
 
+@pytest.mark.parametrize("sparse_product", [True, False])
+def test_first_linear_layer_rows_equal_plain_ibp_by_either_product(sparse_product, monkeypatch):
+    """The first linear layer bounds rows by one sparse x dense product per bound (CPU, no gradients) or
+    by batched column products (GPU, gradients): both equal plain IBP, for a grid of rows (every image,
+    the same locations) and for rows of any (image, location), with shapes of unequal pixel counts."""
+    monkeypatch.setattr("lirpa_patch.threats.patch._SPARSE_ROWS", sparse_product)
+    images, labels = toy_images(3, channels=3, seed=7)
+    _, model, _ = next(_variants("mlp"))  # normalization inside, NCHW
+    bounded = bound_model(model, (3, SIZE, SIZE))
+    for shape in ("square", "diamond"):
+        locations = all_locations(make_shape(shape, 3), (SIZE, SIZE))
+        plain = _plain_ibp(model, images, labels, locations.masks, None)
+        scale = 1.0 + plain.abs().max()
+        per_image = torch.stack([torch.randperm(len(locations), generator=torch.Generator().manual_seed(i))[:5]
+                                 for i in range(3)])  # (3, 5): rows of any (image, location)
+        with torch.no_grad():
+            grid = lower_margins(bounded, images, labels, locations=locations, num_classes=NUM_CLASSES)
+            rows = lower_margins(bounded, images, labels, locations=locations, index=per_image,
+                                 num_classes=NUM_CLASSES)
+        assert float((grid - plain).abs().max()) <= 1e-5 * scale, shape
+        expected = torch.stack([plain[i, per_image[i]] for i in range(3)])
+        assert float((rows - expected).abs().max()) <= 1e-5 * scale, shape
+
+
 @pytest.mark.parametrize("arch", tuple(ARCHITECTURES))
 def test_engine_never_builds_the_row_box(arch, monkeypatch):
     """Virtual rows: the (rows, C, H, W) box is not materialized when the first mixing layer is affine."""

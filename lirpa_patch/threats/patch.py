@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -52,6 +53,8 @@ __all__ = ["PatchPerturbation", "PatchRows", "PatchThreat"]
 
 _COLUMN_CACHE_BYTES = 512 << 20
 _DIRECT_ROWS = True
+_SPARSE_ROWS = True
+"""CPU, no gradients: every row of a grid through the first linear layer as one sparse-dense product per bound."""
 """Largest first-layer column cache per operator (the columns every location reads, twice)."""
 
 
@@ -433,6 +436,13 @@ class PatchPerturbation(BoxPerturbation):
             col = col + rows.row_img[:, None] * width
         else:
             table_c = coef_t
+        no_grad = not torch.is_grad_enabled() or not (coef_t.requires_grad or centre.requires_grad)
+        if _SPARSE_ROWS and n_lead == 1 and not per_image and no_grad and x.device.type == "cpu":
+            clean = x.reshape(n_b, width).matmul(coef_t)
+            if bias is not None:
+                clean = clean + bias
+            return _rows_by_sparse_product(torch.where(valid, col, -1), centre, radius, rows.row_img, coef_t, clean,
+                                           cache)
         if n_lead == 1:
             d_c = F.embedding_bag(col, table_c, per_sample_weights=centre, mode="sum")  # (R, O)
             d_r = F.embedding_bag(col, table_c.abs(), per_sample_weights=radius, mode="sum")
@@ -516,7 +526,13 @@ class PatchPerturbation(BoxPerturbation):
         if clean.shape[0] != n_img:
             clean = clean[rows.row_img[::n_loc]]
         # Per location m: rows = clean + centre @ W_m -/+ radius @ |W_m|, fused into the products.
-        if _DIRECT_ROWS and (not torch.is_grad_enabled() or not (coef_t.requires_grad or centre.requires_grad)):
+        no_grad = not torch.is_grad_enabled() or not (coef_t.requires_grad or centre.requires_grad)
+        if _SPARSE_ROWS and no_grad and x.device.type == "cpu":
+            n_el = elems.shape[-1]
+            return _rows_by_sparse_product(
+                elems.expand(n_img, -1, -1).reshape(-1, n_el), centre.transpose(0, 1).reshape(-1, n_el),
+                radius.transpose(0, 1).reshape(-1, n_el), rows.row_img, coef_t, clean, cache)
+        if _DIRECT_ROWS and no_grad:
             # Image by image, straight into the image-major rows (no transposed copies).
             n_out = coef_t.shape[-1]
             lower = x.new_empty(rows.rows, n_out)
@@ -562,6 +578,56 @@ class PatchPerturbation(BoxPerturbation):
             f"PatchPerturbation(shape={self.patch_shape.describe()}, locations={where}, "
             f"strength={self.strength}, layout={self.layout})"
         )
+
+
+def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor, row_img: torch.Tensor,
+                            coef_t: torch.Tensor, clean: torch.Tensor,
+                            cache: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper bounds ``(R, O)`` of rows through the first linear layer.
+
+    Row ``r`` is ``clean[row_img[r]] + centre[r] @ W[elems[r]] -/+ radius[r] @ |W[elems[r]]|``:
+    one sparse row over the stacked table ``[W; |W|; clean]`` ``(2J + B, O)`` with ``2E + 1``
+    entries (the patch's columns twice and the image's clean row), so each bound is one
+    CSR x dense product written straight into the rows: no gathered columns, no
+    intermediate ``(R, O)`` tensors.
+
+    Args:
+        elems: ``(R, E)`` element (column) ids of each row, ``-1`` padding.
+        centre, radius: ``(R, E)`` each element's centre shift and radius (0 at padding,
+            which becomes a zero entry of column 0).
+        row_img: ``(R,)`` the row's image (row of ``clean``).
+        coef_t: ``(J, O)`` the layer's transposed weight; clean: ``(B, O)`` with the bias.
+        cache: the calling operator's cache (keeps ``|W|`` while the weight stays the same).
+    """
+    n_rows, n_el = elems.shape
+    width = coef_t.shape[0]
+    order = elems.argsort(-1)  # CSR rows with non-decreasing columns
+    cols = elems.gather(-1, order).clamp(min=0)
+    centre, radius = centre.gather(-1, order), radius.gather(-1, order)
+    n_img = clean.shape[0]
+    key = (coef_t.data_ptr(), tuple(coef_t.shape), tuple(coef_t.stride()), coef_t._version, coef_t.dtype)
+    hit = cache.get("sparse_table") if cache is not None else None
+    if hit is None or hit[0] != key or hit[1].shape[0] < 2 * width + n_img:
+        # [W; |W|] once per weight, with room for the clean rows of the images of a call
+        buffer = coef_t.new_empty(2 * width + max(n_img, 64), coef_t.shape[1])
+        buffer[:width] = coef_t
+        torch.abs(coef_t, out=buffer[width: 2 * width])
+        hit = (key, buffer)
+        if cache is not None:
+            cache["sparse_table"] = hit
+    table = hit[1][: 2 * width + n_img]  # (2J + B, O)
+    table[2 * width:] = clean
+    cols = torch.cat([cols, cols + width, (2 * width + row_img).unsqueeze(-1)], -1).reshape(-1)
+    crow = torch.arange(0, n_rows * (2 * n_el + 1) + 1, 2 * n_el + 1, device=elems.device)
+    ones = centre.new_ones(n_rows, 1)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch calls its sparse CSR support beta
+        for sign in (-1.0, 1.0):
+            values = torch.cat([centre, radius * sign, ones], -1).reshape(-1)
+            rows = torch.sparse_csr_tensor(crow, cols, values, size=(n_rows, table.shape[0]))
+            out.append(torch.sparse.mm(rows, table))
+    return out[0], out[1]
 
 
 class PatchThreat:
