@@ -37,6 +37,7 @@ from auto_LiRPA import BoundedModule, BoundedTensor
 from auto_LiRPA import bound_ops as _ops
 
 from .errors import UsageError
+from .ops.activation import alpha_margin
 from .ops.graph import all_nodes, before_mixing, mixing_types, path_ops, reaches_input
 
 __all__ = ["ALPHA_ITERATIONS", "ALPHA_LR", "INTERMEDIATE", "check_intermediate", "crown_margins"]
@@ -232,7 +233,7 @@ def _alpha_crown(bounded: BoundedModule, x: torch.Tensor, ptb, C: torch.Tensor, 
         with _quiet(), contextlib.redirect_stdout(io.StringIO()):
             with torch.no_grad():
                 init(bx, **{share: False}, method="backward", c=C, final_node_name=final, **{given: fixed})
-            with torch.enable_grad():
+            with torch.enable_grad(), alpha_margin():
                 lb, _ = bounded.compute_bounds(x=bx, C=C, method="CROWN-Optimized", bound_upper=False,
                                                final_node_name=final, **{given: fixed})
         return lb.detach()

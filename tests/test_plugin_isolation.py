@@ -208,3 +208,24 @@ def test_a_plugin_built_module_does_not_change_stock_modules_built_later():
     after = stock_bounds()
     assert dict(bound_op_map) == ops_before
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_alpha_crown_of_a_plugin_built_module_equals_stock_alpha_crown():
+    """The plugin keeps alpha-CROWN's slopes off the ends of [0, 1] only in lirpa_patch's own cascade:
+    anyone's CROWN-Optimized on a module built with custom_ops() clips slopes as auto_LiRPA does."""
+    make, shape = probe._models()["conv_on_input"]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.rand(2, *shape)
+
+    def alpha_bounds(custom_ops):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bounded = BoundedModule(model, x, custom_ops=custom_ops,
+                                    bound_opts={"optimize_bound_args": {"iteration": 5, "lr_alpha": 0.5}})
+            ptb = PerturbationLpNorm(norm=np.inf, eps=0.1)
+            lb, _ = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method="CROWN-Optimized", bound_upper=False)
+        return lb.detach()
+
+    stock, plugin = alpha_bounds(None), alpha_bounds(lirpa_patch.custom_ops())
+    torch.testing.assert_close(plugin, stock, rtol=0, atol=1e-6)
