@@ -52,10 +52,11 @@ from .box import BoxPerturbation, Layout
 __all__ = ["PatchPerturbation", "PatchRows", "PatchThreat"]
 
 _COLUMN_CACHE_BYTES = 512 << 20
-_DIRECT_ROWS = True
-_SPARSE_ROWS = True
-"""CPU, no gradients: every row of a grid through the first linear layer as one sparse-dense product per bound."""
 """Largest first-layer column cache per operator (the columns every location reads, twice)."""
+_DIRECT_ROWS = True
+"""No gradients (off the CPU): grid rows image by image, straight into the image-major rows."""
+_SPARSE_ROWS = True
+"""CPU, no gradients: rows through the first linear layer as one sparse-dense product per bound (grid or not)."""
 
 
 @dataclass
@@ -418,7 +419,9 @@ class PatchPerturbation(BoxPerturbation):
         m_lo = st.m_lo.reshape(st.m_lo.shape[0], -1)
         m_hi = st.m_hi.reshape(st.m_hi.shape[0], -1)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        if rows.grid and not per_image and n_lead == 1:
+        needs_grad = torch.is_grad_enabled() and (coef_t.requires_grad or m_lo.requires_grad or m_hi.requires_grad)
+        sparse = _SPARSE_ROWS and n_lead == 1 and not per_image and not needs_grad and x.device.type == "cpu"
+        if rows.grid and not per_image and n_lead == 1 and not sparse:
             return self._mix_linear_grid(x, m_lo, m_hi, table, coef_t, bias, cache)
         # Each row adds the centre shift and radius of its patch elements through their columns:
         # an embedding bag (weighted sum of rows of W^T), with no (rows, E, O) gather.
@@ -436,8 +439,7 @@ class PatchPerturbation(BoxPerturbation):
             col = col + rows.row_img[:, None] * width
         else:
             table_c = coef_t
-        no_grad = not torch.is_grad_enabled() or not (coef_t.requires_grad or centre.requires_grad)
-        if _SPARSE_ROWS and n_lead == 1 and not per_image and no_grad and x.device.type == "cpu":
+        if sparse:  # grid rows too: one sparse x dense product per bound
             clean = x.reshape(n_b, width).matmul(coef_t)
             if bias is not None:
                 clean = clean + bias
@@ -526,13 +528,7 @@ class PatchPerturbation(BoxPerturbation):
         if clean.shape[0] != n_img:
             clean = clean[rows.row_img[::n_loc]]
         # Per location m: rows = clean + centre @ W_m -/+ radius @ |W_m|, fused into the products.
-        no_grad = not torch.is_grad_enabled() or not (coef_t.requires_grad or centre.requires_grad)
-        if _SPARSE_ROWS and no_grad and x.device.type == "cpu":
-            n_el = elems.shape[-1]
-            return _rows_by_sparse_product(
-                elems.expand(n_img, -1, -1).reshape(-1, n_el), centre.transpose(0, 1).reshape(-1, n_el),
-                radius.transpose(0, 1).reshape(-1, n_el), rows.row_img, coef_t, clean, cache)
-        if _DIRECT_ROWS and no_grad:
+        if _DIRECT_ROWS and (not torch.is_grad_enabled() or not (coef_t.requires_grad or centre.requires_grad)):
             # Image by image, straight into the image-major rows (no transposed copies).
             n_out = coef_t.shape[-1]
             lower = x.new_empty(rows.rows, n_out)
