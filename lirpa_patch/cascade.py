@@ -168,8 +168,7 @@ def _row_batch(threat, images: torch.Tensor, img: torch.Tensor, row: torch.Tenso
     """``(x, ptb)`` bounding rows ``(images[img[r]], row[r])`` of ``threat``."""
     if isinstance(threat, PatchThreat):
         ptb = PatchPerturbation(locations=threat.locations, index=row, domain=domain)
-        ptb._images_hint, ptb._row_images = images, img
-        return images[img], ptb
+        return ptb.rows_at(images, img), ptb
     return threat.perturbation(images[img], slice(None), domain=domain, strength=1.0)
 
 

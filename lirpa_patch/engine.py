@@ -320,9 +320,7 @@ def lower_margins(
             ptb = PatchPerturbation(masks=masks, domain=domain, strength=strength)
         else:
             ptb = PatchPerturbation(locations=locations, index=index, domain=domain, strength=strength)
-        x = images.expand(n_loc, *images.shape[1:]) if n == 1 else images.repeat_interleave(n_loc, dim=0)
-        ptb._images_hint = images
-        return x, ptb
+        return ptb.rows_for(images), ptb
 
     x, ptb = build()
     lb = _ibp_margins(bounded, x, ptb, spec)
@@ -546,8 +544,7 @@ def location_margins(
     out = []
     def build(img: torch.Tensor, loc: torch.Tensor):
         ptb = PatchPerturbation(locations=locations, index=loc, domain=domain)
-        ptb._images_hint, ptb._row_images = images, img
-        return images[img], ptb
+        return ptb.rows_at(images, img), ptb
 
     for s in range(0, row_img.shape[0], chunk_size):
         img, loc = row_img[s: s + chunk_size], row_loc[s: s + chunk_size]

@@ -189,7 +189,7 @@ class PatchPerturbation(BoxPerturbation):
         self._rows: Optional[PatchRows] = None
         self._table_cache: dict = {}
         self._images_hint: Optional[torch.Tensor] = None
-        self._row_images: Optional[torch.Tensor] = None  # engine: any (image, location) rows
+        self._row_images: Optional[torch.Tensor] = None  # any (image, location) rows (rows_at)
 
     # ------------------------------------------------------------------ locations
     def _image_size_from(self, x: Optional[torch.Tensor]) -> tuple[int, int]:
@@ -236,6 +236,23 @@ class PatchPerturbation(BoxPerturbation):
     def expand(self, images: torch.Tensor) -> torch.Tensor:
         """Repeat each image once per location: ``(N, ...)`` -> ``(N * L, ...)``, image-major."""
         return images.repeat_interleave(int(self._shape_of_rows(images)[-1]), dim=0)
+
+    def rows_for(self, images: torch.Tensor) -> torch.Tensor:
+        """The bounded tensor of ``images`` ``(N, ...)``: each image once per location, image-major
+        (a broadcast view for one image), with ``images`` kept as the rows' clean images, which
+        the first layer reads instead of finding the distinct images among the rows."""
+        n_loc = int(self._shape_of_rows(images)[-1])
+        self._images_hint = images
+        if images.shape[0] == 1:
+            return images.expand(n_loc, *images.shape[1:])
+        return images.repeat_interleave(n_loc, dim=0)
+
+    def rows_at(self, images: torch.Tensor, row_img: torch.Tensor) -> torch.Tensor:
+        """The bounded tensor of rows ``images[row_img[r]]`` ``(R, ...)``, row ``r`` at the ``r``-th
+        location of ``index`` (any (image, location) pairs), with ``images`` and ``row_img`` kept
+        for the first layer."""
+        self._images_hint, self._row_images = images, row_img
+        return images[row_img]
 
     # ------------------------------------------------------------------ the box
     def _to_nchw(self, x: torch.Tensor) -> torch.Tensor:
@@ -660,13 +677,7 @@ class PatchThreat:
         """``(x_rows, ptb)`` bounding locations ``rows`` of every image in ``images`` ``(b, C, H, W)``."""
         index = torch.arange(len(self.locations))[rows]
         ptb = PatchPerturbation(locations=self.locations, index=index, domain=domain, strength=strength)
-        n_loc = index.shape[0]
-        if images.shape[0] == 1:
-            x = images.expand(n_loc, *images.shape[1:])
-        else:
-            x = images.repeat_interleave(n_loc, dim=0)
-        ptb._images_hint = images
-        return x, ptb
+        return ptb.rows_for(images), ptb
 
     def block_levels(self, size: int):
         """Location-group levels of blocks of ``size``, ``size/2``, ... 2 (cached)."""

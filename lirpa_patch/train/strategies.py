@@ -479,9 +479,8 @@ class PooledLocations(Strategy):
         n = images.shape[0]
         gh, gw = grid
         ptb = PatchPerturbation(locations=ctx.locations, index=index, domain=ctx.domain, strength=strength)
-        ptb._images_hint = images  # the rows' clean images (as PatchThreat.perturbation does)
         ptb.virtual = self._virtual
-        x = BoundedTensor(images.repeat_interleave(gh * gw, dim=0), ptb)
+        x = BoundedTensor(ptb.rows_for(images), ptb)
         try:
             with _quiet():
                 for seg, window in zip(self.bounded_segments[:-1], self.windows):
