@@ -222,3 +222,17 @@ def assert_sound(found: torch.Tensor, lower: torch.Tensor, tol: float | torch.Te
             f"worst at (image, location, class) {idx}: real {float(found[idx]):.6g} < "
             f"bound {float(lower[idx]):.6g}"
         )
+
+
+def assert_worst_margins_sound(result, found: torch.Tensor, tol: torch.Tensor) -> int:
+    """Each bounded image's certified ``worst_margin`` is at most its smallest attacked margin (up to
+    ``tol`` ``(N,)``), and no attack succeeds on a certified image; returns how many images were checked."""
+    checked = 0
+    for k, record in enumerate(result.images):
+        if record.worst_margin is None:
+            continue
+        checked += 1
+        assert record.worst_margin <= float(found[k].min()) + float(tol[k])
+        if record.certified:  # then no attack may succeed anywhere
+            assert float(found[k].min()) >= -float(tol[k])
+    return checked
