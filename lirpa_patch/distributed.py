@@ -462,10 +462,11 @@ def merge_cascades(stats: Sequence[dict]) -> dict:
     for key in ("rows_uncertified", "rows_skipped"):
         out[key] = sum(int(s.get(key) or 0) for s in stats)
     for method, stage in out.get("stages", {}).items():
+        parts = [s["stages"][method] for s in stats if method in s.get("stages", {})]
         for key in ("rows", "settled"):
-            stage[key] = sum(int(s["stages"][method][key]) for s in stats if method in s.get("stages", {}))
-        stage["seconds"] = sum(float(s["stages"][method]["seconds"]) for s in stats if method in s.get("stages", {}))
-        stage["chunk"] = max(int(s["stages"][method].get("chunk") or 0) for s in stats if method in s.get("stages", {}))
+            stage[key] = sum(int(p[key]) for p in parts)
+        stage["seconds"] = sum(float(p["seconds"]) for p in parts)
+        stage["chunk"] = max(int(p.get("chunk") or 0) for p in parts)
     chosen = {s.get("intermediate") for s in stats} - {None}
     out["intermediate"] = chosen.pop() if len(chosen) == 1 else ("mixed" if chosen else None)
     probes = [s.get("probe") for s in stats]
