@@ -156,6 +156,11 @@ class Pending:
         self._row.append(row[bad])
         self._lb.append(lb[bad])
 
+    def leave(self, count: int) -> None:
+        """Count ``count`` rows as not certified without bounds of their own (location groups
+        whose bound shows they cannot lower their image's worst margin, at the end of a chain)."""
+        self.unsettled += int(count)
+
     def rows(self, num_classes: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(img (P,), row (P,), lb (P, K - 1))`` of the pending rows."""
         if not self._img:

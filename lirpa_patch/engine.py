@@ -59,8 +59,12 @@ CROWN_WORKING_SET = 384 << 20
 MAX_ROWS_PER_CALL = 4096
 """Upper limit on rows per call when sizing by memory (larger calls stop paying off)."""
 
-PROBE_IMAGES = 8
-"""Images each way (with and without location groups) that ``groups="auto"`` measures."""
+SEED_BLOCKS = 4
+"""Location groups at the end of a chain: the locations of each image's this many lowest blocks are bounded first."""
+
+AUTO_ROW_SHARE = 0.75
+"""``groups="auto"`` keeps location groups while they bound at most this share of the rows bounding every
+location would (counted over the images bounded so far; block rows cost about as much as location rows)."""
 
 ProgressFn = Callable[[int, int], None]
 """``progress(images_done, rows_done)``, called after every chunk.
@@ -565,31 +569,63 @@ def _children(child_of: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tens
     return which, order[starts[parents][which] + offset]
 
 
-def _grouped(bounded, threat: PatchThreat, levels, images, labels, worst: _Worst, batch: torch.Tensor, *,
-             num_classes: int, method: str, domain, chunk_size: int) -> int:
-    """Certify images ``batch`` through location groups; returns the number of rows bounded.
+def _grouped(bounded, threat: PatchThreat, levels, images, labels, worst, batch: torch.Tensor, *,
+             num_classes: int, method: str, domain, chunk_size: int, exact_min: bool) -> int:
+    """Bound images ``batch`` through location groups into ``worst``; returns the number of rows bounded.
 
     Coarse blocks first: a block whose lower margin is >= 0 settles all its locations
     (its bound is a lower bound of theirs); the others are split, down to single locations.
+
+    With ``exact_min`` (the chain ends with this method: nothing is refined later), a
+    block also settles when its bound is above the smallest location margin of its
+    image bounded so far: none of its locations can lower the image's worst margin, so
+    the minimum is the per-location one. The locations of the :data:`SEED_BLOCKS`
+    lowest blocks of each image are bounded first, to know such a margin early.
+    ``worst`` (:class:`~lirpa_patch.cascade.Pending`) counts the locations of those
+    blocks as not certified.
     """
     b = batch.numel()
+    dev = images.device
     imgs, labs = images[batch], labels[batch]
     top = levels[0]
     n_blocks = len(top.blocks)
-    img = torch.arange(b, device=images.device).repeat_interleave(n_blocks)
-    unit = torch.arange(n_blocks, device=images.device).repeat(b)
-    bounded_rows = 0
+    lb = lower_margins(bounded, imgs, labs, locations=top.blocks, num_classes=num_classes, method=method,
+                       domain=domain).reshape(-1, num_classes - 1)
+    img = torch.arange(b, device=dev).repeat_interleave(n_blocks)
+    unit = torch.arange(n_blocks, device=dev).repeat(b)
+    bounded_rows = unit.numel()
+    best = torch.full((b,), float("inf"), device=dev)  # smallest location margin bounded so far, per image
+    if exact_min:
+        low = lb.min(dim=1).values.view(b, n_blocks)
+        seeds = low.topk(min(SEED_BLOCKS, n_blocks), dim=1, largest=False).indices  # (b, S)
+        seeded = torch.zeros(b, n_blocks, dtype=torch.bool, device=dev)
+        seeded.scatter_(1, seeds, True)
+        seeded &= low < 0  # a certified block needs no seed
+        member = top.member_of.to(dev)  # (L,)
+        s_img, s_loc = torch.nonzero(seeded[:, member], as_tuple=True)  # every location of a seed block
+        if s_loc.numel():
+            s_lb = location_margins(bounded, threat.locations, imgs, labs, s_img, s_loc, num_classes=num_classes,
+                                    method=method, domain=domain, chunk_size=chunk_size)
+            bounded_rows += s_loc.numel()
+            worst.update(batch[s_img], s_loc, s_lb)
+            best.scatter_reduce_(0, s_img, s_lb.min(dim=1).values, "amin")
+        done = seeded.reshape(-1)  # image-major like (img, unit)
+        img, unit, lb = img[~done], unit[~done], lb[~done]
     for depth, level in enumerate(levels):
-        if depth == 0:  # every image has every top block: one shared index, image-major rows
-            lb = lower_margins(bounded, imgs, labs, locations=level.blocks, num_classes=num_classes, method=method,
-                               domain=domain).reshape(-1, num_classes - 1)
-        else:
+        if depth:
             lb = location_margins(bounded, level.blocks, imgs, labs, img, unit, num_classes=num_classes,
                                   method=method, domain=domain, chunk_size=chunk_size)
-        bounded_rows += unit.numel()
+            bounded_rows += unit.numel()
         low = lb.min(dim=1).values
-        settled = low >= 0
-        worst.update(batch[img[settled]], level.first[unit[settled]], lb[settled])
+        certified = low >= 0
+        worst.update(batch[img[certified]], level.first[unit[certified]], lb[certified])
+        settled = certified
+        if exact_min:
+            above = ~certified & (low > best[img])  # cannot lower the image's worst margin
+            if bool(above.any()):
+                sizes = torch.bincount(level.member_of, minlength=len(level.blocks)).to(dev)
+                worst.leave(int(sizes[unit[above]].sum()))
+            settled = certified | above
         pending_img, pending = img[~settled], unit[~settled]
         if pending.numel() == 0:
             return bounded_rows
@@ -792,36 +828,37 @@ def certify(
 
 def _ibp_pass(bounded, threat, images, labels, tracker, todo: list[int], *, num_classes: int, domain, chunk_size: int,
               groups, progress: Optional[ProgressFn], cascade: bool) -> tuple[int, int, int]:
-    """IBP on every row of images ``todo``, into ``tracker`` (``update(img, row, lb)``).
+    """IBP on every row of images ``todo``, into ``tracker`` (:class:`~lirpa_patch.cascade.Pending`).
 
     Returns ``(block size used, images through location groups, rows bounded)``. In a
-    cascade (``cascade``) progress counts no image as done (a later method decides).
+    cascade (``cascade``) progress counts no image as done (a later method decides), and
+    location groups settle only blocks that certify; otherwise also blocks that cannot
+    lower their image's worst margin (:func:`_grouped`). ``groups="auto"`` uses groups
+    until they have bounded more than :data:`AUTO_ROW_SHARE` of the rows of the images
+    they handled, then bounds every location of the remaining images.
     """
     device = images.device
     n_rows = threat.rows_per_image
     block = _block_size(groups, threat, "ibp")
-    if groups == "auto" and len(todo) < 4 * PROBE_IMAGES:
-        block = 0  # too few images to measure whether blocks pay off
     levels = threat.block_levels(block) if block else None
     row_chunk = min(n_rows, chunk_size)
     img_chunk = max(1, chunk_size // row_chunk)
-    done_images, done_rows, bounded_rows, grouped_images = 0, 0, 0, 0
-    probe = {"grouped": None, "plain": None} if groups == "auto" and levels is not None else None
+    done_images, done_rows, bounded_rows, grouped_images, grouped_rows = 0, 0, 0, 0, 0
     i = 0
     while i < len(todo):
         take = img_chunk
-        if probe is not None and (probe["grouped"] is None or probe["plain"] is None):
-            take = min(img_chunk, PROBE_IMAGES)  # "auto": measure both ways on a few images
+        if levels is not None:  # a call bounds one block per image: more images per call
+            take = max(1, chunk_size // len(levels[0].blocks))
         batch = torch.tensor(todo[i: i + take], device=device)
         i += take
-        use_groups = levels is not None
-        if probe is not None and probe["grouped"] is not None and probe["plain"] is None:
-            use_groups = False  # "auto": the second chunk measures the plain way
-        tick = time.thread_time()
-        if use_groups:
-            bounded_rows += _grouped(bounded, threat, levels, images, labels, tracker, batch,
-                                     num_classes=num_classes, method="ibp", domain=domain, chunk_size=chunk_size)
+        if levels is not None:
+            rows = _grouped(bounded, threat, levels, images, labels, tracker, batch, num_classes=num_classes,
+                            method="ibp", domain=domain, chunk_size=chunk_size, exact_min=not cascade)
+            bounded_rows += rows
+            grouped_rows += rows
             grouped_images += batch.numel()
+            if groups == "auto" and grouped_rows > AUTO_ROW_SHARE * grouped_images * n_rows:
+                levels = None  # "auto": blocks do not pay off on this model and threat
         else:
             for j in range(0, n_rows, row_chunk):
                 lb = threat_margins(bounded, threat, images[batch], labels[batch], slice(j, j + row_chunk),
@@ -833,15 +870,11 @@ def _ibp_pass(bounded, threat, images, labels, tracker, todo: list[int], *, num_
                 bounded_rows += batch.numel() * r
                 if progress is not None:
                     progress(0 if cascade else done_images, done_rows)
-        if probe is not None and (probe["grouped"] is None or probe["plain"] is None):
-            probe["grouped" if use_groups else "plain"] = (time.thread_time() - tick) / batch.numel()
-            if probe["plain"] is not None and probe["plain"] <= probe["grouped"]:
-                levels = None  # "auto": blocks do not pay off on this model and threat
         done_images += batch.numel()
         done_rows = done_images * n_rows
         if progress is not None:
             progress(0 if cascade else done_images, done_rows)
-    return block, grouped_images, bounded_rows
+    return block if grouped_images else 0, grouped_images, bounded_rows
 
 
 def _block_size(groups, threat, method: str) -> int:

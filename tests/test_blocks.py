@@ -91,10 +91,39 @@ def test_groups_give_the_per_location_decisions(groups):
             assert b.worst_location == a.worst_location and b.worst_class == a.worst_class
 
 
-def test_auto_groups_stay_off_for_a_few_images():
+def test_auto_groups_pay_off_on_a_few_images_of_the_shipped_model():
     images, labels = _digits(8)
     model, bounded = _shipped()
-    assert "location_groups" not in certify(model, images, labels, bounded=bounded, groups="auto").extra
+    info = certify(model, images, labels, bounded=bounded, groups="auto").extra["location_groups"]
+    assert info["images"] == 8 and info["rows_bounded"] < info["rows_per_location"]
+
+
+def test_auto_groups_turn_off_once_they_bound_too_many_rows(monkeypatch):
+    images, labels = _digits(6)
+    model, bounded = _shipped()
+    monkeypatch.setattr("lirpa_patch.engine.AUTO_ROW_SHARE", 0.0)  # no block pays off
+    blocks = 196  # 2x2 blocks of the 729 locations of a 2x2 patch on 28x28
+    plain = certify(model, images, labels, bounded=bounded, groups=None)
+    auto = certify(model, images, labels, bounded=bounded, groups="auto", chunk_size=2 * blocks)
+    assert auto.extra["location_groups"]["images"] == 2  # the first chunk only
+    assert [r.certified for r in auto.images] == [r.certified for r in plain.images]
+
+
+def test_groups_prune_blocks_that_cannot_lower_a_worst_margin():
+    """Images that are not certified: a block whose bound is above the smallest location margin found
+    so far is not split, and the worst margin is still exactly the per-location minimum."""
+    images, labels = _digits(6)
+    model, bounded = _shipped()
+    plain = certify(model, images, labels, size=5, bounded=bounded, groups=None)
+    grouped = certify(model, images, labels, size=5, bounded=bounded, groups=2)
+    failing = [(a, b) for a, b in zip(plain.images, grouped.images) if a.correct and not a.certified]
+    assert len(failing) >= 3
+    for a, b in failing:
+        assert not b.certified
+        assert b.worst_margin == pytest.approx(a.worst_margin, rel=1e-5, abs=1e-5)
+        assert b.worst_location == a.worst_location and b.worst_class == a.worst_class
+    info = grouped.extra["location_groups"]
+    assert info["rows_bounded"] < 0.7 * info["rows_per_location"]
 
 
 def test_groups_off_bounds_every_location():

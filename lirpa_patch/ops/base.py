@@ -99,7 +99,8 @@ class Plugin:
         found = [lookup(vi) for vi in v]
         if all(st is None for st, _ in found):
             self._lp_no_state(v, **kwargs)
-            return self._lp_stock(*v, **kwargs)
+            out = self._lp_dense(v, **kwargs)
+            return out if out is not None else self._lp_stock(*v, **kwargs)
         try:
             out = self._lp_propagate(v, found, **kwargs)
         except _Unsupported as exc:
@@ -120,6 +121,11 @@ class Plugin:
 
     def _lp_no_state(self, v, **kwargs) -> None:
         """Called when no input carries a state (diagnostics only)."""
+
+    def _lp_dense(self, v, **kwargs):
+        """The output for inputs without states, when the family has a leaner rule than the
+        stock operator for them (same bounds); None for the stock path."""
+        return None
 
     def _lp_fallback(self, reason: str, found) -> None:
         """Record (and for the sparse threat, warn once per node) that the plugin rule did not apply."""

@@ -76,6 +76,24 @@ def data_roots(node) -> list:
     return roots
 
 
+def input_roots(node) -> list:
+    """Every model input ``node`` depends on (cached on the node)."""
+    cached = node.__dict__.get("_lp_input_roots")
+    if cached is None:
+        cached, seen, stack = [], set(), list(node.inputs)
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if is_data_input(n):
+                cached.append(n)
+            else:
+                stack.extend(n.inputs)
+        node.__dict__["_lp_input_roots"] = cached
+    return cached
+
+
 def path_ops(node, is_plugin) -> list[str]:
     """Class names of the non-plugin operators between the model input and ``node`` (for messages)."""
     out: set[str] = set()

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from auto_LiRPA import bound_ops as _ops
+from auto_LiRPA.operators.base import Interval
 
 from .backward import first_linear_backward
 from .base import Plugin, Unsupported
+from .graph import input_roots
 from .state import ElementState, WindowState
 from .window import linear_window
 
@@ -143,10 +146,116 @@ def _check_sparse_root(node, v) -> None:
         node._lp_fallback(reason, [(None, ptb)])
 
 
+LIVE_SHARE = 0.5
+"""A dense linear layer multiplies an image's rows through only the input columns nonzero in some row of the
+image when at most this share of the columns are (else through all of them)."""
+
+MIN_ROWS_PER_IMAGE = 64
+"""...when the images have at least this many rows on average (patch locations: hundreds)."""
+
+
+def _rows_per_image(rows: int, ptb) -> Optional[list[int]]:
+    """How many of the ``rows`` each image has, when they are sorted by image and many per image; else None."""
+    try:
+        row_img = ptb.row_img
+    except (AttributeError, NotImplementedError):
+        return None
+    if row_img.shape[0] != rows or rows == 0:
+        return None
+    n_img = int(row_img[-1]) + 1
+    if rows < MIN_ROWS_PER_IMAGE * n_img or not bool((row_img[1:] >= row_img[:-1]).all()):
+        return None
+    return torch.bincount(row_img, minlength=n_img).tolist()
+
+
+def _bounds_by_image(lo: torch.Tensor, hi: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
+                     counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """IBP of ``x @ weight_t + bias`` for ``x`` in ``[lo, hi]`` ``(R, J)``, image by image: ``(lower, upper)`` ``(R, O)``.
+
+    ``lower = lo @ W+ + hi @ W- + bias`` and ``upper = hi @ W+ + lo @ W- + bias``, where
+    each image's rows go through its live columns only: after a ReLU most neurons are
+    zero in every row of an image (a patch moves few pre-activations across zero), and
+    a column that is zero in every row (``max hi <= 0 <= min lo``) adds exact zeros.
+    ``counts``: rows of each image, the rows sorted by image.
+    """
+    n_img, j = len(counts), lo.shape[1]
+    pos, neg = weight_t.clamp(min=0), weight_t.clamp(max=0)
+    if bias is None:
+        bias = weight_t.new_zeros(weight_t.shape[1])
+    if len(set(counts)) == 1:
+        top = hi.reshape(n_img, counts[0], j).amax(1)
+        bottom = lo.reshape(n_img, counts[0], j).amin(1)
+    else:
+        row_img = torch.repeat_interleave(torch.arange(n_img, device=lo.device),
+                                          torch.tensor(counts, device=lo.device))
+        top = lo.new_zeros(n_img, j).index_reduce_(0, row_img, hi, "amax")
+        bottom = lo.new_zeros(n_img, j).index_reduce_(0, row_img, lo, "amin")
+    live = (top > 0) | (bottom < 0)  # (B, J)
+    live_cols = torch.nonzero(live)[:, 1].split(live.sum(1).tolist())
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (lo, hi, weight_t, bias))
+    rows, width = lo.shape[0], weight_t.shape[1]
+    lower, upper = (None, None) if grad else (lo.new_empty(rows, width), lo.new_empty(rows, width))
+    lowers, uppers = [], []
+    start = 0
+    for count, cols in zip(counts, live_cols):
+        end = start + count
+        if count == 0:
+            continue
+        lo_i, hi_i = lo[start:end], hi[start:end]
+        p, n = pos, neg
+        if cols.numel() <= LIVE_SHARE * j:
+            lo_i, hi_i = lo_i.index_select(1, cols), hi_i.index_select(1, cols)
+            p, n = pos.index_select(0, cols), neg.index_select(0, cols)
+        if grad:
+            lowers.append(torch.addmm(bias, lo_i, p) + hi_i.matmul(n))
+            uppers.append(torch.addmm(bias, hi_i, p) + lo_i.matmul(n))
+        else:
+            torch.addmm(bias, lo_i, p, out=lower[start:end]).addmm_(hi_i, n)
+            torch.addmm(bias, hi_i, p, out=upper[start:end]).addmm_(lo_i, n)
+        start = end
+    if grad:
+        return torch.cat(lowers), torch.cat(uppers)
+    return lower, upper
+
+
 class PluginLinear(_Linear, _ops.BoundLinear):
-    """``Gemm``. Under CROWN, the first layer of patch rows concretizes itself (:mod:`lirpa_patch.ops.backward`)."""
+    """``Gemm``. Under CROWN, the first layer of patch rows concretizes itself (:mod:`lirpa_patch.ops.backward`).
+
+    After the first mixing layer (dense bounds of this project's threats), the bounds
+    are the stock ones, computed with fewer passes over the rows: the halving of
+    centre and radius is folded into the weights (exact: a power of two) and the
+    bias into the centre's product.
+    """
 
     _lp_data_inputs = (0,)
+
+    def _lp_dense(self, v, C=None, w=None, **kwargs):
+        from ..threats.box import BoxPerturbation
+
+        if C is not None or w is not None or kwargs or Interval.get_perturbation(v[0])[0] != np.inf:
+            return None
+        if not any(isinstance(getattr(r, "perturbation", None), BoxPerturbation) for r in input_roots(self)):
+            return None  # another perturbation: the stock operator, unchanged
+        if len(v) not in (2, 3) or any(self.is_input_perturbed(i) for i in range(1, len(v))):
+            return None
+        lo, hi = v[0][0], v[0][1]
+        if lo.dim() != 2 or not torch.is_tensor(v[1][0]):
+            return None
+        try:
+            weight, bias = self._weights(v, 0)
+        except Unsupported:
+            return None
+        if lo.shape[-1] != weight.shape[1]:
+            return None
+        ptb = next(r.perturbation for r in input_roots(self) if isinstance(r.perturbation, BoxPerturbation))
+        counts = _rows_per_image(lo.shape[0], ptb)
+        if counts is not None:
+            return _bounds_by_image(lo, hi, weight.t(), bias, counts)
+        half = weight.t() * 0.5  # (J, O)
+        centre = (lo + hi).matmul(half) if bias is None else torch.addmm(bias, lo + hi, half)
+        radius = (hi - lo).matmul(half.abs())
+        return centre - radius, centre + radius
+
 
     def bound_backward(self, last_lA, last_uA, *x, **kwargs):
         if self._lp_first_mixing and not getattr(self, "swap_x_and_weight", False) and len(x) in (2, 3) \

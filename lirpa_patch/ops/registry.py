@@ -123,7 +123,7 @@ def graft_all(bounded) -> None:
     """Graft the plugin onto every node of ``bounded`` it serves (idempotent; 0.7.x's graph-optimizer hook)."""
     plugin_for = {getattr(_ops, spec[0]): (spec[1], spec[2]) for spec in _TABLE.values()}
     for node in all_nodes(bounded):
-        for key in ("_lp_reaches_input", "_lp_before_mixing"):  # the graph may have been rewritten
+        for key in ("_lp_reaches_input", "_lp_before_mixing", "_lp_input_roots"):  # the graph may have been rewritten
             node.__dict__.pop(key, None)
     for node in all_nodes(bounded):
         plugin = _serves(node, plugin_for)

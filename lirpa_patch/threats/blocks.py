@@ -33,6 +33,7 @@ class BlockLevel:
             at the coarsest level.
         child_of: ``(L or G_finer,)`` for the next finer level (or the locations), the
             block of this level that holds each of them.
+        member_of: ``(L,)`` the block of this level that holds each location.
     """
 
     size: int
@@ -40,6 +41,7 @@ class BlockLevel:
     first: torch.Tensor
     parent: Optional[torch.Tensor]
     child_of: torch.Tensor
+    member_of: torch.Tensor
 
 
 def _group(locations: Locations, size: int) -> torch.Tensor:
@@ -78,5 +80,5 @@ def block_levels(locations: Locations, size: int) -> list[BlockLevel]:
         finer_first = built[i + 1][1] if i + 1 < len(built) else torch.arange(len(locations))
         child_of = group[finer_first]
         parent = None if i == 0 else built[i - 1][2][first]
-        levels.append(BlockLevel(s, blocks, first, parent, child_of))
+        levels.append(BlockLevel(s, blocks, first, parent, child_of, group))
     return levels

@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -457,11 +458,8 @@ class PatchPerturbation(BoxPerturbation):
         else:
             table_c = coef_t
         if sparse:  # grid rows too: one sparse x dense product per bound
-            clean = x.reshape(n_b, width).matmul(coef_t)
-            if bias is not None:
-                clean = clean + bias
-            return _rows_by_sparse_product(torch.where(valid, col, -1), centre, radius, rows.row_img, coef_t, clean,
-                                           cache)
+            return _rows_by_sparse_product(torch.where(valid, col, -1), centre, radius, rows.row_img, coef_t,
+                                           x.reshape(n_b, width), bias, cache)
         if n_lead == 1:
             d_c = F.embedding_bag(col, table_c, per_sample_weights=centre, mode="sum")  # (R, O)
             d_r = F.embedding_bag(col, table_c.abs(), per_sample_weights=radius, mode="sum")
@@ -594,7 +592,7 @@ class PatchPerturbation(BoxPerturbation):
 
 
 def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor, row_img: torch.Tensor,
-                            coef_t: torch.Tensor, clean: torch.Tensor,
+                            coef_t: torch.Tensor, images: torch.Tensor, bias: Optional[torch.Tensor],
                             cache: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower and upper bounds ``(R, O)`` of rows through the first linear layer.
 
@@ -608,8 +606,8 @@ def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: t
         elems: ``(R, E)`` element (column) ids of each row, ``-1`` padding.
         centre, radius: ``(R, E)`` each element's centre shift and radius (0 at padding,
             which becomes a zero entry of column 0).
-        row_img: ``(R,)`` the row's image (row of ``clean``).
-        coef_t: ``(J, O)`` the layer's transposed weight; clean: ``(B, O)`` with the bias.
+        row_img: ``(R,)`` the row's image (row of ``images``).
+        coef_t: ``(J, O)`` the layer's transposed weight; images: ``(B, J)`` the clean inputs; bias: ``(O,)``.
         cache: the calling operator's cache (keeps ``|W|`` while the weight stays the same).
     """
     n_rows, n_el = elems.shape
@@ -617,7 +615,7 @@ def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: t
     order = elems.argsort(-1)  # CSR rows with non-decreasing columns
     cols = elems.gather(-1, order).clamp(min=0)
     centre, radius = centre.gather(-1, order), radius.gather(-1, order)
-    n_img = clean.shape[0]
+    n_img = images.shape[0]
     key = (coef_t.data_ptr(), tuple(coef_t.shape), tuple(coef_t.stride()), coef_t._version, coef_t.dtype)
     hit = cache.get("sparse_table") if cache is not None else None
     if hit is None or hit[0] != key or hit[1].shape[0] < 2 * width + n_img:
@@ -629,7 +627,14 @@ def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: t
         if cache is not None:
             cache["sparse_table"] = hit
     table = hit[1][: 2 * width + n_img]  # (2J + B, O)
-    table[2 * width:] = clean
+    # The clean rows by the contiguous copy of W, at least two at a time: BLAS then gives each image's row
+    # the same bits whatever the other images of the call (a transposed W, or a single row, does not).
+    if n_img == 1:
+        table[2 * width:] = images.expand(2, -1).matmul(table[:width])[:1]
+    else:
+        torch.mm(images, table[:width], out=table[2 * width:])
+    if bias is not None:
+        table[2 * width:] += bias
     cols = torch.cat([cols, cols + width, (2 * width + row_img).unsqueeze(-1)], -1).reshape(-1)
     crow = torch.arange(0, n_rows * (2 * n_el + 1) + 1, 2 * n_el + 1, device=elems.device)
     ones = centre.new_ones(n_rows, 1)
@@ -641,6 +646,24 @@ def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: t
             rows = torch.sparse_csr_tensor(crow, cols, values, size=(n_rows, table.shape[0]))
             out.append(torch.sparse.mm(rows, table))
     return out[0], out[1]
+
+
+_EVERY_LOCATION: "OrderedDict[tuple, Locations]" = OrderedDict()
+_EVERY_LOCATION_KEPT = 8
+
+
+def _every_location(shape: PatchShape, size: tuple[int, int]) -> Locations:
+    """:func:`all_locations` of ``shape`` on ``size`` images, with its pixel tables and location groups kept
+    for the next threat of the same shape and image size (the last :data:`_EVERY_LOCATION_KEPT`)."""
+    key = (shape.name, size, tuple((tuple(v.shape), v.cpu().numpy().tobytes()) for v in shape.variants))
+    found = _EVERY_LOCATION.get(key)
+    if found is None:
+        found = _EVERY_LOCATION[key] = all_locations(shape, size)
+        while len(_EVERY_LOCATION) > _EVERY_LOCATION_KEPT:
+            _EVERY_LOCATION.popitem(last=False)
+    else:
+        _EVERY_LOCATION.move_to_end(key)
+    return found
 
 
 class PatchThreat:
@@ -664,7 +687,7 @@ class PatchThreat:
         """Resolve the locations on ``(H, W)`` images (UsageError if the patch does not fit)."""
         size = (int(image_size[0]), int(image_size[1]))
         if self.locations is None:
-            self.locations = all_locations(self.shape, size)
+            self.locations = _every_location(self.shape, size)
         elif tuple(self.locations.image_size) != size:
             raise UsageError(f"locations are for {self.locations.image_size} images, got {size}", param="locations")
         self.locations.tables  # noqa: B018 - computed once, before any bound
@@ -683,7 +706,7 @@ class PatchThreat:
         """Location-group levels of blocks of ``size``, ``size/2``, ... 2 (cached)."""
         from .blocks import block_levels
 
-        cache = self.__dict__.setdefault("_levels", {})
+        cache = self.locations.__dict__.setdefault("_lp_levels", {})  # shared with every threat on these locations
         if size not in cache:
             cache[size] = block_levels(self.locations, size)
         return cache[size]
