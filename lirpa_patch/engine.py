@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Literal, Optional, Sequence
 
@@ -138,6 +139,45 @@ def bound_model(
         # keeps its weights in buffers (e.g. some ONNX conversions) has none.
         torch.nn.Module.register_parameter(bounded, "_lp_dtype",
                                            torch.nn.Parameter(torch.zeros(1, device=device), requires_grad=False))
+    return bounded
+
+
+_REUSED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _state_key(model: torch.nn.Module) -> tuple:
+    """What a built module depends on besides the code: every submodule, parameter and buffer (which
+    tensor, where, which in-place version)."""
+    modules = tuple((name, type(m), id(m)) for name, m in model.named_modules())
+    tensors = tuple((name, id(t), t.data_ptr(), tuple(t.shape), t.dtype, t._version)
+                    for name, t in list(model.named_parameters()) + list(model.named_buffers()))
+    return modules, tensors
+
+
+def _reused_bound_model(model: torch.nn.Module, images: torch.Tensor, logits: torch.Tensor,
+                        device: torch.device) -> BoundedModule:
+    """:func:`bound_model` of ``model``, reused by the next :func:`certify` call on the same model.
+
+    Reused only while the model holds the same submodules and tensors, unchanged in place,
+    and the reused module still computes the model's logits on the images at hand (so a
+    model changed in any other way is built again). Models with a stripped final
+    ``Softmax`` are built every time.
+    """
+    key = (tuple(int(d) for d in images.shape[1:]), str(device))
+    state = _state_key(model)
+    kept = _REUSED.get(model, {}).get(key)
+    if kept is not None and kept[0] == state:
+        with torch.no_grad(), _quiet():
+            same = torch.allclose(kept[1](images[: min(8, images.shape[0])]).float(), logits[:8].float(),
+                                  rtol=1e-4, atol=1e-5)
+        if same:
+            return kept[1]
+    bounded = bound_model(model, images.shape[1:], device)
+    if not getattr(bounded, "_lp_stripped", None):
+        try:  # the state after building (auto_LiRPA loads the weights into the model in place)
+            _REUSED.setdefault(model, {})[key] = (_state_key(model), bounded)
+        except TypeError:  # not weakly referable
+            pass
     return bounded
 
 
@@ -755,7 +795,7 @@ def certify(
         correct = preds == labels
 
         if bounded is None:
-            bounded = bound_model(model, images.shape[1:], device)
+            bounded = _reused_bound_model(model, images, logits, device)
         head = head_of(bounded)
         ibp_chunk = chunk_size if chunk_size is not None else rows_per_call(bounded, max_memory, "ibp")
 

@@ -182,15 +182,15 @@ def _bounds_by_image(lo: torch.Tensor, hi: torch.Tensor, weight_t: torch.Tensor,
     pos, neg = weight_t.clamp(min=0), weight_t.clamp(max=0)
     if bias is None:
         bias = weight_t.new_zeros(weight_t.shape[1])
-    if len(set(counts)) == 1:
-        top = hi.reshape(n_img, counts[0], j).amax(1)
-        bottom = lo.reshape(n_img, counts[0], j).amin(1)
-    else:
-        row_img = torch.repeat_interleave(torch.arange(n_img, device=lo.device),
-                                          torch.tensor(counts, device=lo.device))
-        top = lo.new_zeros(n_img, j).index_reduce_(0, row_img, hi, "amax")
-        bottom = lo.new_zeros(n_img, j).index_reduce_(0, row_img, lo, "amin")
-    live = (top > 0) | (bottom < 0)  # (B, J)
+    def per_image(t: torch.Tensor, reduce) -> torch.Tensor:  # (B, J)
+        if len(set(counts)) == 1:
+            return reduce(t.reshape(n_img, counts[0], j), 1)
+        return torch.stack([reduce(part, 0) if part.shape[0] else part.new_zeros(j)
+                            for part in t.split(counts)])
+
+    live = per_image(hi, torch.amax) > 0  # (B, J)
+    if float(lo.detach().min()) < 0:  # not after a ReLU
+        live |= per_image(lo, torch.amin) < 0
     live_cols = torch.nonzero(live)[:, 1].split(live.sum(1).tolist())
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (lo, hi, weight_t, bias))
     rows, width = lo.shape[0], weight_t.shape[1]
