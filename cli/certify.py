@@ -28,8 +28,9 @@ from .launch import is_primary, launch_or_none
               "heatmaps of the closest calls (pictures embedded).")
 @click.option("--groups", default="auto", metavar="auto|off|N",
               help="Location groups: bound blocks of NxN adjacent locations (N a power of two) by their union "
-              "first and split only blocks that do not certify; 'auto' uses 2x2 blocks where they are faster "
-              "(IBP), 'off' bounds every location. Decisions are the same either way. Heatmaps and --html need "
+              "first and split only blocks that do not certify (with IBP alone, nor blocks above the image's "
+              "lowest margin so far); 'auto' uses 2x2 blocks while they save rows (IBP), 'off' bounds every "
+              "location. Decisions are the same either way. Heatmaps and --html need "
               "every location's margin: groups are off with them.")
 @click.option("--exhaustive", is_flag=True, default=False,
               help="With --method crown/alpha-crown: keep bounding an image's locations after one failed the "

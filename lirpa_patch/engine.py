@@ -733,10 +733,13 @@ def certify(
             is done when its answer is final, and rows count every bound computed.
         groups: location groups for a patch threat's IBP pass (:mod:`lirpa_patch.threats.blocks`):
             blocks of ``groups x groups`` adjacent locations (a power of two) are bounded by
-            their union first and split only where they do not certify. ``"auto"`` (default)
-            uses blocks of 2 where they pay off (measured when there are at least 32 images:
-            a few go through blocks, a few not, the faster way is kept); ``None`` or 0 bounds
-            every location. Certified decisions are the same either way.
+            their union first and split only where they do not certify; with IBP alone a
+            block is not split either when its bound is above the smallest location margin
+            of its image found so far (it cannot lower the image's worst margin).
+            ``"auto"`` (default) uses blocks of 2 until they have bounded more than
+            :data:`AUTO_ROW_SHARE` of the rows that bounding every location would; ``None``
+            or 0 bounds every location. Certified decisions are the same either way, and
+            so is the worst margin of an image that is not certified.
         keep_location_margins: also return every row's worst margin (patch threat: every
             location's), ``CertifyResult.location_margins`` ``(N, L)`` (for heatmaps); every
             location is then bounded on its own (no ``groups``): each row's tightest bound
@@ -752,6 +755,10 @@ def certify(
 
     ``worst_margin`` of an image is the minimum, over its rows and other classes, of the
     tightest bound computed for each row: always a valid lower bound of its worst margin.
+    The auto_LiRPA module built for ``model`` (when ``bounded`` is not given) is kept for the
+    next call on the same model while it holds the same submodules and tensors, unchanged
+    in place, and still computes the model's logits.
+
     A row decided by a cheaper method (IBP, a location group, or CROWN before alpha-CROWN)
     keeps that method's bound, so for a certified image it is the smallest bound that was
     needed (>= 0), which may be below what the strongest method would give; for an image

@@ -5,8 +5,11 @@ whose pixels are the union of its members' pixels; its box contains every member
 box, so a certified lower margin of the block is a lower margin of each member. The
 engine bounds the coarsest blocks first; a block that certifies settles all its
 members at once, one that does not is split into its (up to four) children, down to
-single locations. Certified decisions are the per-location ones, with far fewer
-bound computations when most blocks certify.
+single locations. When nothing is refined after IBP, a block whose bound is above the
+smallest location margin of its image found so far settles too: none of its members
+can lower the image's worst margin (:func:`lirpa_patch.engine._grouped`). Certified
+decisions and the worst margins of images that are not certified are the per-location
+ones, with far fewer bound computations when most blocks settle.
 """
 
 from __future__ import annotations
