@@ -176,7 +176,8 @@ def _bounds_by_image(lo: torch.Tensor, hi: torch.Tensor, weight_t: torch.Tensor,
     each image's rows go through its live columns only: after a ReLU most neurons are
     zero in every row of an image (a patch moves few pre-activations across zero), and
     a column that is zero in every row (``max hi <= 0 <= min lo``) adds exact zeros.
-    ``counts``: rows of each image, the rows sorted by image.
+    ``counts``: rows of each image, the rows sorted by image. Without gradients (a column
+    zero in every row still passes gradient to whatever made it zero).
     """
     n_img, j = len(counts), lo.shape[1]
     pos, neg = weight_t.clamp(min=0), weight_t.clamp(max=0)
@@ -192,10 +193,8 @@ def _bounds_by_image(lo: torch.Tensor, hi: torch.Tensor, weight_t: torch.Tensor,
     if float(lo.detach().min()) < 0:  # not after a ReLU
         live |= per_image(lo, torch.amin) < 0
     live_cols = torch.nonzero(live)[:, 1].split(live.sum(1).tolist())
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (lo, hi, weight_t, bias))
     rows, width = lo.shape[0], weight_t.shape[1]
-    lower, upper = (None, None) if grad else (lo.new_empty(rows, width), lo.new_empty(rows, width))
-    lowers, uppers = [], []
+    lower, upper = lo.new_empty(rows, width), lo.new_empty(rows, width)
     start = 0
     for count, cols in zip(counts, live_cols):
         end = start + count
@@ -206,15 +205,9 @@ def _bounds_by_image(lo: torch.Tensor, hi: torch.Tensor, weight_t: torch.Tensor,
         if cols.numel() <= LIVE_SHARE * j:
             lo_i, hi_i = lo_i.index_select(1, cols), hi_i.index_select(1, cols)
             p, n = pos.index_select(0, cols), neg.index_select(0, cols)
-        if grad:
-            lowers.append(torch.addmm(bias, lo_i, p) + hi_i.matmul(n))
-            uppers.append(torch.addmm(bias, hi_i, p) + lo_i.matmul(n))
-        else:
-            torch.addmm(bias, lo_i, p, out=lower[start:end]).addmm_(hi_i, n)
-            torch.addmm(bias, hi_i, p, out=upper[start:end]).addmm_(lo_i, n)
+        torch.addmm(bias, lo_i, p, out=lower[start:end]).addmm_(hi_i, n)
+        torch.addmm(bias, hi_i, p, out=upper[start:end]).addmm_(lo_i, n)
         start = end
-    if grad:
-        return torch.cat(lowers), torch.cat(uppers)
     return lower, upper
 
 
@@ -249,7 +242,10 @@ class PluginLinear(_Linear, _ops.BoundLinear):
             return None
         ptb = next(r.perturbation for r in input_roots(self) if isinstance(r.perturbation, BoxPerturbation))
         counts = _rows_per_image(lo.shape[0], ptb)
-        if counts is not None:
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (lo, hi, weight, bias))
+        if counts is not None and not needs_grad:
+            # (with gradients, a column zero in every row still passes gradient to what made it zero)
             return _bounds_by_image(lo, hi, weight.t(), bias, counts)
         half = weight.t() * 0.5  # (J, O)
         centre = (lo + hi).matmul(half) if bias is None else torch.addmm(bias, lo + hi, half)
