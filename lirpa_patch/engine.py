@@ -295,7 +295,7 @@ def threat_margins(
     """
     key = check_method(method)
     spec = margin_spec(labels, num_classes, dtype=images.dtype)
-    x, ptb = threat.perturbation(images, rows, domain=domain, strength=strength)
+    x, ptb = threat.perturbation(images, rows, domain=domain, strength=strength, stand_in=True)
     if isinstance(ptb, SparsePerturbation):
         check_bounded(bounded, key)
     lb = _ibp_margins(bounded, x, ptb, spec)
@@ -359,14 +359,14 @@ def lower_margins(
         n_loc = index.shape[-1]
     spec = margin_spec(labels, num_classes, dtype=images.dtype)
 
-    def build():
+    def build(stand_in: bool = False):
         if masks is not None:
             ptb = PatchPerturbation(masks=masks, domain=domain, strength=strength)
         else:
             ptb = PatchPerturbation(locations=locations, index=index, domain=domain, strength=strength)
-        return ptb.rows_for(images), ptb
+        return ptb.rows_for(images, stand_in=stand_in), ptb
 
-    x, ptb = build()
+    x, ptb = build(stand_in=True)  # IBP: no copy of the images per row
     lb = _ibp_margins(bounded, x, ptb, spec)
     lb = _stronger(bounded, build, spec, lb, key, intermediate=check_intermediate(intermediate))
     return lb.reshape(n, n_loc, num_classes - 1)
@@ -586,13 +586,13 @@ def location_margins(
     key = check_method(method)
     spec = margin_spec(labels, num_classes, dtype=images.dtype)
     out = []
-    def build(img: torch.Tensor, loc: torch.Tensor):
+    def build(img: torch.Tensor, loc: torch.Tensor, stand_in: bool = False):
         ptb = PatchPerturbation(locations=locations, index=loc, domain=domain)
-        return ptb.rows_at(images, img), ptb
+        return ptb.rows_at(images, img, stand_in=stand_in), ptb
 
     for s in range(0, row_img.shape[0], chunk_size):
         img, loc = row_img[s: s + chunk_size], row_loc[s: s + chunk_size]
-        x, ptb = build(img, loc)
+        x, ptb = build(img, loc, stand_in=True)  # IBP: no copy of the images per row
         lb = _ibp_margins(bounded, x, ptb, spec)
         out.append(_stronger(bounded, lambda: build(img, loc), spec, lb, key, img, check_intermediate(intermediate)))
     return torch.cat(out) if out else images.new_zeros(0, num_classes - 1)

@@ -191,6 +191,7 @@ class PatchPerturbation(BoxPerturbation):
         self._table_cache: dict = {}
         self._images_hint: Optional[torch.Tensor] = None
         self._row_images: Optional[torch.Tensor] = None  # any (image, location) rows (rows_at)
+        self._stand_in = False  # the bounded tensor only has the rows' shape (rows_for, rows_at)
 
     # ------------------------------------------------------------------ locations
     def _image_size_from(self, x: Optional[torch.Tensor]) -> tuple[int, int]:
@@ -238,21 +239,30 @@ class PatchPerturbation(BoxPerturbation):
         """Repeat each image once per location: ``(N, ...)`` -> ``(N * L, ...)``, image-major."""
         return images.repeat_interleave(int(self._shape_of_rows(images)[-1]), dim=0)
 
-    def rows_for(self, images: torch.Tensor) -> torch.Tensor:
+    def rows_for(self, images: torch.Tensor, *, stand_in: bool = False) -> torch.Tensor:
         """The bounded tensor of ``images`` ``(N, ...)``: each image once per location, image-major
         (a broadcast view for one image), with ``images`` kept as the rows' clean images, which
-        the first layer reads instead of finding the distinct images among the rows."""
+        the first layer reads instead of finding the distinct images among the rows.
+
+        With ``stand_in`` the tensor is a broadcast view of the first image with the rows' shape
+        (no copy): everything this perturbation computes reads the rows' images from ``images``
+        (the box of :meth:`bounds` too). For IBP through the plugin operators, which read no
+        other values of the bounded tensor."""
         n_loc = int(self._shape_of_rows(images)[-1])
         self._images_hint = images
-        if images.shape[0] == 1:
-            return images.expand(n_loc, *images.shape[1:])
+        self._stand_in = bool(stand_in) and images.shape[0] > 1
+        if images.shape[0] == 1 or self._stand_in:
+            return images[:1].expand(images.shape[0] * n_loc, *images.shape[1:])
         return images.repeat_interleave(n_loc, dim=0)
 
-    def rows_at(self, images: torch.Tensor, row_img: torch.Tensor) -> torch.Tensor:
+    def rows_at(self, images: torch.Tensor, row_img: torch.Tensor, *, stand_in: bool = False) -> torch.Tensor:
         """The bounded tensor of rows ``images[row_img[r]]`` ``(R, ...)``, row ``r`` at the ``r``-th
         location of ``index`` (any (image, location) pairs), with ``images`` and ``row_img`` kept
-        for the first layer."""
+        for the first layer; ``stand_in`` as in :meth:`rows_for`."""
         self._images_hint, self._row_images = images, row_img
+        self._stand_in = bool(stand_in) and images.shape[0] > 1
+        if self._stand_in:
+            return images[:1].expand(row_img.shape[0], *images.shape[1:])
         return images[row_img]
 
     # ------------------------------------------------------------------ the box
@@ -289,6 +299,8 @@ class PatchPerturbation(BoxPerturbation):
 
     def bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The box ``(x_L, x_U)`` for rows ``x`` (same shape and layout as ``x``)."""
+        if self._stand_in and self._rows is not None and self._rows.rows == x.shape[0]:
+            x = self._rows.images[self._rows.row_img].reshape(x.shape)  # the real rows
         img = self._to_nchw(x)
         if img.ndim != 4:
             raise UsageError(f"expected image rows (R, C, H, W) in layout {self.layout}, got {tuple(x.shape)}",
@@ -696,11 +708,13 @@ class PatchThreat:
     def rows_per_image(self) -> int:
         return len(self.locations)
 
-    def perturbation(self, images: torch.Tensor, rows: slice, *, domain: Optional[PixelDomain], strength: float):
-        """``(x_rows, ptb)`` bounding locations ``rows`` of every image in ``images`` ``(b, C, H, W)``."""
+    def perturbation(self, images: torch.Tensor, rows: slice, *, domain: Optional[PixelDomain], strength: float,
+                     stand_in: bool = False):
+        """``(x_rows, ptb)`` bounding locations ``rows`` of every image in ``images`` ``(b, C, H, W)``
+        (``stand_in``: see :meth:`PatchPerturbation.rows_for`)."""
         index = torch.arange(len(self.locations))[rows]
         ptb = PatchPerturbation(locations=self.locations, index=index, domain=domain, strength=strength)
-        return ptb.rows_for(images), ptb
+        return ptb.rows_for(images, stand_in=stand_in), ptb
 
     def block_levels(self, size: int):
         """Location-group levels of blocks of ``size``, ``size/2``, ... 2 (cached)."""

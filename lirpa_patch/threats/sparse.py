@@ -343,7 +343,9 @@ class SparseThreat:
     def prepare(self, image_size: Sequence[int]) -> None:
         """Nothing to resolve (a budget above the pixel count means every pixel may change)."""
 
-    def perturbation(self, images: torch.Tensor, rows: slice, *, domain: Optional[PixelDomain], strength: float):
+    def perturbation(self, images: torch.Tensor, rows: slice, *, domain: Optional[PixelDomain], strength: float,
+                     stand_in: bool = False):
+        """``(images, ptb)``: one row per image (``stand_in`` changes nothing: there is no copy to save)."""
         return images, SparsePerturbation(self.k, domain=domain, strength=strength)
 
     def locate(self, row: int) -> Optional[dict]:
