@@ -471,7 +471,8 @@ class PatchPerturbation(BoxPerturbation):
             table_c = coef_t
         if sparse:  # grid rows too: one sparse x dense product per bound
             return _rows_by_sparse_product(torch.where(valid, col, -1), centre, radius, rows.row_img, coef_t,
-                                           x.reshape(n_b, width), bias, cache)
+                                           x.reshape(n_b, width), bias, cache,
+                                           self._radius_rows(table, m_lo, m_hi, coef_t, width, cache))
         if n_lead == 1:
             d_c = F.embedding_bag(col, table_c, per_sample_weights=centre, mode="sum")  # (R, O)
             d_r = F.embedding_bag(col, table_c.abs(), per_sample_weights=radius, mode="sum")
@@ -492,6 +493,37 @@ class PatchPerturbation(BoxPerturbation):
         lower, upper = centre_rows - d_r, centre_rows + d_r
         shape = (rows.rows, *lead, lower.shape[-1])
         return lower.reshape(shape), upper.reshape(shape)
+
+    def _radius_rows(self, table: torch.Tensor, m_lo: torch.Tensor, m_hi: torch.Tensor, coef_t: torch.Tensor,
+                     width: int, cache: Optional[dict]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``(rad (L, O), row_rad (R,))``: the radius term of every location of the rows' location set,
+        ``rad[l] = sum over the elements e of l of r_e |W[:, e]|``, and each row's location in it.
+
+        ``r_e`` is the element's largest half-range over the images (the ranges differ only by
+        float rounding of ``x`` in ``[lo - x, hi - x]``, so a row's box can only grow: sound),
+        which makes the term the same for every image at a location: computed once per
+        location set, weight and ranges, not per row. None without a location set.
+        """
+        rows = self._rows
+        if rows.source is None or cache is None:
+            return None
+        src_pix, src_index = rows.source
+        hw = rows.size[0] * rows.size[1]
+        half = ((m_hi - m_lo).abs() * 0.5).amax(0)  # (E_all,): every element's largest half-range
+        key = (coef_t.data_ptr(), tuple(coef_t.shape), coef_t._version)
+        kept = cache.setdefault("radius_rows", {})  # per location set (e.g. blocks and their locations)
+        hit = kept.get(id(src_pix))
+        if hit is None or hit[0] is not src_pix or hit[1] != key or not torch.equal(hit[2], half):
+            elems = table[torch.where(src_pix >= 0, src_pix, hw)].reshape(src_pix.shape[0], -1)  # (L, E)
+            valid = elems >= 0
+            e = elems.clamp(min=0)
+            weights = torch.where(valid, half[e], torch.zeros((), dtype=half.dtype, device=half.device))
+            rad = F.embedding_bag(e % width, coef_t.abs(), per_sample_weights=weights, mode="sum")  # (L, O)
+            hit = (src_pix, key, half, rad)
+            if len(kept) >= 4:
+                kept.clear()
+            kept[id(src_pix)] = hit
+        return hit[3], src_index[rows.row_loc]
 
     def _column_blocks(self, table: torch.Tensor, loc: torch.Tensor, coef_t: torch.Tensor, width: int,
                        cache: Optional[dict]):
@@ -605,19 +637,23 @@ class PatchPerturbation(BoxPerturbation):
 
 def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor, row_img: torch.Tensor,
                             coef_t: torch.Tensor, images: torch.Tensor, bias: Optional[torch.Tensor],
-                            cache: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+                            cache: Optional[dict],
+                            radius_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower and upper bounds ``(R, O)`` of rows through the first linear layer.
 
     Row ``r`` is ``clean[row_img[r]] + centre[r] @ W[elems[r]] -/+ radius[r] @ |W[elems[r]]|``:
     one sparse row over the stacked table ``[W; |W|; clean]`` ``(2J + B, O)`` with ``2E + 1``
     entries (the patch's columns twice and the image's clean row), so each bound is one
     CSR x dense product written straight into the rows: no gathered columns, no
-    intermediate ``(R, O)`` tensors.
+    intermediate ``(R, O)`` tensors. With ``radius_rows`` ``(rad (L, O), row_rad (R,))`` the
+    radius term of row ``r`` is the precomputed ``rad[row_rad[r]]`` instead (the same for
+    every image at a location): ``E + 2`` entries over ``[W; rad; clean]``.
 
     Args:
         elems: ``(R, E)`` element (column) ids of each row, ``-1`` padding.
         centre, radius: ``(R, E)`` each element's centre shift and radius (0 at padding,
-            which becomes a zero entry of column 0).
+            which becomes a zero entry of column 0); ``radius`` is unused with ``radius_rows``.
         row_img: ``(R,)`` the row's image (row of ``images``).
         coef_t: ``(J, O)`` the layer's transposed weight; images: ``(B, J)`` the clean inputs; bias: ``(O,)``.
         cache: the calling operator's cache (keeps ``|W|`` while the weight stays the same).
@@ -626,35 +662,54 @@ def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: t
     width = coef_t.shape[0]
     order = elems.argsort(-1)  # CSR rows with non-decreasing columns
     cols = elems.gather(-1, order).clamp(min=0)
-    centre, radius = centre.gather(-1, order), radius.gather(-1, order)
+    centre = centre.gather(-1, order)
     n_img = images.shape[0]
     key = (coef_t.data_ptr(), tuple(coef_t.shape), tuple(coef_t.stride()), coef_t._version, coef_t.dtype)
-    hit = cache.get("sparse_table") if cache is not None else None
-    if hit is None or hit[0] != key or hit[1].shape[0] < 2 * width + n_img:
-        # [W; |W|] once per weight, with room for the clean rows of the images of a call
-        buffer = coef_t.new_empty(2 * width + max(n_img, 64), coef_t.shape[1])
+    if radius_rows is not None:
+        second = radius_rows[0]
+        key = key + (id(second),)
+    middle = second.shape[0] if radius_rows is not None else width
+    kept = cache.setdefault("sparse_tables", {}) if cache is not None else {}
+    hit = kept.get(key[-1] if radius_rows is not None else None)
+    if hit is None or hit[0] != key or hit[1].shape[0] < width + middle + n_img:
+        # [W; |W| or the radius rows] once per weight, with room for the clean rows of a call's images
+        buffer = coef_t.new_empty(width + middle + max(n_img, 64), coef_t.shape[1])
         buffer[:width] = coef_t
-        torch.abs(coef_t, out=buffer[width: 2 * width])
-        hit = (key, buffer)
-        if cache is not None:
-            cache["sparse_table"] = hit
-    table = hit[1][: 2 * width + n_img]  # (2J + B, O)
+        if radius_rows is not None:
+            buffer[width: width + middle] = second
+        else:
+            torch.abs(coef_t, out=buffer[width: 2 * width])
+        hit = (key, buffer, radius_rows[0] if radius_rows is not None else None)
+        if len(kept) >= 4:
+            kept.clear()
+        kept[key[-1] if radius_rows is not None else None] = hit
+    start = width + middle
+    table = hit[1][: start + n_img]  # (J + middle + B, O)
     # The clean rows by the contiguous copy of W, at least two at a time: BLAS then gives each image's row
     # the same bits whatever the other images of the call (a transposed W, or a single row, does not).
     if n_img == 1:
-        table[2 * width:] = images.expand(2, -1).matmul(table[:width])[:1]
+        table[start:] = images.expand(2, -1).matmul(table[:width])[:1]
     else:
-        torch.mm(images, table[:width], out=table[2 * width:])
+        torch.mm(images, table[:width], out=table[start:])
     if bias is not None:
-        table[2 * width:] += bias
-    cols = torch.cat([cols, cols + width, (2 * width + row_img).unsqueeze(-1)], -1).reshape(-1)
-    crow = torch.arange(0, n_rows * (2 * n_el + 1) + 1, 2 * n_el + 1, device=elems.device)
+        table[start:] += bias
     ones = centre.new_ones(n_rows, 1)
+    if radius_rows is not None:
+        cols = torch.cat([cols, (width + radius_rows[1]).unsqueeze(-1), (start + row_img).unsqueeze(-1)], -1)
+        per_row = n_el + 2
+        parts = lambda sign: (centre, ones * sign, ones)  # noqa: E731
+    else:
+        cols = torch.cat([cols, cols + width, (start + row_img).unsqueeze(-1)], -1)
+        per_row = 2 * n_el + 1
+        radius = radius.gather(-1, order)
+        parts = lambda sign: (centre, radius * sign, ones)  # noqa: E731
+    cols = cols.reshape(-1)
+    crow = torch.arange(0, n_rows * per_row + 1, per_row, device=elems.device)
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch calls its sparse CSR support beta
         for sign in (-1.0, 1.0):
-            values = torch.cat([centre, radius * sign, ones], -1).reshape(-1)
+            values = torch.cat(parts(sign), -1).reshape(-1)
             rows = torch.sparse_csr_tensor(crow, cols, values, size=(n_rows, table.shape[0]))
             out.append(torch.sparse.mm(rows, table))
     return out[0], out[1]
