@@ -629,8 +629,11 @@ def _grouped(bounded, threat: PatchThreat, levels, images, labels, worst, batch:
     imgs, labs = images[batch], labels[batch]
     top = levels[0]
     n_blocks = len(top.blocks)
-    lb = lower_margins(bounded, imgs, labs, locations=top.blocks, num_classes=num_classes, method=method,
-                       domain=domain).reshape(-1, num_classes - 1)
+    step = max(1, chunk_size // b)  # blocks per call: at most chunk_size rows
+    lb = torch.cat([lower_margins(bounded, imgs, labs, locations=top.blocks, method=method, domain=domain,
+                                  index=torch.arange(j, min(j + step, n_blocks), device=dev),
+                                  num_classes=num_classes)
+                    for j in range(0, n_blocks, step)], 1).reshape(-1, num_classes - 1)
     img = torch.arange(b, device=dev).repeat_interleave(n_blocks)
     unit = torch.arange(n_blocks, device=dev).repeat(b)
     bounded_rows = unit.numel()
@@ -736,8 +739,8 @@ def certify(
             their union first and split only where they do not certify; with IBP alone a
             block is not split either when its bound is above the smallest location margin
             of its image found so far (it cannot lower the image's worst margin).
-            ``"auto"`` (default) uses blocks of 2 until they have bounded more than
-            :data:`AUTO_ROW_SHARE` of the rows that bounding every location would; ``None``
+            ``"auto"`` (default) uses blocks of 2 (from two images on) until they have bounded
+            more than :data:`AUTO_ROW_SHARE` of the rows that bounding every location would; ``None``
             or 0 bounds every location. Certified decisions are the same either way, and
             so is the worst margin of an image that is not certified.
         keep_location_margins: also return every row's worst margin (patch threat: every
@@ -881,12 +884,15 @@ def _ibp_pass(bounded, threat, images, labels, tracker, todo: list[int], *, num_
     cascade (``cascade``) progress counts no image as done (a later method decides), and
     location groups settle only blocks that certify; otherwise also blocks that cannot
     lower their image's worst margin (:func:`_grouped`). ``groups="auto"`` uses groups
-    until they have bounded more than :data:`AUTO_ROW_SHARE` of the rows of the images
-    they handled, then bounds every location of the remaining images.
+    (first on at most half the images, none for a single image) until they have bounded more than
+    :data:`AUTO_ROW_SHARE` of the rows of the images they handled, then bounds every
+    location of the remaining images.
     """
     device = images.device
     n_rows = threat.rows_per_image
     block = _block_size(groups, threat, "ibp")
+    if groups == "auto" and len(todo) < 2:
+        block = 0  # "auto" decides on half the images: with one image, every location
     levels = threat.block_levels(block) if block else None
     row_chunk = min(n_rows, chunk_size)
     img_chunk = max(1, chunk_size // row_chunk)
@@ -896,6 +902,8 @@ def _ibp_pass(bounded, threat, images, labels, tracker, todo: list[int], *, num_
         take = img_chunk
         if levels is not None:  # a call bounds one block per image: more images per call
             take = max(1, chunk_size // len(levels[0].blocks))
+            if groups == "auto" and not grouped_images:
+                take = min(take, len(todo) // 2)  # decide on at most half the images
         batch = torch.tensor(todo[i: i + take], device=device)
         i += take
         if levels is not None:
