@@ -145,23 +145,40 @@ def bound_model(
 _REUSED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
+_PLAIN = (bool, int, float, str, bytes, type(None))
+
+
+def _value_key(value) -> object:
+    """A comparable stand-in for one attribute of a submodule: plain values as they are, tensors by
+    identity, storage and in-place version, containers item by item, anything else by identity."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value), value.data_ptr(), tuple(value.shape), value.dtype, value._version)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_value_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((str(k), _value_key(v)) for k, v in value.items()))
+    return (type(value).__name__, id(value))
+
+
 def _state_key(model: torch.nn.Module) -> tuple:
-    """What a built module depends on besides the code: every submodule, parameter and buffer (which
+    """What a built module depends on besides the classes' code: every submodule, its attributes
+    (strides, flags, generated code, hooks, plain tensors), its parameters and buffers (which
     tensor, where, which in-place version)."""
-    modules = tuple((name, type(m), id(m)) for name, m in model.named_modules())
-    tensors = tuple((name, id(t), t.data_ptr(), tuple(t.shape), t.dtype, t._version)
-                    for name, t in list(model.named_parameters()) + list(model.named_buffers()))
-    return modules, tensors
+    return tuple((name, type(m), id(m), tuple((k, _value_key(v)) for k, v in vars(m).items() if k != "_modules"))
+                 for name, m in model.named_modules())
 
 
 def _reused_bound_model(model: torch.nn.Module, images: torch.Tensor, logits: torch.Tensor,
                         device: torch.device) -> BoundedModule:
     """:func:`bound_model` of ``model``, reused by the next :func:`certify` call on the same model.
 
-    Reused only while the model holds the same submodules and tensors, unchanged in place,
-    and the reused module still computes the model's logits on the images at hand (so a
-    model changed in any other way is built again). Models with a stripped final
-    ``Softmax`` are built every time.
+    Reused only while every submodule of the model is the same object with the same
+    attributes (plain values equal; tensors, parameters and buffers the same, unchanged in
+    place; anything else the same object) and the reused module still computes the
+    model's logits on the images at hand. Models with a stripped final ``Softmax`` are
+    built every time.
     """
     key = (tuple(int(d) for d in images.shape[1:]), str(device))
     state = _state_key(model)

@@ -86,3 +86,19 @@ def test_a_model_computing_other_logits_gives_a_new_module(monkeypatch):
     after = _margins(model, images, labels)
     assert after == _fresh(model, images, labels) and after != before
     assert len(built) == 3
+
+
+def test_a_changed_layer_attribute_gives_a_new_module(monkeypatch):
+    built = _count_builds(monkeypatch)
+    model, (images, labels) = _Scaled().eval(), _images()
+    _margins(model, images, labels)
+    model.net[1].bias.requires_grad_(False)  # no change that matters: still reused
+    _margins(model, images, labels)
+    assert len(built) == 1
+    model.net[0].start_dim = 1  # the same value: reused
+    _margins(model, images, labels)
+    assert len(built) == 1
+    with torch.no_grad():
+        model.scale.mul_(0.5)  # a plain tensor changed in place
+    assert _margins(model, images, labels) == _fresh(model, images, labels)
+    assert len(built) == 3
