@@ -69,7 +69,11 @@ ALPHA_ROWS_FACTOR = 4
 
 @dataclass
 class StageStats:
-    """One method of the cascade: the rows it bounded, how many it certified, its wall time in seconds."""
+    """One method of the cascade: the rows it bounded, how many it certified, its wall time in seconds.
+
+    ``settled`` counts rows certified; with IBP alone, the rows of location groups skipped
+    because they cannot lower their image's worst margin count as not certified (their
+    own bounds were never computed)."""
 
     method: str
     rows: int = 0
