@@ -61,8 +61,8 @@ def before_mixing(node) -> bool:
     return memo
 
 
-def data_roots(node) -> list:
-    """The model inputs reachable from ``node`` without crossing a mixing layer."""
+def _roots(node, through_mixing: bool) -> list:
+    """The model inputs reachable from ``node``, crossing mixing layers only when ``through_mixing``."""
     roots, seen, stack = [], set(), list(node.inputs)
     while stack:
         n = stack.pop()
@@ -71,26 +71,21 @@ def data_roots(node) -> list:
         seen.add(id(n))
         if is_data_input(n):
             roots.append(n)
-        elif not isinstance(n, mixing_types()):
+        elif through_mixing or not isinstance(n, mixing_types()):
             stack.extend(n.inputs)
     return roots
+
+
+def data_roots(node) -> list:
+    """The model inputs reachable from ``node`` without crossing a mixing layer."""
+    return _roots(node, through_mixing=False)
 
 
 def input_roots(node) -> list:
     """Every model input ``node`` depends on (cached on the node)."""
     cached = node.__dict__.get("_lp_input_roots")
     if cached is None:
-        cached, seen, stack = [], set(), list(node.inputs)
-        while stack:
-            n = stack.pop()
-            if id(n) in seen:
-                continue
-            seen.add(id(n))
-            if is_data_input(n):
-                cached.append(n)
-            else:
-                stack.extend(n.inputs)
-        node.__dict__["_lp_input_roots"] = cached
+        cached = node.__dict__["_lp_input_roots"] = _roots(node, through_mixing=True)
     return cached
 
 
