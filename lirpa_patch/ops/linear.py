@@ -215,9 +215,10 @@ class PluginLinear(_Linear, _ops.BoundLinear):
     """``Gemm``. Under CROWN, the first layer of patch rows concretizes itself (:mod:`lirpa_patch.ops.backward`).
 
     After the first mixing layer (dense bounds of this project's threats), the bounds
-    are the stock ones, computed with fewer passes over the rows: the halving of
-    centre and radius is folded into the weights (exact: a power of two) and the
-    bias into the centre's product.
+    are the stock ones, computed with less work: without gradients and with many rows
+    per image, each image's rows go through its live columns only (:func:`_bounds_by_image`);
+    otherwise the halving of centre and radius is folded into the weights (exact: a
+    power of two) and the bias into the centre's product.
     """
 
     _lp_data_inputs = (0,)
@@ -227,7 +228,9 @@ class PluginLinear(_Linear, _ops.BoundLinear):
 
         if C is not None or w is not None or kwargs or Interval.get_perturbation(v[0])[0] != np.inf:
             return None
-        if not any(isinstance(getattr(r, "perturbation", None), BoxPerturbation) for r in input_roots(self)):
+        ptb = next((r.perturbation for r in input_roots(self)
+                    if isinstance(getattr(r, "perturbation", None), BoxPerturbation)), None)
+        if ptb is None:
             return None  # another perturbation: the stock operator, unchanged
         if len(v) not in (2, 3) or any(self.is_input_perturbed(i) for i in range(1, len(v))):
             return None
@@ -240,7 +243,6 @@ class PluginLinear(_Linear, _ops.BoundLinear):
             return None
         if lo.shape[-1] != weight.shape[1]:
             return None
-        ptb = next(r.perturbation for r in input_roots(self) if isinstance(r.perturbation, BoxPerturbation))
         counts = _rows_per_image(lo.shape[0], ptb)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (lo, hi, weight, bias))
