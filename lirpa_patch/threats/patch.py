@@ -462,7 +462,10 @@ class PatchPerturbation(BoxPerturbation):
         bi = rows.row_img if m_lo.shape[0] > 1 else torch.zeros_like(rows.row_img)
         lo_e, hi_e = m_lo[bi[:, None], e], m_hi[bi[:, None], e]
         centre = torch.where(valid, (lo_e + hi_e) * 0.5, zero)  # (R, E)
-        radius = torch.where(valid, (hi_e - lo_e).abs() * 0.5, zero)
+
+        def row_radius() -> torch.Tensor:  # (R, E), unless the location set's radius rows stand in for it
+            return torch.where(valid, (hi_e - lo_e).abs() * 0.5, zero)
+
         col = e % width
         if per_image:  # one table of columns per image, stacked
             table_c = coef_t.reshape(-1, coef_t.shape[-1])  # (B*J, O)
@@ -470,9 +473,11 @@ class PatchPerturbation(BoxPerturbation):
         else:
             table_c = coef_t
         if sparse:  # grid rows too: one sparse x dense product per bound
-            return _rows_by_sparse_product(torch.where(valid, col, -1), centre, radius, rows.row_img, coef_t,
-                                           x.reshape(n_b, width), bias, cache,
-                                           self._radius_rows(table, m_lo, m_hi, coef_t, width, cache))
+            radius_rows = self._radius_rows(table, m_lo, m_hi, coef_t, width, cache)
+            return _rows_by_sparse_product(torch.where(valid, col, -1), centre,
+                                           row_radius() if radius_rows is None else None, rows.row_img, coef_t,
+                                           x.reshape(n_b, width), bias, cache, radius_rows)
+        radius = row_radius()
         if n_lead == 1:
             d_c = F.embedding_bag(col, table_c, per_sample_weights=centre, mode="sum")  # (R, O)
             d_r = F.embedding_bag(col, table_c.abs(), per_sample_weights=radius, mode="sum")
@@ -635,7 +640,8 @@ class PatchPerturbation(BoxPerturbation):
         )
 
 
-def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor, row_img: torch.Tensor,
+def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: Optional[torch.Tensor],
+                            row_img: torch.Tensor,
                             coef_t: torch.Tensor, images: torch.Tensor, bias: Optional[torch.Tensor],
                             cache: Optional[dict],
                             radius_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -653,7 +659,7 @@ def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: t
     Args:
         elems: ``(R, E)`` element (column) ids of each row, ``-1`` padding.
         centre, radius: ``(R, E)`` each element's centre shift and radius (0 at padding,
-            which becomes a zero entry of column 0); ``radius`` is unused with ``radius_rows``.
+            which becomes a zero entry of column 0); ``radius`` is None with ``radius_rows``.
         row_img: ``(R,)`` the row's image (row of ``images``).
         coef_t: ``(J, O)`` the layer's transposed weight; images: ``(B, J)`` the clean inputs; bias: ``(O,)``.
         cache: the calling operator's cache (keeps ``|W|`` while the weight stays the same).
