@@ -5,6 +5,10 @@ the environment already provides what auto_LiRPA expects (older torch/numpy), or
 where the auto_LiRPA about to be imported does not use these names at all (0.6 and
 later: :func:`apply` reads its version from its source without importing it).
 
+They run when ``lirpa_patch`` is imported, and also when ``auto_LiRPA`` is imported first:
+the start-up hook ``_lirpa_patch_hook`` (repository root) loads this file on its own, so it
+must keep importing nothing but the standard library at module level.
+
 The three gaps:
 
 1. ``numpy.lib.arraysetops`` was removed in numpy 2; auto_LiRPA imports ``isin``

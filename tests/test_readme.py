@@ -1,13 +1,18 @@
 """The README's Python blocks run exactly as shown, and the documented CLI reproduction matches the CLI.
 
-Each ```python block of README.md runs in a fresh namespace, in a scratch folder that
-sees the repository's ``onnx_models/`` (the blocks use the bundled data and models only).
+Each ```python block of README.md runs as a script of its own, in a fresh Python process (as
+a user runs it: nothing imported before its first line, so a block that imports auto_LiRPA
+before lirpa_patch needs the start-up hook), in a scratch folder that sees the repository's
+``onnx_models/`` (the blocks use the bundled data and models only).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,10 +38,19 @@ def test_the_readme_has_python_blocks():
     assert len(python_blocks()) >= 4
 
 
+def run_block(code: str, folder: Path, name: str) -> None:
+    """Run one block as the script ``folder/name`` in its own Python process."""
+    script = folder / name
+    script.write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    result = subprocess.run([sys.executable, script.name], cwd=folder, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{name}:\n{code}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+
+
 @pytest.mark.parametrize("index", range(len(python_blocks())))
 def test_readme_python_block_runs(index, scratch):
-    code = python_blocks()[index]
-    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": f"readme_{index}"})
+    run_block(python_blocks()[index], scratch, f"readme_block_{index}.py")
 
 
 def _without_timing(report: dict) -> dict:
@@ -50,7 +64,7 @@ def _without_timing(report: dict) -> dict:
 
 def test_readme_reproduction_gives_the_cli_report(scratch):
     block = next(b for b in python_blocks() if "build_report" in b)
-    exec(compile(block, "README.md reproduction", "exec"), {"__name__": "readme_reproduction"})
+    run_block(block, scratch, "readme_reproduction.py")
     ours = json.loads((scratch / "report.json").read_text())
 
     from lirpa_patch_cli.main import app
