@@ -36,6 +36,7 @@ Nothing here prints or exits.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import time
 from dataclasses import dataclass, replace
@@ -194,6 +195,7 @@ def shutdown() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        gc.collect()  # objects in reference cycles that hold the groups (a DDP wrapper) go first, while all is alive
         try:
             dist.destroy_process_group()
         except Exception:  # pragma: no cover - best effort at exit
