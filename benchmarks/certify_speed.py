@@ -6,8 +6,8 @@ For every configuration it prints, measured in one run (1 thread, CPU time, medi
 * ``engine``: ``lirpa_patch.certify`` as shipped (incremental first layer, windows
   through convolutions, dense layers through each image's live columns, the
   specification merged once per image, chunks sized by memory, location groups where
-  they pay off), called as a user calls it: the auto_LiRPA module it builds on the
-  warm-up call is reused (the other programs build theirs in the timed run, or need none);
+  they pay off), called as a user calls it: every call builds its own auto_LiRPA module
+  (included in its time; the stock program builds its module on the warm-up call);
 * ``engine_plain``: the same without location groups (every location bounded, the
   margins compared with the reference);
 * ``auto_LiRPA``: plain batched auto_LiRPA IBP, the way the engine worked before:
@@ -196,8 +196,7 @@ def _run_autolirpa(net, ds, patch):
 def _run_engine(net, ds, patch, groups="auto"):
     from lirpa_patch.engine import certify
 
-    # as a user calls it: certify builds the auto_LiRPA module and reuses it while the model is
-    # unchanged (the warm-up call built it)
+    # as a user calls it: certify builds the auto_LiRPA module of the model as it is (timed)
     result = certify(net, ds.images, ds.labels, size=patch, groups=groups)
     return [r.worst_margin for r in result.images]
 

@@ -283,6 +283,30 @@ def check_model_exists(model: str) -> None:
 
 _WHAT = {"output": "the report", "html": "the HTML report"}
 
+_FOLDER_WRITES = {"heatmaps": (".png",), "plots": (".png",), "save_adversarial": (".png", ".npz")}
+"""The kinds of file each folder option writes (names chosen from the run: image indices, labels)."""
+
+
+def _check_not_in_folders(files: Mapping[str, Optional[str]], folders: Mapping[str, Optional[str]]) -> None:
+    """A file output is not where a folder output of the run may write a file of its kind (a picture
+    named after an image and a label could replace the report)."""
+    from lirpa_patch.errors import UsageError
+
+    for folder_name, folder in folders.items():
+        if folder is None:
+            continue
+        root = Path(folder).expanduser().resolve()
+        kinds = _FOLDER_WRITES.get(folder_name, ())
+        for name, path in files.items():
+            if path is None:
+                continue
+            target = Path(path).expanduser().resolve()
+            if target.parent == root and target.suffix.lower() in kinds:
+                raise UsageError(
+                    f"{name} {path} is inside {folder_name} {folder}, where this run writes {'/'.join(kinds)} files "
+                    "that could replace it (choose a path outside that folder or another suffix)",
+                    param=name, related=(folder_name,))
+
 
 def check_paths(files: Mapping[str, Optional[str]], folders: Mapping[str, Optional[str]], *, model: str, data: str,
                 mask_file: Optional[str]) -> None:
@@ -291,6 +315,7 @@ def check_paths(files: Mapping[str, Optional[str]], folders: Mapping[str, Option
     from lirpa_patch.data import source_files
 
     outputs.check_outputs({**files, **folders}, {"model": model, "data": source_files(data), "shape": mask_file})
+    _check_not_in_folders(files, folders)
     for name, path in files.items():
         if path is not None:
             outputs.check_writable(path, what=_WHAT.get(name, f"the {name.replace('_', ' ')} file"))

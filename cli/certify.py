@@ -30,8 +30,10 @@ from .launch import is_primary, launch_or_none
               help="Location groups: bound blocks of NxN adjacent locations (N a power of two) by their union "
               "first and split only blocks that do not certify (with IBP alone, nor blocks above the image's "
               "lowest margin so far); 'auto' uses 2x2 blocks while they save rows (IBP), 'off' bounds every "
-              "location. Decisions are the same either way. Heatmaps and --html need "
-              "every location's margin: groups are off with them.")
+              "location. Decisions are the same either way, and so are the margins of images that are not certified; "
+              "a certified image's margin may be a block's bound (exact_margin false in the report): 'off' "
+              "makes every margin exact. Heatmaps and --html need every location's margin: groups are off "
+              "with them.")
 @click.option("--exhaustive", is_flag=True, default=False,
               help="With --method crown/alpha-crown: keep bounding an image's locations after one failed the "
               "strongest method (every location's margin). By default such an image is settled at once (not "
@@ -167,6 +169,10 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
         with _run.status("Writing the HTML report...", run.interactive):
             written.append(pictures.write_html(html, _page(doc, items, results, run, threats)))
     console.print(table)
+    first = results[items[0].label]
+    warning = render.chance_warning(first.clean_accuracy, run.loaded.num_classes)
+    if warning is not None:  # a warning, not a status message: printed with --quiet too
+        err_console.print(warning, highlight=False, markup=False, soft_wrap=True)
     if not quiet:
         for what in written:
             err_console.print(f"Wrote {what}", highlight=False, markup=False, soft_wrap=True)

@@ -143,6 +143,22 @@ def percent(value: Optional[float]) -> str:
     return "-" if value is None else f"{100.0 * value:.1f}%"
 
 
+def chance_warning(clean_accuracy: Optional[float], num_classes: Optional[int]) -> Optional[str]:
+    """One line when clean accuracy is at or below chance (``1 / num_classes``), else None.
+
+    Far too low an accuracy usually means the model gets its input in another form than it
+    was trained on: a normalization left out, or another layout. Nothing is certified wrongly
+    (the images it misclassifies are skipped), but the numbers say nothing about the model.
+    """
+    if clean_accuracy is None or not num_classes or num_classes < 2:
+        return None
+    chance = 1.0 / num_classes
+    if clean_accuracy > chance * (1 + 1e-9):
+        return None
+    return (f"warning: clean accuracy {percent(clean_accuracy)} is at or below chance ({percent(chance)} for "
+            f"{num_classes} classes): check --mean/--std and the input layout (--layout)")
+
+
 def seconds(value: Optional[float]) -> str:
     """Wall time, e.g. ``"3.2 s"`` or ``"2 min 05 s"``."""
     if value is None:

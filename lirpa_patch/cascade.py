@@ -12,7 +12,7 @@ bounded independently of the rows batched with them (:mod:`lirpa_patch.crown`).
 What ``worst_margin`` means then: the minimum over rows and other classes of the
 tightest bound computed for each row. It is always a valid lower bound of the
 image's worst margin. A row a cheaper method certified keeps that method's bound
-(>= 0, a lower bound of what a stronger method would give), so a certified image's
+(> 0, a lower bound of what a stronger method would give), so a certified image's
 ``worst_margin`` is the smallest bound that was needed, not the strongest method's
 minimum. An image that is not certified gets the strongest method's minimum when
 ``exhaustive`` (every row bounded by every method it needs); otherwise (the default)
@@ -45,7 +45,7 @@ import torch
 
 from .crown import crown_margins
 from .errors import ModelError
-from .spec import margin_spec
+from .spec import certifies, margin_spec
 from .threats.patch import PatchPerturbation, PatchThreat
 
 __all__ = ["AUTO_SECONDS_PER_IMAGE", "AUTO_SHARE", "CHAINS", "CascadeStats", "Pending", "StageStats", "refine"]
@@ -126,7 +126,7 @@ class Pending:
     """Collects the rows a cheaper method leaves below zero; passes the others to ``worst``.
 
     It stands in for the engine's per-image tracker (same ``update(img, row, lb)``): rows
-    whose lower margins ``lb`` ``(R, K - 1)`` are all >= 0 are settled and go to ``worst``;
+    whose lower margins ``lb`` ``(R, K - 1)`` all certify (``> 0``) are settled and go to ``worst``;
     the others are counted (``unsettled``) and, with ``keep``, kept for the next method
     (without ``keep`` they go to ``worst`` too: the chain ends here). ``kept`` ``(N, rows)``,
     when given, receives every row's smallest margin (rows, not location groups).
@@ -141,7 +141,10 @@ class Pending:
         self._lb: list[torch.Tensor] = []
         self.unsettled = 0
 
-    def update(self, img: torch.Tensor, row: torch.Tensor, lb: torch.Tensor) -> None:
+    def update(self, img: torch.Tensor, row: torch.Tensor, lb: torch.Tensor,
+               grouped: Optional[torch.Tensor] = None) -> None:
+        """``grouped`` ``(R,)``, when given, marks rows that bound a location group (they go to
+        ``worst`` with it; only certifying rows may be grouped)."""
         if lb.numel() == 0:
             return
         if not torch.isfinite(lb).all():
@@ -150,12 +153,12 @@ class Pending:
         low = lb.min(dim=1).values
         if self.kept is not None:
             self.kept[img.cpu(), row.cpu()] = low.cpu()
-        bad = low < 0
+        bad = ~certifies(low)
         self.unsettled += int(bad.sum())
         if not self.keep:
-            self.worst.update(img, row, lb)
+            self.worst.update(img, row, lb, grouped=grouped)
             return
-        self.worst.update(img[~bad], row[~bad], lb[~bad])
+        self.worst.update(img[~bad], row[~bad], lb[~bad], grouped=None if grouped is None else grouped[~bad])
         self._img.append(img[bad])
         self._row.append(row[bad])
         self._lb.append(lb[bad])
@@ -259,7 +262,7 @@ def refine(
         nonlocal mode, bounded_rows
         cur = final[take]
         for m in methods:
-            need = torch.nonzero(cur.min(dim=1).values < 0).flatten()
+            need = torch.nonzero(~certifies(cur.min(dim=1).values)).flatten()
             if need.numel() == 0:
                 break
             step = chunk if m == "crown" else alpha_chunk
@@ -274,11 +277,11 @@ def refine(
                 stage.seconds += time.perf_counter() - tick
                 cur[part] = torch.maximum(cur[part], new.to(cur.dtype))
                 stage.rows += part.numel()
-                stage.settled += int((cur[part].min(dim=1).values >= 0).sum())
+                stage.settled += int(certifies(cur[part].min(dim=1).values).sum())
                 bounded_rows += part.numel()
         final[take] = cur
         refined[take] = True
-        failed[img[take[cur.min(dim=1).values < 0]]] = True
+        failed[img[take[~certifies(cur.min(dim=1).values)]]] = True
 
     # the first round: every image's lowest row, batched across images
     first = order[rank[order] == 0]
@@ -302,7 +305,7 @@ def refine(
         left -= 1
         if progress is not None:
             progress(bounded_rows, left)
-    stats.rows_uncertified = int((final[refined].min(dim=1).values < 0).sum())
+    stats.rows_uncertified = int((~certifies(final[refined].min(dim=1).values)).sum())
     stats.rows_skipped = int((~refined).sum())
     return final
 

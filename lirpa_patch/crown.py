@@ -175,6 +175,9 @@ def crown_margins(
             "aux_reference_bounds": reference,
         }
         ptb.virtual = False
+        if method == "alpha-crown" and not any(isinstance(n, _ops.BoundOptimizableActivation)
+                                               for n in all_nodes(bounded)):
+            method = "crown"  # nothing to optimize (no activation): alpha-CROWN is CROWN
         if method == "alpha-crown":
             if intermediate == "ibp":
                 fixed = {n: (lo.detach(), hi.detach()) for n, (lo, hi) in found.items() if n in pre}

@@ -12,7 +12,7 @@ perturbation for some of them. The engine does the rest, the same way for all:
   and merges the specification ``C`` (``z_true - z_other``) into that layer once per
   image, for every form of it (Gemm, MatMul, MatMul + Add, ...);
 * it keeps per image the smallest lower margin over rows and other classes: the
-  image is certified when it is ``>= 0``. Images the model already misclassifies
+  image is certified when it is ``> 0`` (:func:`~lirpa_patch.spec.certifies`). Images the model already misclassifies
   are skipped (not certified, margin not computed).
 
 ``lower_margins`` is the differentiable building block the trainer uses.
@@ -41,8 +41,9 @@ from .ops.graph import all_nodes, consumers, is_data_input, prepare, reaches_inp
 from .ops.registry import bound_opts, custom_ops
 from .ops.state import ElementState, WindowState
 from .ops.window import grouped_matmul, linear_window
+from .provenance import changes, record
 from .shapes import PatchShape, SizeLike
-from .spec import margin_spec, other_classes
+from .spec import certifies, margin_spec, other_classes
 from .threats.patch import PatchPerturbation, PatchThreat
 from .threats.sparse import SparsePerturbation, SparseThreat, check_bounded, check_k
 
@@ -90,6 +91,35 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _unsupported_ops(names: list) -> Iterator[None]:
+    """Collect into ``names`` the op types auto_LiRPA reports it cannot bound while parsing a
+    graph (it logs them, then raises a bare "There are unsupported operations"), and keep
+    those log lines from being printed."""
+    import logging
+
+    def capture(record: logging.LogRecord) -> bool:
+        node = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        op = getattr(node, "op", None)
+        if isinstance(op, str) and "unsupported operation" in str(record.msg):
+            name = op.split("::")[-1]
+            operator = (getattr(node, "attr", None) or {}).get("operator") if name == "ATen" else None
+            name = f"ATen({operator})" if operator else name  # an op torch exported as an ATen fallback
+            if name not in names:
+                names.append(name)
+            return False
+        return not str(record.msg).startswith(("Unsupported operations", "Name: "))
+
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("auto_LiRPA")]
+    for logger in loggers:
+        logger.addFilter(capture)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(capture)
+
+
 def check_method(method) -> str:
     """``method`` as a key of :data:`METHODS` (UsageError naming ``method`` otherwise)."""
     key = str(method).lower()
@@ -125,11 +155,16 @@ def bound_model(
     """
     stripped_model, stripped = strip_monotone_output(model)
     dummy = torch.zeros(1, *[int(v) for v in image_shape], device=device)
+    unsupported: list[str] = []
     try:
-        with _quiet():
+        with _quiet(), _unsupported_ops(unsupported):
             bounded = BoundedModule(stripped_model, dummy, bound_opts=bound_opts({"conv_mode": conv_mode}),
                                     device=str(device), custom_ops=custom_ops())
     except Exception as exc:  # auto_LiRPA raises assorted errors for unsupported graphs
+        if unsupported:
+            raise ModelError(
+                f"auto_LiRPA cannot bound this model: it has no bounds for the op(s) {', '.join(unsupported)}; "
+                f"replace them in the model (auto_LiRPA.register_custom_op can add an op)") from exc
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelError(f"auto_LiRPA cannot bound this model: {type(exc).__name__}: {first}") from exc
     prepare(bounded)
@@ -139,63 +174,31 @@ def bound_model(
         # keeps its weights in buffers (e.g. some ONNX conversions) has none.
         torch.nn.Module.register_parameter(bounded, "_lp_dtype",
                                            torch.nn.Parameter(torch.zeros(1, device=device), requires_grad=False))
+    object.__setattr__(bounded, "_lp_record", (weakref.ref(model), record(model)))
     return bounded
 
 
-_REUSED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+def _check_bounded(model: torch.nn.Module, bounded: BoundedModule, images: torch.Tensor, logits: torch.Tensor) -> None:
+    """UsageError (``bounded``) when a module passed by the caller no longer bounds ``model``.
 
-
-_PLAIN = (bool, int, float, str, bytes, type(None))
-
-
-def _value_key(value) -> object:
-    """A comparable stand-in for one attribute of a submodule: plain values as they are, tensors by
-    identity, storage and in-place version, containers item by item, anything else by identity."""
-    if isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, torch.Tensor):
-        return ("tensor", id(value), value.data_ptr(), tuple(value.shape), value.dtype, value._version)
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_value_key(v) for v in value))
-    if isinstance(value, dict):
-        return ("dict", tuple((str(k), _value_key(v)) for k, v in value.items()))
-    return (type(value).__name__, id(value))
-
-
-def _state_key(model: torch.nn.Module) -> tuple:
-    """What a built module depends on besides the classes' code: every submodule, its attributes
-    (strides, flags, generated code, hooks, plain tensors), its parameters and buffers (which
-    tensor, where, which in-place version)."""
-    return tuple((name, type(m), id(m), tuple((k, _value_key(v)) for k, v in vars(m).items() if k != "_modules"))
-                 for name, m in model.named_modules())
-
-
-def _reused_bound_model(model: torch.nn.Module, images: torch.Tensor, logits: torch.Tensor,
-                        device: torch.device) -> BoundedModule:
-    """:func:`bound_model` of ``model``, reused by the next :func:`certify` call on the same model.
-
-    Reused only while every submodule of the model is the same object with the same
-    attributes (plain values equal; tensors, parameters and buffers the same, unchanged in
-    place; anything else the same object) and the reused module still computes the
-    model's logits on the images at hand. Models with a stripped final ``Softmax`` are
-    built every time.
+    Compared exactly (:mod:`lirpa_patch.provenance`) for a module from :func:`bound_model`:
+    submodules, replaced parameters, buffers and tensor attributes by content, code and
+    hooks; for any module, its logits on the images at hand.
     """
-    key = (tuple(int(d) for d in images.shape[1:]), str(device))
-    state = _state_key(model)
-    kept = _REUSED.get(model, {}).get(key)
-    if kept is not None and kept[0] == state:
-        with torch.no_grad(), _quiet():
-            same = torch.allclose(kept[1](images[: min(8, images.shape[0])]).float(), logits[:8].float(),
-                                  rtol=1e-4, atol=1e-5)
-        if same:
-            return kept[1]
-    bounded = bound_model(model, images.shape[1:], device)
-    if not getattr(bounded, "_lp_stripped", None):
-        try:  # the state after building (auto_LiRPA loads the weights into the model in place)
-            _REUSED.setdefault(model, {})[key] = (_state_key(model), bounded)
-        except TypeError:  # not weakly referable
-            pass
-    return bounded
+    kept = bounded.__dict__.get("_lp_record")
+    if kept is not None and kept[0]() is model:
+        what = changes(model, kept[1])
+        if what is not None:
+            raise UsageError(f"the model changed after bounded was built ({what}): build it again with "
+                             "bound_model(model, ...)", param="bounded")
+    few = images[: min(8, images.shape[0])]
+    with torch.no_grad(), _quiet():
+        ours = bounded(few).float()
+        if bounded.__dict__.get("_lp_stripped"):  # the module bounds the logits before a final Softmax
+            logits = strip_monotone_output(model)[0](few)
+    if ours.shape != logits[:8].shape or not torch.allclose(ours, logits[:8].float(), rtol=1e-4, atol=1e-5):
+        raise UsageError("bounded does not compute the model's logits on these images: build it again with "
+                         "bound_model(model, ...) after any change of the model", param="bounded")
 
 
 def head_of(bounded: BoundedModule) -> Head:
@@ -421,6 +424,14 @@ class ImageResult:
     certified lower margin (None when the image was not certified because the
     model misclassifies it); ``worst_location`` is where it occurs and
     ``worst_class`` the other class it concerns.
+
+    ``exact_margin`` says whether ``worst_margin`` is the minimum over locations of each
+    location's own bound (the tightest bound the method chain computed for that location
+    alone): True; False when a location group's bound (one bound for a block of locations,
+    ``groups``) is the minimum, so the per-location minimum may be higher (only a certified
+    image, whose blocks all certify); None when misclassified. ``groups=None`` gives exact
+    margins for every image. In a cascade a location a cheaper method certified keeps that
+    method's bound, exact or not (see :func:`certify`).
     """
 
     index: int
@@ -431,6 +442,7 @@ class ImageResult:
     worst_margin: Optional[float] = None
     worst_location: Optional[dict] = None
     worst_class: Optional[int] = None
+    exact_margin: Optional[bool] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -540,8 +552,9 @@ def rows_per_call(bounded: BoundedModule, max_memory: int, method: str) -> int:
     return int(max(1, min(MAX_ROWS_PER_CALL, max_memory // per_row)))
 
 
-def _image_results(indices, labels, preds, correct, worst, worst_class, num_classes, location) -> list[ImageResult]:
-    """Per-image records from the running minima."""
+def _image_results(indices, labels, preds, correct, worst, worst_class, num_classes, location,
+                   grouped=None) -> list[ImageResult]:
+    """Per-image records from the running minima (``grouped`` ``(N,)``: the minimum is a location group's bound)."""
     others = other_classes(labels.cpu(), num_classes)
     results = []
     for k in range(len(indices)):
@@ -549,23 +562,28 @@ def _image_results(indices, labels, preds, correct, worst, worst_class, num_clas
         margin = float(worst[k]) if ok else None
         results.append(ImageResult(
             index=int(indices[k]), label=int(labels[k]), prediction=int(preds[k]), correct=ok,
-            certified=ok and margin is not None and margin >= 0.0, worst_margin=margin,
+            certified=ok and margin is not None and certifies(margin), worst_margin=margin,
             worst_location=location(k) if ok else None,
             worst_class=int(others[k, worst_class[k]]) if ok else None,
+            exact_margin=(grouped is None or not bool(grouped[k])) if ok else None,
         ))
     return results
 
 
 class _Worst:
-    """Per image the smallest lower margin seen so far, where (a row of the threat) and for which class."""
+    """Per image the smallest lower margin seen so far, where (a row of the threat), for which class,
+    and whether it is a location group's bound (``grouped``)."""
 
     def __init__(self, n: int, device) -> None:
         self.value = torch.full((n,), float("inf"), device=device)
         self.row = torch.zeros(n, dtype=torch.long)
         self.cls = torch.zeros(n, dtype=torch.long)
+        self.grouped = torch.zeros(n, dtype=torch.bool)
 
-    def update(self, img: torch.Tensor, row: torch.Tensor, lb: torch.Tensor) -> None:
-        """Rows ``(R,)`` of images ``img`` ``(R,)`` with lower margins ``lb`` ``(R, K - 1)``."""
+    def update(self, img: torch.Tensor, row: torch.Tensor, lb: torch.Tensor,
+               grouped: Optional[torch.Tensor] = None) -> None:
+        """Rows ``(R,)`` of images ``img`` ``(R,)`` with lower margins ``lb`` ``(R, K - 1)``; ``grouped``
+        ``(R,)`` marks bounds of location groups (a row stands for a block of locations)."""
         if lb.numel() == 0:
             return
         if not torch.isfinite(lb).all():
@@ -580,6 +598,7 @@ class _Worst:
         self.value[sel] = best[sel]
         self.row[sel.cpu()] = row[pos[sel]].cpu()
         self.cls[sel.cpu()] = cls[pos[sel]].cpu()
+        self.grouped[sel.cpu()] = grouped[pos[sel]].cpu() if grouped is not None else False
 
 
 def location_margins(
@@ -630,7 +649,7 @@ def _grouped(bounded, threat: PatchThreat, levels, images, labels, worst, batch:
              num_classes: int, method: str, domain, chunk_size: int, exact_min: bool) -> int:
     """Bound images ``batch`` through location groups into ``worst``; returns the number of rows bounded.
 
-    Coarse blocks first: a block whose lower margin is >= 0 settles all its locations
+    Coarse blocks first: a block whose lower margin certifies settles all its locations
     (its bound is a lower bound of theirs); the others are split, down to single locations.
 
     With ``exact_min`` (the chain ends with this method: nothing is refined later), a
@@ -660,7 +679,7 @@ def _grouped(bounded, threat: PatchThreat, levels, images, labels, worst, batch:
         seeds = low.topk(min(SEED_BLOCKS, n_blocks), dim=1, largest=False).indices  # (b, S)
         seeded = torch.zeros(b, n_blocks, dtype=torch.bool, device=dev)
         seeded.scatter_(1, seeds, True)
-        seeded &= low < 0  # a certified block needs no seed
+        seeded &= ~certifies(low)  # a certified block needs no seed
         member = top.member_of.to(dev)  # (L,)
         s_img, s_loc = torch.nonzero(seeded[:, member], as_tuple=True)  # every location of a seed block
         if s_loc.numel():
@@ -677,13 +696,14 @@ def _grouped(bounded, threat: PatchThreat, levels, images, labels, worst, batch:
                                   method=method, domain=domain, chunk_size=chunk_size)
             bounded_rows += unit.numel()
         low = lb.min(dim=1).values
-        certified = low >= 0
-        worst.update(batch[img[certified]], level.first[unit[certified]], lb[certified])
+        certified = certifies(low)
+        sizes = torch.bincount(level.member_of, minlength=len(level.blocks)).to(dev)
+        worst.update(batch[img[certified]], level.first[unit[certified]], lb[certified],
+                     grouped=sizes[unit[certified]] > 1)  # a block's bound stands for its locations
         settled = certified
         if exact_min:
             above = ~certified & (low > best[img])  # cannot lower the image's worst margin
             if bool(above.any()):
-                sizes = torch.bincount(level.member_of, minlength=len(level.blocks)).to(dev)
                 worst.leave(int(sizes[unit[above]].sum()))
             settled = certified | above
         pending_img, pending = img[~settled], unit[~settled]
@@ -746,8 +766,12 @@ def certify(
         max_memory: bytes of working tensors per call when ``chunk_size`` is not given.
         indices: dataset index of each image, for the report (default ``0..N-1``).
         domain: pixel domain of ``images`` (default ``[0, 1]``, no normalization).
-        bounded: a prebuilt ``BoundedModule`` of ``model`` from :func:`bound_model`
-            (reused across calls).
+        bounded: a prebuilt ``BoundedModule`` of ``model`` from :func:`bound_model`, to save
+            building one per call. **Build it again after any change of the model** other
+            than its parameters' values (those it shares): a replaced parameter or submodule,
+            a changed buffer or tensor attribute, new code or hooks. Those are detected for a
+            module from :func:`bound_model` (UsageError), as is any change of the logits on
+            ``images``; Python state the model's ``forward`` reads from elsewhere is not.
         progress: callback ``(images_done, rows_done)``; its ``start(images, rows)``, when it
             has one, first receives the totals (see :data:`ProgressFn`). In a cascade an image
             is done when its answer is final, and rows count every bound computed.
@@ -775,13 +799,12 @@ def certify(
 
     ``worst_margin`` of an image is the minimum, over its rows and other classes, of the
     tightest bound computed for each row: always a valid lower bound of its worst margin.
-    The auto_LiRPA module built for ``model`` (when ``bounded`` is not given) is kept for the
-    next call on the same model while it holds the same submodules and tensors, unchanged
-    in place, and still computes the model's logits.
+    Without ``bounded`` every call builds its own auto_LiRPA module of ``model`` as it is now
+    (nothing is kept between calls).
 
     A row decided by a cheaper method (IBP, a location group, or CROWN before alpha-CROWN)
     keeps that method's bound, so for a certified image it is the smallest bound that was
-    needed (>= 0), which may be below what the strongest method would give; for an image
+    needed (> 0), which may be below what the strongest method would give; for an image
     that is not certified it is the strongest method's minimum when ``exhaustive`` (or
     when the chain is IBP alone).
 
@@ -822,7 +845,9 @@ def certify(
         correct = preds == labels
 
         if bounded is None:
-            bounded = _reused_bound_model(model, images, logits, device)
+            bounded = bound_model(model, images.shape[1:], device)
+        else:
+            _check_bounded(model, bounded, images, logits)
         head = head_of(bounded)
         ibp_chunk = chunk_size if chunk_size is not None else rows_per_call(bounded, max_memory, "ibp")
 
@@ -865,7 +890,7 @@ def certify(
         model.train(was_training)
 
     results = _image_results(idx, labels, preds, correct, worst.value, worst.cls, num_classes,
-                             lambda k_: threat.locate(int(worst.row[k_])))
+                             lambda k_: threat.locate(int(worst.row[k_])), grouped=worst.grouped)
     extra: dict = {"cascade": stats.to_dict()}
     if block:
         extra["location_groups"] = {"block": block, "images": grouped_images, "rows_bounded": bounded_rows,

@@ -67,12 +67,14 @@ class Violation:
 def consistency_violations(
     certified: CertifyResult, attacked: AttackResult, *, atol: float = 1e-4, rtol: float = 1e-4
 ) -> list[Violation]:
-    """Images where the attack found a real margin below the certified worst margin.
+    """Images where the attack contradicts the certificate.
 
-    The tolerance ``atol + rtol * max(|certified|, |attacked|)`` absorbs float32
-    rounding (a bound that is tight differs from the real margin by rounding only).
-    A certified image that the attack breaks always counts (its real margin is
-    negative, its certified one is not), unless both are within the tolerance of 0.
+    A certified image whose prediction the attack changed always counts, whatever the
+    margins (the prediction is what a certificate promises; a tie broken by ``argmax``
+    against the label counts too). Otherwise an image counts when the attack found a real
+    margin below the certified worst margin by more than ``atol + rtol * max(|certified|,
+    |attacked|)``, which absorbs float32 rounding (a tight bound differs from the real
+    margin by rounding only).
 
     Raises:
         UsageError: when the two results are not about the same images.
@@ -84,7 +86,7 @@ def consistency_violations(
         if not c.correct or c.worst_margin is None or a.margin is None:
             continue
         tol = atol + rtol * max(abs(c.worst_margin), abs(a.margin))
-        if a.margin < c.worst_margin - tol or (c.certified and a.success and c.worst_margin > tol):
+        if (c.certified and a.success) or a.margin < c.worst_margin - tol:
             out.append(Violation(c.index, c.label, float(c.worst_margin), float(a.margin), a.adversarial_class,
                                  a.location))
     return out
@@ -322,7 +324,7 @@ def evaluation_report(evaluations: Sequence[Evaluation], run: RunInfo) -> dict[s
     ``{"summary": {..., "sweep": [values], "rows": [evaluation_row, ...], "num_violations": V},
     "evaluations": {name: {"summary": row, "images": [...]}}, "violations": [...]}``;
     each image record joins the certificate (``certified``, ``worst_margin``,
-    ``worst_location``) and the attack (``attacked``, ``attack_margin``,
+    ``exact_margin``, ``worst_location``) and the attack (``attacked``, ``attack_margin``,
     ``adversarial_class``, ``attack_location``).
     """
     if not evaluations:
@@ -347,8 +349,8 @@ def evaluation_report(evaluations: Sequence[Evaluation], run: RunInfo) -> dict[s
         for c, a in zip(e.certified.images, e.attacked.images):
             images.append({
                 "index": c.index, "label": c.label, "prediction": c.prediction, "correct": c.correct,
-                "certified": c.certified, "worst_margin": _number(c.worst_margin), "worst_location": c.worst_location,
-                "attacked": a.success, "attack_margin": _number(a.margin), "adversarial_class": a.adversarial_class,
+                "certified": c.certified, "worst_margin": _number(c.worst_margin), "exact_margin": c.exact_margin,
+                "worst_location": c.worst_location, "attacked": a.success, "attack_margin": _number(a.margin), "adversarial_class": a.adversarial_class,
                 "attack_location": a.location,
             })
         sections[e.name] = {"summary": row, "images": images}

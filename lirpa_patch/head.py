@@ -8,6 +8,8 @@ with or without bias; shape ops after it; a ``Softmax``/``LogSoftmax`` that keep
 the argmax. :func:`find_head` recognises them all in a ``BoundedModule`` and returns
 a :class:`Head`: the node whose bounds the engine computes, and the live weight and
 bias it then merges with ``C`` once per image (every row of an image shares it).
+Constant offsets after the layer (``+ 3.0``, ``- bias``, ``c - logits``: a scalar or a
+per-class vector, ``Add`` or ``Sub``) are folded into its weight and bias.
 Any other last op (a ReLU on the logits, ...) gives an ``interval`` head: the
 logits are bounded and the margins follow by interval arithmetic, as before.
 
@@ -106,24 +108,16 @@ def find_head(bounded) -> Head:
                 node = node.inputs[0]
                 continue
         break
-    bias_node = None
-    form = []
-    if isinstance(node, _ops.BoundAdd) and len(node.inputs) == 2:
-        perturbed = [reaches_input(i) for i in node.inputs]
-        if sum(perturbed) == 1:
-            bias_node = node.inputs[1 if perturbed[0] else 0]
-            node = node.inputs[0 if perturbed[0] else 1]
-            form.append("Add")
+    node, sign, offsets, form = _constant_offsets(node)
     if isinstance(node, _ops.BoundMatMul) and len(node.inputs) == 2 and reaches_input(node.inputs[0]) \
             and not reaches_input(node.inputs[1]):
         mm = node
 
         def weights():
-            w = constant_value(mm.inputs[1])
-            bias = constant_value(bias_node).reshape(-1) if bias_node is not None else None
-            return w.t(), bias
+            w = constant_value(mm.inputs[1]).t()
+            return _folded(w, None, sign, offsets, int(w.shape[0]))
 
-        if _head_ok(mm, bias_node):
+        if _head_ok(mm, offsets):
             return Head("linear", mm.inputs[0].name, weights, "+".join(["MatMul", *form]), stripped)
     elif isinstance(node, _ops.BoundLinear) and not isinstance(node, _ops.BoundMatMul) and node.inputs \
             and reaches_input(node.inputs[0]) and all(not reaches_input(i) for i in node.inputs[1:]) \
@@ -143,18 +137,62 @@ def find_head(bounded) -> Head:
                 beta = float(_attr(gemm, "beta_linear", "beta", 1.0))
                 if beta != 1.0:
                     bias = bias * beta
-            if bias_node is not None:
-                extra = constant_value(bias_node).reshape(-1)
-                bias = extra if bias is None else bias + extra
-            return w, bias
+            return _folded(w, bias, sign, offsets, int(w.shape[0]))
 
-        if _head_ok(gemm, bias_node):
+        if _head_ok(gemm, offsets):
             return Head("linear", gemm.inputs[0].name, weights, "+".join(["Gemm", *form]), stripped)
     return Head("interval", final.name, None, type(final).__name__[5:], stripped)
 
 
-def _head_ok(layer, bias_node) -> bool:
-    """The layer maps a (B, J) input to (B, K) logits with a 2-D weight and a (K,) bias."""
+_OFFSET_TYPES = tuple(getattr(_ops, n) for n in ("BoundAdd", "BoundSub") if hasattr(_ops, n))
+
+
+def _constant_offsets(node):
+    """Walk back from the logits through ``Add``/``Sub`` of a constant (a scalar or a per-class
+    vector), so they fold into the bias: ``logits = sign * node + sum(coef * constant)``.
+
+    Returns ``(node, sign, [(coef, constant node), ...], form)`` with ``form`` the op names
+    from the layer outwards (``["Add"]`` for the bias ``Add`` of a ``MatMul``).
+    """
+    sign, offsets, form = 1.0, [], []
+    while isinstance(node, _OFFSET_TYPES) and len(node.inputs) == 2:
+        perturbed = [reaches_input(i) for i in node.inputs]
+        if sum(perturbed) != 1:
+            break
+        k = 0 if perturbed[0] else 1
+        constant = node.inputs[1 - k]
+        subtract = type(node).__name__ == "BoundSub"
+        if subtract and k == 1:  # c - x
+            offsets.append((sign, constant))
+            sign = -sign
+        else:  # x + c, c + x, x - c
+            offsets.append((-sign if subtract else sign, constant))
+        form.insert(0, "Sub" if subtract else "Add")
+        node = node.inputs[k]
+    return node, sign, offsets, form
+
+
+def _offset(value: torch.Tensor, classes: int) -> Optional[torch.Tensor]:
+    """A constant added to logits ``(B, K)`` as a ``(K,)`` vector, or None when it is not per class
+    (a scalar, ``(K,)``, ``(1, K)``, ``(1, 1)`` broadcast; anything else would change the shape)."""
+    if value.dim() > 2 or (value.dim() == 2 and value.shape[0] != 1) or value.numel() not in (1, classes):
+        return None
+    return value.reshape(-1).expand(classes)
+
+
+def _folded(w: torch.Tensor, bias: Optional[torch.Tensor], sign: float, offsets, classes: int):
+    """``(sign * W, sign * b + sum(coef * offset))``: the layer with the constant offsets folded in."""
+    if sign != 1.0:
+        w = -w
+        bias = -bias if bias is not None else None
+    for coef, constant in offsets:
+        extra = coef * _offset(constant_value(constant), classes).to(w.dtype)
+        bias = extra if bias is None else bias + extra
+    return w, bias
+
+
+def _head_ok(layer, offsets) -> bool:
+    """The layer maps a (B, J) input to (B, K) logits with a 2-D weight, and every offset is per class."""
     try:
         w = constant_value(layer.inputs[1])
     except Exception:  # noqa: BLE001 - a constant we cannot evaluate: no merge
@@ -163,12 +201,12 @@ def _head_ok(layer, bias_node) -> bool:
     out_shape = getattr(layer, "output_shape", None)
     if w.dim() != 2 or in_shape is None or len(in_shape) != 2 or out_shape is None or len(out_shape) != 2:
         return False
-    if bias_node is not None:
+    for _, constant in offsets:
         try:
-            b = constant_value(bias_node)
+            b = constant_value(constant)
         except Exception:  # noqa: BLE001
             return False
-        if b.numel() != int(out_shape[-1]) or (b.dim() == 2 and b.shape[0] != 1) or b.dim() > 2:
+        if not isinstance(b, torch.Tensor) or _offset(b, int(out_shape[-1])) is None:
             return False
     return True
 

@@ -105,7 +105,7 @@ def heatmap_png(
         title: a line above the picture.
 
     Each heatmap cell sits at the centre of its patch in image coordinates, so the map
-    lines up with the image; blue is certified (margin >= 0), red is not.
+    lines up with the image; blue is certified (margin > 0), red is not.
     """
     margins = margins.detach().cpu().float()
     bounded = bool(torch.isfinite(margins).any())

@@ -87,7 +87,7 @@ One shape (``--shape square``, ``diamond``, ``rectangle:3x5``, a mask file, ...)
         {"index": 4000,                  # index in the data source (--start + position)
          "label": 7, "prediction": 7,
          "correct": true,
-         "certified": true,              # correct and worst_margin >= 0
+         "certified": true,              # correct and worst_margin > 0
          "worst_margin": 0.42,           # min over locations and other classes of the certified
                                          # lower bound of logit[label] - logit[other], each location
                                          # with the tightest bound computed for it: a location a
@@ -99,7 +99,17 @@ One shape (``--shape square``, ``diamond``, ``rectangle:3x5``, a mask file, ...)
                                          # exhaustive; null when the image is misclassified
          "worst_location": {"shape": "square", "variant": 0, "height": 2, "width": 2,
                             "top": 3, "left": 11},  # where worst_margin occurs, or null
-         "worst_class": 8}               # the other class of worst_margin, or null
+         "worst_class": 8,               # the other class of worst_margin, or null
+         "exact_margin": true}           # true: worst_margin is the minimum over locations of each
+                                         # location's own bound (the tightest the method chain
+                                         # computed for it alone); false: a location group's bound
+                                         # (--groups: one bound for a block of locations, lower than
+                                         # each of theirs) is the minimum, so the per-location
+                                         # minimum may be higher (certified images only); null when
+                                         # misclassified. --groups off makes every margin exact. In
+                                         # a cascade a location a cheaper method certified keeps that
+                                         # method's bound. Reports written before this field
+                                         # lack it: read a missing one as unknown
       ]
     }
 
@@ -313,6 +323,7 @@ def image_entries(result: CertifyResult) -> list[dict[str, Any]]:
                 "worst_margin": _number(image.worst_margin),
                 "worst_location": location,
                 "worst_class": int(image.worst_class) if image.worst_class is not None else None,
+                "exact_margin": image.exact_margin,
             }
         )
     return entries

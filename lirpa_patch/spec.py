@@ -9,6 +9,16 @@ import torch
 from .errors import DataError, ModelError
 
 
+def certifies(margin):
+    """Whether lower margins certify: strictly above zero (a float, or elementwise for a tensor).
+
+    A margin bound of exactly 0 does not certify: a patch reaching it ties the logits, and
+    ``argmax`` may then return the other class. Every certified decision (engine, location
+    groups, cascade, training metrics, reports) is this one comparison.
+    """
+    return margin > 0
+
+
 def other_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Indices of the classes other than each label.
 

@@ -139,3 +139,27 @@ def test_groups_must_be_auto_none_or_a_power_of_two(bad):
     model, bounded = _shipped()
     with pytest.raises(ValueError, match="groups"):
         certify(model, images, labels, bounded=bounded, groups=bad)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_exact_margin_marks_the_worst_margins_that_are_the_per_location_minimum(method):
+    images, labels = _digits(24)
+    model, bounded = _shipped()
+    plain = certify(model, images, labels, bounded=bounded, groups=None, method=method, chunk_size=729 * 4)
+    grouped = certify(model, images, labels, bounded=bounded, groups=2, method=method, chunk_size=729 * 4)
+    assert all(r.exact_margin is (True if r.correct else None) for r in plain.images)
+    assert any(r.exact_margin is False for r in grouped.images)  # group bounds occur on this model
+    for a, b in zip(plain.images, grouped.images):
+        if not a.correct:
+            assert b.exact_margin is None
+        elif b.exact_margin:
+            assert b.worst_margin == pytest.approx(a.worst_margin, rel=1e-5, abs=1e-5)
+        else:  # a location group's bound: below the per-location minimum, and only where it certifies
+            assert b.certified and 0.0 < b.worst_margin < a.worst_margin
+
+
+def test_sparse_margins_are_exact():
+    images, labels = _digits(3)
+    model, bounded = _shipped()
+    result = certify(model, images, labels, bounded=bounded, k=1)
+    assert all(r.exact_margin is (True if r.correct else None) for r in result.images)

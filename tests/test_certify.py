@@ -302,3 +302,10 @@ def test_result_to_dict_is_json_friendly(setup):
     result = certify(models["mlp"], images, labels, bounded=bounded["mlp"])
     text = json.dumps([r.to_dict() for r in result.images])
     assert np.isfinite(result.images_per_second) and "worst_margin" in text
+
+
+def test_an_op_auto_lirpa_cannot_bound_is_model_error_naming_it():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3), torch.nn.SELU())
+    with pytest.raises(ModelError, match=r"no bounds for the op\(s\) Selu;") as error:
+        bound_model(net, (1, 4, 4))
+    assert "\n" not in str(error.value)

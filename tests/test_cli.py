@@ -138,6 +138,22 @@ def test_shared_cifar_model_certifies_with_its_normalization(shared_dir, cifar_n
     assert s["certified_accuracy"] <= s["clean_accuracy"]
 
 
+@pytest.mark.parametrize("command", [["certify"], ["evaluate", "--steps", "2", "--restarts", "1", "--candidates", "2"]],
+                         ids=["certify", "evaluate"])
+def test_clean_accuracy_at_or_below_chance_warns_in_one_line_and_exits_0(shared_dir, cifar_npz, command):
+    # cifar_base_kw expects its --mean/--std: without them it classifies none of these images
+    result = invoke(command[0], shared_dir / "models" / "cifar_base_kw.onnx", *command[1:], "--data", cifar_npz,
+                    "--patch", "2x2", "--quiet")
+    assert_ok(result)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["warning: clean accuracy 0.0% is at or below chance (10.0% for 10 classes): "
+                     "check --mean/--std and the input layout (--layout)"], result.stderr
+
+
+def test_no_chance_warning_above_chance(tiny_run):
+    assert "warning" not in tiny_run.result.stderr
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -151,7 +167,7 @@ def test_report_holds_every_documented_field(tiny_run):
     assert {"lirpa_patch", "auto_LiRPA", "torch", "onnxruntime"} <= set(doc["summary"]["versions"])
     for image in doc["images"]:
         assert set(image) == {"index", "label", "prediction", "correct", "certified", "worst_margin",
-                              "worst_location", "worst_class"}
+                              "worst_location", "worst_class", "exact_margin"}
 
 
 def test_report_describes_the_patch(tiny_run):

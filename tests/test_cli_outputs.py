@@ -194,3 +194,32 @@ def test_train_writes_into_dev_null_a_fifo_and_through_a_symlink(toy_npz, tmp_pa
     assert stat.S_ISCHR(os.stat(DEV_NULL).st_mode)
     assert link.is_symlink() and target.stat().st_size > 1000
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "metrics.fifo", "models"]
+
+
+def test_a_report_named_like_a_heatmap_inside_the_heatmaps_folder_is_refused(tmp_path):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    report = maps / "4000_2x2_square.png"
+    result = invoke("certify", MODEL, "--patch", "2x2", "--data", "sample", "--start", 4000, "--num", 1,
+                    "-o", report, "--heatmaps", maps, "--quiet")
+    one_line_error(result, 2, "--output", "--heatmaps")
+    assert list(maps.iterdir()) == []
+
+
+def test_an_html_report_named_like_a_heatmap_inside_the_heatmaps_folder_is_refused(tmp_path):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    result = invoke("certify", MODEL, "--patch", "2x2", "--data", "sample", "--start", 4000, "--num", 1,
+                    "-o", tmp_path / "r.json", "--heatmaps", maps, "--html", maps / "4000_2x2_square.png", "--quiet")
+    one_line_error(result, 2, "--html", "--heatmaps")
+    assert list(maps.iterdir()) == [] and not (tmp_path / "r.json").exists()
+
+
+def test_a_report_beside_the_heatmaps_in_their_folder_is_written(tmp_path):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    result = invoke("certify", MODEL, "--patch", "2x2", "--data", "sample", "--start", 4000, "--num", 1,
+                    "-o", maps / "report.json", "--heatmaps", maps, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((maps / "report.json").read_text())["summary"]["num_images"] == 1
+    assert (maps / "4000_2x2_square.png").exists()

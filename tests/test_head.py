@@ -190,3 +190,59 @@ def test_a_relu_on_the_logits_is_bounded_by_interval_arithmetic(onnx_models):
     want = lo.gather(2, case.y.view(3, 1, 1).expand(3, lo.shape[1], 1)) - hi.gather(
         2, others[:, None, :].expand(3, lo.shape[1], K - 1))
     torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+
+
+class _Offset(nn.Module):
+    """``net`` followed by a constant offset of the logits (``+ 3.0``, ``- v``, ``3.0 - z``, ...)."""
+
+    def __init__(self, net: nn.Module, offset) -> None:
+        super().__init__()
+        self.net, self.offset = net, offset
+
+    def forward(self, x):
+        return self.offset(self.net(x))
+
+
+_VECTOR = torch.linspace(-1.0, 2.0, K)
+OFFSETS = {
+    "plus-scalar": lambda z: z + 3.0,
+    "minus-scalar": lambda z: z - 3.0,
+    "plus-vector": lambda z: z + _VECTOR,
+    "vector-minus-logits": lambda z: _VECTOR - z,
+}
+
+
+def _offset_case(offset):
+    torch.manual_seed(7)
+    net = _mlp().eval()
+    plain = image_model(load_model(net, input_shape=(3, SIZE, SIZE)), image_shape=(3, SIZE, SIZE)).eval()
+    shifted = image_model(load_model(_Offset(net, offset), input_shape=(3, SIZE, SIZE)),
+                          image_shape=(3, SIZE, SIZE)).eval()
+    x = torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = shifted(x).argmax(1)
+    return plain, shifted, x, y
+
+
+def test_a_scalar_added_to_the_logits_is_folded_into_the_head_and_certifies_like_the_model_without_it():
+    plain, shifted, x, y = _offset_case(OFFSETS["plus-scalar"])
+    a = certify(plain, x, y, size=1)
+    b = certify(shifted, x, y, size=1)
+    assert b.head == {"merged": True, "form": "Gemm+Add", "stripped": []}
+    assert [r.certified for r in b.images] == [r.certified for r in a.images]
+    assert 0 < sum(r.certified for r in a.images) < len(x)  # both outcomes are compared
+    for r, s in zip(a.images, b.images):
+        assert s.worst_margin == pytest.approx(r.worst_margin, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", list(OFFSETS))
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_bounds_of_a_head_with_folded_constant_offsets_hold_under_attack(name, method):
+    _, shifted, x, y = _offset_case(OFFSETS[name])
+    bounded = bound_model(shifted, (3, SIZE, SIZE))
+    assert certify(shifted, x, y, size=2, bounded=bounded).head["merged"] is True
+    masks = all_locations(make_shape("square", 2), (SIZE, SIZE)).masks
+    with torch.no_grad():
+        lower = lower_margins(bounded, x, y, masks, num_classes=K, method=method)
+    found = attack_patch(shifted, x, y, masks, restarts=1, pgd_steps=8, seed=4)
+    assert_sound(found, lower, rounding_tolerance(shifted, x), what=f"{name} {method}")

@@ -186,6 +186,13 @@ def test_ambiguous_or_incompatible_layout_is_usage_error(input_shape, image_shap
     assert error.value.param in ("layout", "input_shape")
 
 
+def test_image_model_of_a_plain_module_is_usage_error_naming_load_model():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with pytest.raises(UsageError, match=r"load_model\(module, input_shape=\.\.\.\)") as error:
+        image_model(net, image_shape=(1, 28, 28))
+    assert error.value.param == "loaded" and "\n" not in str(error.value)
+
+
 def test_explicit_layout_is_checked_against_input_shape():
     loaded = LoadedModel(module=nn.Identity(), input_shape=(784, 1), source=Path("<test>"))
     with pytest.raises(UsageError, match="layout nchw") as error:
@@ -278,6 +285,36 @@ def test_unconvertible_onnx_op_is_model_error_naming_the_op(tmp_path):
     path = _onnx_file(tmp_path / "custom.onnx", node, domain="com.example")
     with pytest.raises(ModelError, match="com.example.FancyActivation"):
         load_model(path)
+
+
+class _ReshapeLinear(nn.Module):
+    """A reshape to (-1, 16) then a linear layer: the exporter writes Constant, Reshape and Gemm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(x.reshape(-1, 16))
+
+
+def test_onnx_at_opset_20_is_model_error_naming_the_ops_and_the_opset_to_re_export_with(tmp_path):
+    path = tmp_path / "opset20.onnx"
+    torch.onnx.export(_ReshapeLinear(), (torch.zeros(1, 1, 4, 4),), str(path), dynamo=False, opset_version=20,
+                      input_names=["x"], output_names=["y"])
+    with pytest.raises(ModelError) as error:
+        load_model(path)
+    message = str(error.value)
+    assert "\n" not in message and message.count("Constant") == 1  # each op named once
+    assert "Constant (opset 20)" in message and "Reshape (opset 20)" in message
+    assert "opset_version=18" in message and "dynamic_axes={'x': {0: 'batch'}, 'y': {0: 'batch'}}" in message
+
+
+def test_onnx_re_exported_as_the_opset_error_says_loads(tmp_path):
+    path = tmp_path / "opset18.onnx"
+    torch.onnx.export(_ReshapeLinear(), (torch.zeros(1, 1, 4, 4),), str(path), dynamo=False, opset_version=18,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    assert load_model(path).num_classes == 3
 
 
 def test_onnx_checker_failure_is_model_error(tmp_path):

@@ -25,7 +25,8 @@ SUMMARY_KEYS = {
     "data", "dataset", "image_shape", "start", "num", "chunk", "device", "world_size", "seed", "versions", "head",
     "location_groups", "cascade",
 }
-IMAGE_KEYS = {"index", "label", "prediction", "correct", "certified", "worst_margin", "worst_location", "worst_class"}
+IMAGE_KEYS = {"index", "label", "prediction", "correct", "certified", "worst_margin", "worst_location", "worst_class",
+              "exact_margin"}
 LOCATION_KEYS = {"shape", "variant", "height", "width", "top", "left"}
 
 

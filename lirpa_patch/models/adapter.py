@@ -197,8 +197,17 @@ def image_model(
     ``layout=None`` infers it from ``loaded.input_shape`` and ``image_shape``:
     ``(C, H, W)`` is "nchw", ``(H, W, C)`` is "nhwc", a vector-like shape with
     ``C*H*W`` values (``(784,)``, ``(784, 1)``, ``(1, 784)``) is "flat"; an
-    ambiguous or incompatible shape raises :class:`UsageError`.
+    ambiguous or incompatible shape raises :class:`UsageError`, and so does an
+    ``nn.Module`` passed as ``loaded`` (``load_model(module, input_shape=...)`` makes one
+    a ``LoadedModel``; :class:`ImageModel` takes modules directly).
     """
+    if not hasattr(loaded, "module") or not hasattr(loaded, "input_shape"):
+        what = "an nn.Module" if isinstance(loaded, nn.Module) else f"a {type(loaded).__name__}"
+        raise UsageError(
+            f"image_model takes a LoadedModel, got {what}; wrap it with "
+            f"load_model(module, input_shape=...) first, or use ImageModel(module, image_shape=...)",
+            param="loaded",
+        )
     image_shape = _channels(image_shape)
     input_shape = tuple(loaded.input_shape)
     if layout is None:

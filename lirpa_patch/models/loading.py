@@ -121,25 +121,51 @@ def _onnx_input_shape(model, path: Path, input_shape: tuple[int, ...] | None) ->
     return tuple(sample)  # type: ignore[arg-type]
 
 
-def _unsupported_onnx_ops(model) -> list[str]:
-    """Ops in the graph that onnx2torch has no converter for, as ``domain.Op`` names."""
+def _converts(node, version: int) -> bool:
     from onnx2torch.node_converters import get_converter
 
+    try:
+        get_converter(domain=node.domain, operation_type=node.op_type, version=version)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _unsupported_onnx_ops(model) -> list[str]:
+    """Ops in the graph that onnx2torch has no converter for, as ``domain.Op`` names, each once."""
     opsets = {o.domain: o.version for o in model.opset_import}
     missing: list[str] = []
     for node in model.graph.node:
         name = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
-        if name in missing:
-            continue
         version = opsets.get(node.domain)
-        if version is None:
-            missing.append(name)
+        shown = name if version is None else f"{name} (opset {version})"
+        if shown in missing:
             continue
-        try:
-            get_converter(domain=node.domain, operation_type=node.op_type, version=version)
-        except NotImplementedError:
-            missing.append(f"{name} (opset {version})")
+        if version is None or not _converts(node, version):
+            missing.append(shown)
     return missing
+
+
+def _unsupported_onnx_message(model, name: str, missing: list[str]) -> str:
+    """One line naming the ops onnx2torch cannot convert and, where re-exporting at a lower opset
+    converts them all, that opset (with ``dynamic_axes`` when the graph fixes the batch dim to 1)."""
+    message = f"{name}: onnx2torch cannot convert op(s) {', '.join(missing)}"
+    standard = ("", "ai.onnx")
+    version = next((o.version for o in model.opset_import if o.domain in standard), None)
+    if version is None or any(n.domain not in standard for n in model.graph.node):
+        return message  # a custom op: no opset of the standard domain converts it
+    stuck = [n for n in model.graph.node if not _converts(n, version)]
+    lower = next((v for v in range(version - 1, 6, -1) if all(_converts(n, v) for n in stuck)), None)
+    if not stuck or lower is None:
+        return message
+    fix = f"opset_version={lower}"
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    dims = list(inputs[0].type.tensor_type.shape.dim) if inputs else []
+    if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+        axes = ", ".join(f"{t.name!r}: {{0: 'batch'}}" for t in (inputs[0], *model.graph.output))
+        fix += f", dynamic_axes={{{axes}}}) (its batch dim is fixed to 1"
+    return f"{message}; re-export it at opset {lower} or lower: torch.onnx.export(..., {fix})"
 
 
 def _load_onnx(path: Path, input_shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
@@ -157,14 +183,49 @@ def _load_onnx(path: Path, input_shape: tuple[int, ...] | None) -> tuple[nn.Modu
     shape = _onnx_input_shape(model, path, input_shape)
     missing = _unsupported_onnx_ops(model)
     if missing:
-        raise ModelError(f"{path.name}: onnx2torch cannot convert op(s) {', '.join(missing)}")
+        raise ModelError(_unsupported_onnx_message(model, path.name, missing))
     try:
         module = convert(model)
     except NotImplementedError as exc:
         raise ModelError(f"{path.name}: onnx2torch does not support part of this model: {_one_line(exc)}") from None
     except Exception as exc:
         raise ModelError(f"{path.name}: onnx2torch failed to convert the model: {_one_line(exc)}") from None
-    return module, shape
+    return _static_squeeze_axes(module), shape
+
+
+def _static_squeeze_axes(module: nn.Module) -> nn.Module:
+    """``Squeeze`` nodes whose axes are a constant input (opset 13 and later, what torch exports for
+    ``x.squeeze(-1)``) as onnx2torch's static-axes module: its dynamic one sorts the axes with ops
+    (``TopK``) that auto_LiRPA cannot bound. The function is the same."""
+    from onnx2torch.node_converters.constant import OnnxConstant
+    from onnx2torch.node_converters.squeeze import OnnxSqueezeDynamicAxes, OnnxSqueezeStaticAxes
+
+    graph = getattr(module, "graph", None)
+    if not isinstance(module, torch.fx.GraphModule) or graph is None:
+        return module
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_module" or len(node.args) != 2 or not isinstance(node.args[1], torch.fx.Node):
+            continue
+        if not isinstance(module.get_submodule(node.target), OnnxSqueezeDynamicAxes):
+            continue
+        source = node.args[1]
+        if source.op == "get_attr":  # an initializer
+            holder, _, name = source.target.rpartition(".")
+            axes = getattr(module.get_submodule(holder) if holder else module, name)
+        elif source.op == "call_module" and not source.args and isinstance(module.get_submodule(source.target), OnnxConstant):
+            axes = module.get_submodule(source.target).value  # a Constant node
+        else:
+            continue
+        if not torch.is_tensor(axes) or axes.dim() != 1:
+            continue
+        module.add_submodule(node.target, OnnxSqueezeStaticAxes(axes=[int(a) for a in axes.tolist()]))
+        node.args = (node.args[0],)
+        changed = True
+    if changed:
+        graph.eliminate_dead_code()
+        module.recompile()
+    return module
 
 
 # --------------------------------------------------------------------------- torch

@@ -27,7 +27,38 @@ import torch
 from .graph import before_mixing, consumers, data_roots, is_data_input, reaches_input
 from .state import ElementState, lookup
 
-__all__ = ["first_linear_backward"]
+__all__ = ["dense_coefficients", "first_linear_backward"]
+
+
+def dense_coefficients(A):
+    """CROWN's coefficients ``A`` ``(S, B, *out)`` as a dense tensor: auto_LiRPA passes an identity
+    (``eyeC``) or a selection of output elements (``OneHotC``, the unstable neurons, with optional
+    coefficients) instead when it bounds an intermediate layer. None stays None; other kinds
+    (``Patches``) give None too (the caller then takes the stock path)."""
+    from auto_LiRPA.utils import OneHotC, eyeC
+
+    if A is None or torch.is_tensor(A):
+        return A
+    if isinstance(A, eyeC):
+        spec, batch, *out = A.shape
+        return torch.eye(spec, device=A.device).view(spec, 1, *out).expand(spec, batch, *out)
+    if isinstance(A, OneHotC):
+        spec, batch, *out = A.shape
+        numel = 1
+        for d in out:
+            numel *= int(d)
+        index = A.index.long()
+        coeffs = A.coeffs if A.coeffs is not None else torch.ones(index.shape, device=index.device)
+        dense = torch.zeros(spec, batch, numel, device=index.device, dtype=coeffs.dtype)
+        if index.dim() == 1:  # every image selects the same elements
+            dense[torch.arange(spec, device=index.device), :, index] = coeffs.reshape(spec, 1).expand(spec, batch) \
+                if coeffs.dim() == 1 else coeffs
+        else:  # (S, B): per image
+            s_idx = torch.arange(spec, device=index.device).view(-1, 1).expand_as(index)
+            b_idx = torch.arange(batch, device=index.device).view(1, -1).expand_as(index)
+            dense[s_idx, b_idx, index] = coeffs
+        return dense.view(spec, batch, *out)
+    return None
 
 
 def _prefix(node) -> Optional[tuple]:

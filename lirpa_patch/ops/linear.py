@@ -18,7 +18,7 @@ import torch
 from auto_LiRPA import bound_ops as _ops
 from auto_LiRPA.operators.base import Interval
 
-from .backward import first_linear_backward
+from .backward import dense_coefficients, first_linear_backward
 from .base import Plugin, Unsupported
 from .graph import input_roots
 from .state import ElementState, WindowState
@@ -103,12 +103,29 @@ class _Linear(Plugin):
             if C is not None:
                 raise Unsupported("a specification after W @ x")
         coef, b = self._with_spec(weight, bias, C, st.x.shape[0], ptb)
-        out = ptb.mix_linear(st, coef, b, cache=self.__dict__.setdefault("_lp_cache", {}))
+        out = ptb.mix_linear(st, coef, b, cache=self._weight_cache(coef))
+        if out is not None and out[0].shape[0] != ptb.num_rows:
+            raise Unsupported("the threat's first-layer rule gave another number of rows")
         if out is None:
             raise Unsupported("the threat's first-layer rule does not apply")
         if transposed:
             out = (out[0].transpose(-1, -2), out[1].transpose(-1, -2))
         return out
+
+    def _weight_cache(self, coef: torch.Tensor) -> Optional[dict]:
+        """The threat's tables for this layer (``|W|``, gathered columns, radius rows), valid
+        for one content of the weight: emptied whenever ``coef`` differs in any element from
+        the weight they were built for (an edit through ``W.data`` changes neither the
+        tensor's version nor its storage). None for a per-image (specification-merged) weight.
+        """
+        if coef.dim() != 2:
+            return None
+        kept = self.__dict__.get("_lp_cache_weight")
+        if (kept is None or kept.shape != coef.shape or kept.dtype != coef.dtype or kept.device != coef.device
+                or not torch.equal(kept, coef.detach())):
+            self.__dict__["_lp_cache_weight"] = coef.detach().clone()
+            self.__dict__["_lp_cache"] = {}
+        return self.__dict__["_lp_cache"]
 
     def _data_index(self, found) -> int:
         for i, (st, _) in enumerate(found):
@@ -300,6 +317,24 @@ class PluginMatMul(_Linear, _ops.BoundMatMul):
         if not torch.is_tensor(const) or const.dim() != 2:
             raise Unsupported("MatMul without a constant 2-D operand")
         return (const.t() if data == 0 else const), None
+
+    def bound_backward(self, last_lA, last_uA, *x, **kwargs):
+        """CROWN through ``W @ x`` with a constant ``W`` ``(O, J)`` and the data on the right ``(B, J, L)``.
+
+        Stock auto_LiRPA 0.3 treats a perturbed right operand as a perturbed weight and
+        relaxes a product of two variables, which fails on these shapes. The layer is
+        linear in ``x``: ``sum A[o, l] (W x)[o, l] = sum (W^T A)[j, l] x[j, l]``, so the
+        coefficients of ``x`` are ``W^T A`` and there is no bias term.
+        """
+        if len(x) == 2 and self.is_input_perturbed(1) and not self.is_input_perturbed(0):
+            w = _constant(x[0])
+            coefs = [dense_coefficients(a) for a in (last_lA, last_uA)]
+            if torch.is_tensor(w) and w.dim() >= 2 and all(d == 1 for d in w.shape[:-2]) \
+                    and all(c is not None or a is None for a, c in zip((last_lA, last_uA), coefs)):
+                w_t = w.reshape(w.shape[-2:]).t()  # (J, O)
+                back = [None if c is None else w_t.matmul(c) for c in coefs]  # (S, B, ..., J, L)
+                return [(None, None), (back[0], back[1])], 0.0, 0.0
+        return type(self).bound_backward(self, last_lA, last_uA, *x, **kwargs)  # the node's own (stock) class
 
     def _lp_stock(self, *v, C=None, **kwargs):
         if C is None:

@@ -452,7 +452,7 @@ class PatchPerturbation(BoxPerturbation):
         needs_grad = torch.is_grad_enabled() and (coef_t.requires_grad or m_lo.requires_grad or m_hi.requires_grad)
         sparse = _SPARSE_ROWS and n_lead == 1 and not per_image and not needs_grad and x.device.type == "cpu"
         if rows.grid and not per_image and n_lead == 1 and not sparse:
-            return self._mix_linear_grid(x, m_lo, m_hi, table, coef_t, bias, cache)
+            return _with_lead(self._mix_linear_grid(x, m_lo, m_hi, table, coef_t, bias, cache), lead)
         # Each row adds the centre shift and radius of its patch elements through their columns:
         # an embedding bag (weighted sum of rows of W^T), with no (rows, E, O) gather.
         pix = rows.pix[rows.row_loc]  # (R, P)
@@ -474,9 +474,9 @@ class PatchPerturbation(BoxPerturbation):
             table_c = coef_t
         if sparse:  # grid rows too: one sparse x dense product per bound
             radius_rows = self._radius_rows(table, m_lo, m_hi, coef_t, width, cache)
-            return _rows_by_sparse_product(torch.where(valid, col, -1), centre,
-                                           row_radius() if radius_rows is None else None, rows.row_img, coef_t,
-                                           x.reshape(n_b, width), bias, cache, radius_rows)
+            return _with_lead(_rows_by_sparse_product(torch.where(valid, col, -1), centre,
+                                                      row_radius() if radius_rows is None else None, rows.row_img,
+                                                      coef_t, x.reshape(n_b, width), bias, cache, radius_rows), lead)
         radius = row_radius()
         if n_lead == 1:
             d_c = F.embedding_bag(col, table_c, per_sample_weights=centre, mode="sum")  # (R, O)
@@ -638,6 +638,11 @@ class PatchPerturbation(BoxPerturbation):
             f"PatchPerturbation(shape={self.patch_shape.describe()}, locations={where}, "
             f"strength={self.strength}, layout={self.layout})"
         )
+
+
+def _with_lead(bounds: tuple[torch.Tensor, torch.Tensor], lead: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows' bounds ``(R, O)`` of a data operand ``(B, *lead, J)`` with ``prod(lead) == 1`` as ``(R, *lead, O)``."""
+    return tuple(b.reshape(b.shape[0], *lead, b.shape[-1]) for b in bounds)  # type: ignore[return-value]
 
 
 def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: Optional[torch.Tensor],

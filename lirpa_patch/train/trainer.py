@@ -51,6 +51,7 @@ import math
 import numbers
 import os
 import time
+import weakref
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
@@ -65,7 +66,7 @@ from ..domain import PixelDomain
 from ..errors import DataError, UsageError
 from ..locations import Locations, all_locations
 from ..shapes import PatchShape, make_shape, parse_size
-from ..spec import check_labels, other_classes
+from ..spec import certifies, check_labels, other_classes
 from .presets import PRESETS
 from .schedules import StepDecay, WarmupSchedule
 from .strategies import BoundContext, Strategy, make_strategy
@@ -517,7 +518,7 @@ class Trainer:
             loss = (1 - w) * rob + w * natural if w > 0 else rob
             total = loss if margins.aux_loss is None else loss + margins.aux_loss
             out["robust"] = float(rob.detach())
-            out["certified"] = float((margins.worst.detach() >= 0).all(dim=1).float().mean())
+            out["certified"] = float(certifies(margins.worst.detach()).all(dim=1).float().mean())
             if "unet_mse" in margins.stats:
                 out["unet"] = margins.stats["unet_mse"]
             out["rows"] = margins.rows
@@ -694,10 +695,17 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = trainer.model
         self.aux = trainer.strategy.auxiliary
-        self._loss = trainer._loss  # a bound method: the trainer is not a submodule
+        # weakly: the trainer holds the DistributedDataParallel wrapper of this module, and a strong
+        # reference back would make a cycle that only the cyclic garbage collector frees, possibly at
+        # interpreter exit, when gloo's worker threads can no longer be stopped cleanly (an abort,
+        # "terminate called without an active exception")
+        self._loss = weakref.WeakMethod(trainer._loss)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, strength: float, generator: torch.Generator) -> dict:
-        return self._loss(x, y, strength, generator)
+        loss = self._loss()
+        if loss is None:  # pragma: no cover - the trainer owns this module
+            raise RuntimeError("the trainer of this loss module is gone")
+        return loss(x, y, strength, generator)
 
 
 def _sum_over_ranks(step: dict) -> dict:
