@@ -273,10 +273,14 @@ def _export(module: nn.Module, input_shape, op: str, trans_b) -> nn.Module:
 
 @lru_cache(maxsize=None)
 def _onnx_dir():
+    import atexit
+    import shutil
     import tempfile
     from pathlib import Path
 
-    return Path(tempfile.mkdtemp(prefix="first-layer-forms-"))
+    folder = Path(tempfile.mkdtemp(prefix="first-layer-forms-"))
+    atexit.register(shutil.rmtree, folder, True)  # removed when the test process ends
+    return folder
 
 
 @lru_cache(maxsize=None)

@@ -156,39 +156,56 @@ def _constant_value(node) -> torch.Tensor:
 
 
 class _AddSub(_Elementwise):
-    """CROWN through ``x + c`` / ``x - c`` / ``c - x`` with one constant operand ``c``.
+    """CROWN through ``x + c`` / ``x - c`` / ``c - x`` with one constant operand ``c``, where the
+    stock rule fails.
 
-    Stock auto_LiRPA 0.3 reads a constant of the data's rank (a bias ``(1, H, 1)`` after
-    ``W @ x``) as if its first dimension were the batch and fails. The map is affine: the
-    data operand's coefficients are ``+-A`` (summed over its broadcast dimensions by the
-    stock rule) and the constant adds ``+-A . c`` to the bias.
+    Stock auto_LiRPA 0.3 reads some constants of the data's rank (a bias ``(1, H, 1)`` after
+    ``W @ x``) as if their first dimension were the batch and fails. Wherever the stock rule
+    works it is used unchanged (a plugin-built module bounds like a stock one); where it
+    raises, the map is affine: the data operand's coefficients are ``+-A`` (summed over its
+    broadcast dimensions) and the constant adds ``+-A . c`` to the bias.
     """
 
     def bound_backward(self, last_lA, last_uA, *x, **kwargs):
+        try:
+            return type(self).bound_backward(self, last_lA, last_uA, *x, **kwargs)  # the node's own (stock) class
+        except (IndexError, ValueError, RuntimeError, AssertionError):
+            out = self._constant_backward(last_lA, last_uA, *x)
+            if out is None:
+                raise
+            return out
+
+    def _constant_backward(self, last_lA, last_uA, *x):
         perturbed = [self.is_input_perturbed(i) for i in range(len(x))]
-        if len(x) == 2 and perturbed.count(True) == 1:
-            data = perturbed.index(True)
-            c = _constant_value(x[1 - data])
-            if torch.is_tensor(c) and c.dim() > 1 and c.dim() == len(self.output_shape):
-                # only here does the stock rule fail: an identity or a selection of neurons becomes dense
-                last_lA, last_uA = _dense(last_lA), _dense(last_uA)
-            if all(a is None or torch.is_tensor(a) for a in (last_lA, last_uA)):
-                sign_data = -1.0 if (self._kind == "sub" and data == 1) else 1.0
-                sign_c = -1.0 if (self._kind == "sub" and data == 0) else 1.0
-                if torch.is_tensor(c) or isinstance(c, (int, float)):
-                    out, bias = [], []
-                    for a in (last_lA, last_uA):
-                        if a is None:
-                            out.append(None)
-                            bias.append(0.0)
-                            continue
-                        c_b = torch.broadcast_to(torch.as_tensor(c, dtype=a.dtype, device=a.device), a.shape[1:])
-                        out.append(self.broadcast_backward(a * sign_data, x[data]))
-                        bias.append(sign_c * (a * c_b.unsqueeze(0)).flatten(2).sum(-1))
-                    pair = [(None, None), (None, None)]
-                    pair[data] = (out[0], out[1])
-                    return pair, bias[0], bias[1]
-        return type(self).bound_backward(self, last_lA, last_uA, *x, **kwargs)  # the node's own (stock) class
+        if len(x) != 2 or perturbed.count(True) != 1:
+            return None
+        data = perturbed.index(True)
+        c = _constant_value(x[1 - data])
+        if not torch.is_tensor(c):
+            return None
+        last_lA, last_uA = _dense(last_lA), _dense(last_uA)
+        if not all(a is None or torch.is_tensor(a) for a in (last_lA, last_uA)):
+            return None
+        sign_data = -1.0 if (self._kind == "sub" and data == 1) else 1.0
+        sign_c = -1.0 if (self._kind == "sub" and data == 0) else 1.0
+        out, bias = [], []
+        for a in (last_lA, last_uA):
+            if a is None:
+                out.append(None)
+                bias.append(0.0)
+                continue
+            c_b = torch.broadcast_to(c.to(a.dtype), a.shape[1:])
+            a_data = a * sign_data
+            shape = x[data].output_shape  # the data operand's own shape (it may broadcast)
+            extra = a_data.dim() - 1 - len(shape)
+            if extra > 0:
+                a_data = a_data.sum(dim=tuple(range(2, 2 + extra)))
+            keep = [i + 1 for i, d in enumerate(shape) if i > 0 and d == 1 and a_data.shape[i + 1] != 1]
+            out.append(a_data.sum(dim=keep, keepdim=True) if keep else a_data)
+            bias.append(sign_c * (a * c_b.unsqueeze(0)).flatten(2).sum(-1))
+        pair = [(None, None), (None, None)]
+        pair[data] = (out[0], out[1])
+        return pair, bias[0], bias[1]
 
 
 class PluginSub(_AddSub, _ops.BoundSub):
