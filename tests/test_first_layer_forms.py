@@ -88,14 +88,8 @@ class _AddMM(nn.Module):
         return self.tail(torch.addmm(self.b, x.flatten(1), self.wt))
 
 
-class _DataLeft(nn.Module):
-    """(b) ``x.flatten(1) @ W^T + b`` (MatMul, data left, the weight stored ``(J, O)``)."""
-
-    def __init__(self, w, b, tail):
-        super().__init__()
-        self.wt = nn.Parameter(w.t().contiguous().clone())
-        self.b = nn.Parameter(b.clone())
-        self.tail = tail
+class _DataLeft(_AddMM):
+    """(b) ``x.flatten(1) @ W^T + b`` (MatMul, data left, the weight stored ``(J, O)``, as :class:`_AddMM`)."""
 
     def forward(self, x):
         return self.tail(x.flatten(1) @ self.wt + self.b)
@@ -197,14 +191,8 @@ TORCH_FORMS = {
 }
 
 
-class _ColumnInput(nn.Module):
-    """An ONNX model on flat column inputs ``(N, J, 1)``: ``MatMul(W, x)`` first."""
-
-    def __init__(self, w, b, tail):
-        super().__init__()
-        self.W = nn.Parameter(w.clone())
-        self.b = nn.Parameter(b.clone())
-        self.tail = tail
+class _ColumnInput(_DataRight):
+    """An ONNX model on flat column inputs ``(N, J, 1)``: ``MatMul(W, x)`` first (weights as :class:`_DataRight`)."""
 
     def forward(self, x):
         return self.tail((self.W @ x).reshape(-1, self.W.shape[0]) + self.b)
