@@ -20,6 +20,7 @@ import torch
 from auto_LiRPA import bound_ops as _ops
 
 from .base import Plugin, Unsupported, emit_element, emit_window
+from .graph import input_roots
 from .state import ElementState, WindowState
 from .window import gather_window, scale_window, union_add
 
@@ -142,13 +143,6 @@ class _Elementwise(Plugin):
         return emit_element(self, ptb, out, real, virtual_in)
 
 
-def _dense(A):
-    from .backward import dense_coefficients
-
-    out = dense_coefficients(A)
-    return A if out is None else out
-
-
 def _constant_value(node) -> torch.Tensor:
     from .linear import _constant
 
@@ -156,24 +150,31 @@ def _constant_value(node) -> torch.Tensor:
 
 
 class _AddSub(_Elementwise):
-    """CROWN through ``x + c`` / ``x - c`` / ``c - x`` with one constant operand ``c``, where the
-    stock rule fails.
+    """CROWN through ``x + c`` / ``x - c`` / ``c - x`` with one constant operand ``c``, for this project's threats.
 
-    Stock auto_LiRPA 0.3 reads some constants of the data's rank (a bias ``(1, H, 1)`` after
-    ``W @ x``) as if their first dimension were the batch and fails. Wherever the stock rule
-    works it is used unchanged (a plugin-built module bounds like a stock one); where it
-    raises, the map is affine: the data operand's coefficients are ``+-A`` (summed over its
-    broadcast dimensions) and the constant adds ``+-A . c`` to the bias.
+    Stock auto_LiRPA 0.3 aligns a constant with the coefficients through its inferred batch
+    dimension, and misreads some: a bias ``(1, H, 1)`` after ``W @ x`` (taken as batched), a
+    bias ``(O,)`` of a converted ONNX graph (its buffer inferred as batched), a mean
+    ``(1, C, 1, 1)``; it then fails or misaligns the coefficients. The map is affine, so under
+    this project's perturbations it is bounded directly; anyone else's perturbation keeps the
+    stock rule unchanged (a plugin-built module bounds like a stock one). With dense
+    coefficients ``A`` the data operand's are ``+-A`` (summed over its broadcast dimensions)
+    and the constant adds ``+-A . c`` to the bias; an identity or a selection of neurons
+    (intermediate bounds) goes through the stock rule, which passes it on unchanged.
     """
 
     def bound_backward(self, last_lA, last_uA, *x, **kwargs):
-        try:
-            return type(self).bound_backward(self, last_lA, last_uA, *x, **kwargs)  # the node's own (stock) class
-        except (IndexError, ValueError, RuntimeError, AssertionError):
+        if self._lp_threat_input():
             out = self._constant_backward(last_lA, last_uA, *x)
-            if out is None:
-                raise
-            return out
+            if out is not None:
+                return out
+        return type(self).bound_backward(self, last_lA, last_uA, *x, **kwargs)  # the node's own (stock) class
+
+    def _lp_threat_input(self) -> bool:
+        """The model input carries one of this project's perturbations (anyone else's keeps the stock rule)."""
+        from ..threats.box import BoxPerturbation
+
+        return any(isinstance(getattr(r, "perturbation", None), BoxPerturbation) for r in input_roots(self))
 
     def _constant_backward(self, last_lA, last_uA, *x):
         perturbed = [self.is_input_perturbed(i) for i in range(len(x))]
@@ -183,9 +184,8 @@ class _AddSub(_Elementwise):
         c = _constant_value(x[1 - data])
         if not torch.is_tensor(c):
             return None
-        last_lA, last_uA = _dense(last_lA), _dense(last_uA)
         if not all(a is None or torch.is_tensor(a) for a in (last_lA, last_uA)):
-            return None
+            return None  # an identity or a selection of neurons: the stock rule passes it on unchanged
         sign_data = -1.0 if (self._kind == "sub" and data == 1) else 1.0
         sign_c = -1.0 if (self._kind == "sub" and data == 0) else 1.0
         out, bias = [], []
