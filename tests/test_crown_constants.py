@@ -37,7 +37,7 @@ class _Columns(nn.Module):
     def forward(self, x):
         y = self.W @ x.reshape(-1, J, 1)
         y = {"plus_c": y + self.b, "minus_c": y - self.b, "c_minus": self.b - y}[self.form]
-        return self.head(torch.relu(y).squeeze(-1))
+        return self.head(torch.relu(y).reshape(-1, H))
 
 
 class _Rows(nn.Module):
