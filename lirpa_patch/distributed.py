@@ -39,7 +39,8 @@ import copy
 import gc
 import os
 import time
-from dataclasses import dataclass, replace
+import weakref
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Optional, Sequence
 
@@ -107,11 +108,18 @@ class Group:
     objects: Any = None
     owned: bool = True
     calls: int = 0
+    releases: list = field(default_factory=list)
 
     def counters(self) -> "_Counters":
         """Fresh counters in the store for the next collective step (every rank calls in the same order)."""
         self.calls += 1
         return _Counters(self.store, f"call{self.calls}", self.world_size)
+
+    def on_shutdown(self, release: "weakref.WeakMethod") -> None:
+        """Call ``release`` (a weak method: it keeps nothing alive) in :func:`shutdown`, before the
+        process group is destroyed: it drops this process's references to the group (a
+        ``DistributedDataParallel`` wrapper holds one), so that the group is freed there."""
+        self.releases.append(release)
 
 
 _GROUP: Optional[Group] = None
@@ -170,6 +178,11 @@ def init(device: str | torch.device = "cpu", *, timeout: Optional[timedelta] = N
         return None
     backend = "nccl" if where.type == "cuda" else "gloo"
     kwargs = {} if timeout is None else {"timeout": timeout}
+    # torch.distributed.nn.functional binds group.WORLD as a default argument when it is imported; imported
+    # after the group exists (DistributedDataParallel imports it, through torch._dynamo), it would hold the
+    # group forever, and shutdown() could not free it (see shutdown)
+    import torch.distributed.nn.functional  # noqa: F401
+
     try:
         store, rank, world = next(dist.rendezvous("env://", **kwargs))
         if backend == "nccl":
@@ -187,17 +200,32 @@ def init(device: str | torch.device = "cpu", *, timeout: Optional[timedelta] = N
 
 
 def shutdown() -> None:
-    """Leave the job (destroys the process group :func:`init` made). Safe to call without one."""
+    """Leave the job (destroys the process group :func:`init` made). Safe to call without one.
+
+    The process group is freed here, not at interpreter exit: its gloo worker threads are joined
+    while Python is fully alive. A gloo worker often drops the last reference to the tensors of a
+    collective after Python's call has returned (the Python tensor is then freed on that thread,
+    which takes the GIL); one that does so while the interpreter is finalizing is ended by
+    CPython inside a C++ destructor, and the process aborts ("terminate called without an active
+    exception"). So everything that holds the group lets go first (:meth:`Group.on_shutdown`).
+    """
     global _GROUP
     group, _GROUP = _GROUP, None
-    if group is None or not group.owned:
+    if group is None:
+        return
+    for release in group.releases:
+        method = release()
+        if method is not None:
+            method()
+    group.releases.clear()
+    if not group.owned:
         return
     import torch.distributed as dist
 
     if dist.is_initialized():
-        gc.collect()  # objects in reference cycles that hold the groups (a DDP wrapper) go first, while all is alive
+        gc.collect()  # objects in reference cycles that hold the groups go first, while all is alive
         try:
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # frees the groups: their worker threads are joined here
         except Exception:  # pragma: no cover - best effort at exit
             pass
 

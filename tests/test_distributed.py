@@ -387,3 +387,71 @@ def test_two_gpus_with_nccl_give_the_report_of_one(tmp_path):
     _ok(_run(_lirpa(*args, "--nproc", "2", "-o", "two.json"), tmp_path))
     one, two = (json.loads((tmp_path / n).read_text()) for n in ("one.json", "two.json"))
     assert_same_certificates(_without(two), _without(one), "two GPUs vs one", _sample_scales(8))
+
+
+# --------------------------------------------------------------------------- leaving the job
+
+_SHUTDOWN_SCRIPT = '''
+import atexit, ctypes, os, sys, time
+atexit.register(ctypes.PyDLL(None).usleep, 1_500_000)  # first registered, last run: keeps the GIL (PyDLL)
+import torch, torch.distributed as dist
+from lirpa_patch import distributed
+from lirpa_patch.models.adapter import ImageModel
+from lirpa_patch.models.architectures import build_architecture
+from lirpa_patch.train import Trainer, TrainConfig
+
+group = distributed.init("cpu")
+torch.manual_seed(0)
+images, labels = torch.rand(8, 1, 8, 8), torch.arange(8) % 2
+model = ImageModel(build_architecture("mlp", 1, (8, 8), 2, width=8), image_shape=(1, 8, 8))
+config = TrainConfig(patch="2x2", strategy="random", patches=1, epochs=1, warmup_start=1, warmup=0, batch_size=8,
+                     eval_every=0, seed=0)
+trainer = Trainer(model, config, images, labels)
+trainer.fit()  # its DistributedDataParallel wrapper holds the process group
+if group.rank == 0:  # a gloo worker that drops a tensor of Python's late: a collective rank 1 joins 0.5 s later
+    tensor = torch.ones(1000)
+    dist.all_reduce(tensor, async_op=True)
+    del tensor
+else:
+    time.sleep(0.5)
+    dist.all_reduce(torch.ones(1000))
+distributed.shutdown()
+names = set()
+for task in os.listdir("/proc/self/task"):
+    try:
+        names.add(open(f"/proc/self/task/{task}/comm").read().strip())
+    except OSError:
+        pass
+print("gloo threads after shutdown:", sorted(n for n in names if "gloo" in n))
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PyDLL(None).usleep is libc's")
+def test_shutdown_frees_the_process_group_so_no_gloo_thread_outlives_python(tmp_path):
+    """``distributed.shutdown`` frees the process group (the trainer's DDP wrapper lets go of it, and
+    ``torch.distributed.nn`` captured no group): gloo's worker threads are joined while Python is alive.
+
+    A gloo worker often drops the last reference to a collective's tensors after Python's call returned
+    (the tensor's Python object is then freed on that thread, under the GIL). A worker that does so while
+    the interpreter finalizes is ended by CPython inside a C++ destructor: the process aborts with
+    "terminate called without an active exception" (the rare abort of two-process training). Here the
+    late worker is made certain (rank 0 does not wait for a collective that rank 1 joins 0.5 s later, and
+    an exit handler keeps the GIL meanwhile): with the group alive at exit, rank 0 aborts every time.
+    """
+    script = tmp_path / "leave.py"
+    script.write_text(_SHUTDOWN_SCRIPT)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and "terminate called" not in err, f"rank {rank}: {p.returncode}\n{out}{err}"
+        assert "gloo threads after shutdown: []" in out, f"rank {rank}: {out}{err}"

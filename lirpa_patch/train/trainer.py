@@ -544,7 +544,14 @@ class Trainer:
                 broadcast_buffers=False,  # ranks run different numbers of micro-batches per step
                 find_unused_parameters=self.strategy.auxiliary is not None,  # the U-net rests at strength 0
             )
+            # the wrapper holds the process group: distributed.shutdown() must be able to free the group
+            # (and join gloo's threads) while this trainer lives on (rank 0 exports its model afterwards)
+            group.on_shutdown(weakref.WeakMethod(self._release_ddp))
         return self._ddp_module
+
+    def _release_ddp(self) -> None:
+        """Drop the ``DistributedDataParallel`` wrapper (at :func:`lirpa_patch.distributed.shutdown`)."""
+        self.__dict__.pop("_ddp_module", None)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(
@@ -695,10 +702,9 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = trainer.model
         self.aux = trainer.strategy.auxiliary
-        # weakly: the trainer holds the DistributedDataParallel wrapper of this module, and a strong
-        # reference back would make a cycle that only the cyclic garbage collector frees, possibly at
-        # interpreter exit, when gloo's worker threads can no longer be stopped cleanly (an abort,
-        # "terminate called without an active exception")
+        # weakly: the trainer holds the DistributedDataParallel wrapper of this module (which holds the
+        # process group); without a cycle, the wrapper is freed as soon as the trainer drops it
+        # (Trainer._release_ddp, at distributed.shutdown)
         self._loss = weakref.WeakMethod(trainer._loss)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, strength: float, generator: torch.Generator) -> dict:
