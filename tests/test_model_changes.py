@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from certificates import assert_same_certificates
+
 import lirpa_patch.engine as engine
 from lirpa_patch import UsageError, bound_model, bounded_module, certify
 
@@ -165,3 +167,22 @@ def test_after_a_change_without_bounded_the_certificate_is_of_the_changed_model(
     after = _margins(model, images, labels)
     assert after != before
     assert after == _margins(model, images, labels, bounded=bound_model(model, (1, 6, 6)))
+
+
+def test_the_trainer_certifies_a_model_whose_buffer_changed_with_a_new_module():
+    """The training module holds copies of buffers (e.g. normalization statistics): after one
+    changed, the trainer's validation certifies the model as it is, not the copies."""
+    from lirpa_patch.train import TrainConfig, Trainer
+
+    model = _Net()
+    images, labels = _images()
+    config = TrainConfig(patch="2x2", strategy="random", patches=2, epochs=1, warmup_start=0, warmup=0,
+                         batch_size=4, eval_every=0, seed=0)
+    trainer = Trainer(model, config, images, labels, num_classes=3)
+    assert trainer._bounded_as_is() is trainer.bounded
+    with torch.no_grad():
+        model.shift[..., :2] = -0.5
+    assert trainer._bounded_as_is() is None
+    ours = trainer.evaluate(images, labels)
+    fresh = certify(model.eval(), images, labels, size=2, bounded=bound_model(model, (1, 6, 6)))
+    assert_same_certificates(ours, fresh, "the trainer's validation and a fresh module")

@@ -66,6 +66,7 @@ from ..domain import PixelDomain
 from ..errors import DataError, UsageError
 from ..locations import Locations, all_locations
 from ..shapes import PatchShape, make_shape, parse_size
+from ..provenance import changes
 from ..spec import certifies, check_labels, other_classes
 from .presets import PRESETS
 from .schedules import StepDecay, WarmupSchedule
@@ -549,6 +550,13 @@ class Trainer:
             group.on_shutdown(weakref.WeakMethod(self._release_ddp))
         return self._ddp_module
 
+    def _bounded_as_is(self):
+        """The training module for certification, or None (certify then builds one) when the model
+        changed in a way the module does not share: it shares the parameters, not buffers (e.g.
+        BatchNorm statistics), code or hooks (:mod:`lirpa_patch.provenance`)."""
+        kept = self.bounded.__dict__.get("_lp_record")
+        return self.bounded if kept is not None and changes(self.model, kept[1]) is None else None
+
     def _release_ddp(self) -> None:
         """Drop the ``DistributedDataParallel`` wrapper (at :func:`lirpa_patch.distributed.shutdown`)."""
         self.__dict__.pop("_ddp_module", None)
@@ -582,11 +590,11 @@ class Trainer:
 
                 return distributed.certify(
                     self.model, images, labels, SparseThreat(self.config.sparse), chunk_size=SPARSE_CHUNK,
-                    method="ibp", device=self.device, domain=self.domain, bounded=self.bounded, progress=progress,
+                    method="ibp", device=self.device, domain=self.domain, bounded=self._bounded_as_is(), progress=progress,
                 )
             return distributed.certify(
                 self.model, images, labels, shape=self.shape, locations=self.locations, method="ibp",
-                chunk_size=self.config.chunk_size, device=self.device, domain=self.domain, bounded=self.bounded,
+                chunk_size=self.config.chunk_size, device=self.device, domain=self.domain, bounded=self._bounded_as_is(),
                 progress=progress,
             )
         finally:
