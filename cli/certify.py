@@ -169,10 +169,7 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
         with _run.status("Writing the HTML report...", run.interactive):
             written.append(pictures.write_html(html, _page(doc, items, results, run, threats)))
     console.print(table)
-    first = results[items[0].label]
-    warning = render.chance_warning(first.clean_accuracy, run.loaded.num_classes)
-    if warning is not None:  # a warning, not a status message: printed with --quiet too
-        err_console.print(warning, highlight=False, markup=False, soft_wrap=True)
+    render.warn_below_chance(err_console, results[items[0].label].clean_accuracy, run.loaded.num_classes)
     if not quiet:
         for what in written:
             err_console.print(f"Wrote {what}", highlight=False, markup=False, soft_wrap=True)

@@ -120,9 +120,7 @@ def _evaluate(model: str, threats: "_run.Threats", *, html: Optional[str], plots
     if html is not None:
         written.append(pictures.write_html(html, _page(doc, evaluations, items, run, xlabel)))
     console.print(render.evaluation_table(doc))
-    warning = render.chance_warning(evaluations[0].certified.clean_accuracy, run.loaded.num_classes)
-    if warning is not None:  # a warning, not a status message: printed with --quiet too
-        err_console.print(warning, highlight=False, markup=False, soft_wrap=True)
+    render.warn_below_chance(err_console, evaluations[0].certified.clean_accuracy, run.loaded.num_classes)
     if not quiet:
         for what in written:
             err_console.print(f"Wrote {what}", highlight=False, markup=False, soft_wrap=True)

@@ -159,6 +159,13 @@ def chance_warning(clean_accuracy: Optional[float], num_classes: Optional[int]) 
             f"{num_classes} classes): check --mean/--std and the input layout (--layout)")
 
 
+def warn_below_chance(console: Console, clean_accuracy: Optional[float], num_classes: Optional[int]) -> None:
+    """Print :func:`chance_warning` when there is one (a warning, not a status message: with --quiet too)."""
+    warning = chance_warning(clean_accuracy, num_classes)
+    if warning is not None:
+        console.print(warning, highlight=False, markup=False, soft_wrap=True)
+
+
 def seconds(value: Optional[float]) -> str:
     """Wall time, e.g. ``"3.2 s"`` or ``"2 min 05 s"``."""
     if value is None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Literal, Optional, Sequence
 
@@ -41,7 +40,7 @@ from .ops.graph import all_nodes, consumers, is_data_input, prepare, reaches_inp
 from .ops.registry import bound_opts, custom_ops
 from .ops.state import ElementState, WindowState
 from .ops.window import grouped_matmul, linear_window
-from .provenance import changes, record
+from .provenance import attach, changes_since_built
 from .shapes import PatchShape, SizeLike
 from .spec import certifies, margin_spec, other_classes
 from .threats.patch import PatchPerturbation, PatchThreat
@@ -174,7 +173,7 @@ def bound_model(
         # keeps its weights in buffers (e.g. some ONNX conversions) has none.
         torch.nn.Module.register_parameter(bounded, "_lp_dtype",
                                            torch.nn.Parameter(torch.zeros(1, device=device), requires_grad=False))
-    object.__setattr__(bounded, "_lp_record", (weakref.ref(model), record(model)))
+    attach(bounded, model)
     return bounded
 
 
@@ -185,12 +184,10 @@ def _check_bounded(model: torch.nn.Module, bounded: BoundedModule, images: torch
     submodules, replaced parameters, buffers and tensor attributes by content, code and
     hooks; for any module, its logits on the images at hand.
     """
-    kept = bounded.__dict__.get("_lp_record")
-    if kept is not None and kept[0]() is model:
-        what = changes(model, kept[1])
-        if what is not None:
-            raise UsageError(f"the model changed after bounded was built ({what}): build it again with "
-                             "bound_model(model, ...)", param="bounded")
+    what = changes_since_built(model, bounded)
+    if what is not None:
+        raise UsageError(f"the model changed after bounded was built ({what}): build it again with "
+                         "bound_model(model, ...)", param="bounded")
     few = images[: min(8, images.shape[0])]
     with torch.no_grad(), _quiet():
         ours = bounded(few).float()

@@ -24,12 +24,13 @@ checks that the module still computes the model's logits on the images at hand.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-__all__ = ["ModelRecord", "record", "changes"]
+__all__ = ["ModelRecord", "attach", "changes", "changes_since_built", "record"]
 
 
 def _global_hooks() -> tuple:
@@ -79,24 +80,36 @@ def _tensors(model: torch.nn.Module):
                 yield dot + name, value
 
 
+def _structure(modules) -> tuple:
+    return tuple((name, id(m), type(m)) for name, m in modules)
+
+
+def _parameters(model: torch.nn.Module) -> tuple:
+    return tuple((name, id(p)) for name, p in model.named_parameters(remove_duplicate=False))
+
+
+def _codes(modules) -> tuple:
+    return tuple((name, _code(m)) for name, m in modules)
+
+
+def _all_hooks(modules) -> tuple:
+    return _global_hooks(), tuple((name, _hooks(m)) for name, m in modules)
+
+
 def record(model: torch.nn.Module) -> ModelRecord:
     """Note what a module built from ``model`` now depends on."""
     modules = list(model.named_modules())
-    return ModelRecord(
-        structure=tuple((name, id(m), type(m)) for name, m in modules),
-        parameters=tuple((name, id(p)) for name, p in model.named_parameters(remove_duplicate=False)),
-        copied={name: t.detach().clone() for name, t in _tensors(model)},
-        code=tuple((name, _code(m)) for name, m in modules),
-        hooks=(_global_hooks(), tuple((name, _hooks(m)) for name, m in modules)),
-    )
+    return ModelRecord(structure=_structure(modules), parameters=_parameters(model),
+                       copied={name: t.detach().clone() for name, t in _tensors(model)},
+                       code=_codes(modules), hooks=_all_hooks(modules))
 
 
 def changes(model: torch.nn.Module, kept: ModelRecord) -> Optional[str]:
     """What changed in ``model`` since ``kept`` was recorded, in a few words; None when nothing did."""
     modules = list(model.named_modules())
-    if tuple((name, id(m), type(m)) for name, m in modules) != kept.structure:
+    if _structure(modules) != kept.structure:
         return "a submodule was added, removed or replaced"
-    if tuple((name, id(p)) for name, p in model.named_parameters(remove_duplicate=False)) != kept.parameters:
+    if _parameters(model) != kept.parameters:
         return "a parameter was replaced"
     now = dict(_tensors(model))
     if now.keys() != kept.copied.keys():
@@ -105,8 +118,22 @@ def changes(model: torch.nn.Module, kept: ModelRecord) -> Optional[str]:
         old = kept.copied[name]
         if t.shape != old.shape or t.dtype != old.dtype or not torch.equal(t.detach().to(old.device), old):
             return f"the buffer or tensor attribute {name!r} changed"
-    if tuple((name, _code(m)) for name, m in modules) != kept.code:
+    if _codes(modules) != kept.code:
         return "the code of a submodule (its forward) changed"
-    if (_global_hooks(), tuple((name, _hooks(m)) for name, m in modules)) != kept.hooks:
+    if _all_hooks(modules) != kept.hooks:
         return "a forward hook was added or removed"
     return None
+
+
+def attach(bounded, model: torch.nn.Module) -> None:
+    """Keep on ``bounded`` (built from ``model`` just now) the :func:`record` of ``model``."""
+    object.__setattr__(bounded, "_lp_record", (weakref.ref(model), record(model)))
+
+
+def changes_since_built(model: torch.nn.Module, bounded) -> Optional[str]:
+    """:func:`changes` of ``model`` since ``bounded`` was built from it (:func:`attach`); None when
+    nothing changed, or when ``bounded`` was not built from ``model`` by this project."""
+    kept = bounded.__dict__.get("_lp_record")
+    if kept is None or kept[0]() is not model:
+        return None
+    return changes(model, kept[1])

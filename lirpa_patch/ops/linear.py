@@ -116,9 +116,10 @@ class _Linear(Plugin):
         """The threat's tables for this layer (``|W|``, gathered columns, radius rows), valid
         for one content of the weight: emptied whenever ``coef`` differs in any element from
         the weight they were built for (an edit through ``W.data`` changes neither the
-        tensor's version nor its storage). None for a per-image (specification-merged) weight.
+        tensor's version nor its storage). None for a per-image (specification-merged) weight, and
+        for a weight being trained (under gradients the threat reads no table: nothing to keep).
         """
-        if coef.dim() != 2:
+        if coef.dim() != 2 or (torch.is_grad_enabled() and coef.requires_grad):
             return None
         kept = self.__dict__.get("_lp_cache_weight")
         if (kept is None or kept.shape != coef.shape or kept.dtype != coef.dtype or kept.device != coef.device

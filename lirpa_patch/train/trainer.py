@@ -66,7 +66,7 @@ from ..domain import PixelDomain
 from ..errors import DataError, UsageError
 from ..locations import Locations, all_locations
 from ..shapes import PatchShape, make_shape, parse_size
-from ..provenance import changes
+from ..provenance import changes_since_built
 from ..spec import certifies, check_labels, other_classes
 from .presets import PRESETS
 from .schedules import StepDecay, WarmupSchedule
@@ -554,8 +554,7 @@ class Trainer:
         """The training module for certification, or None (certify then builds one) when the model
         changed in a way the module does not share: it shares the parameters, not buffers (e.g.
         BatchNorm statistics), code or hooks (:mod:`lirpa_patch.provenance`)."""
-        kept = self.bounded.__dict__.get("_lp_record")
-        return self.bounded if kept is not None and changes(self.model, kept[1]) is None else None
+        return self.bounded if changes_since_built(self.model, self.bounded) is None else None
 
     def _release_ddp(self) -> None:
         """Drop the ``DistributedDataParallel`` wrapper (at :func:`lirpa_patch.distributed.shutdown`)."""
