@@ -185,7 +185,8 @@ class _Display:
 @click.option("--crop", type=click.IntRange(min=0), default=None, show_default="preset: mnist 0, cifar 4",
               help="Random crop after zero padding by N pixels (random shifts of up to N pixels); 0: off.")
 @click.option("--flip/--no-flip", default=None, show_default="preset: cifar flips", help="Random horizontal flip.")
-@click.option("--chunk", type=click.IntRange(min=1), default=4096,
+@click.option("--chunk", type=click.IntRange(min=1), default=None,
+              show_default="about 64 MiB per bound tensor of the widest layer, 1024-16384 rows",
               help="(image, location) rows per bound computation and per micro-batch: the memory knob.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=1,
               help="Certify the validation subset every N epochs (0: only the final evaluation).")
@@ -208,7 +209,7 @@ class _Display:
               help="Checkpoint written after every epoch (weights, optimizer, scheduler, RNG).")
 @click.option("--resume", default=None, metavar="PATH",
               help="Continue from a checkpoint: its configuration, architecture and data selection are used; "
-              "only --epochs, --device, --nproc, --threads, --out, --checkpoint, --metrics and --quiet apply.")
+              "only --epochs, --chunk, --device, --nproc, --threads, --out, --checkpoint, --metrics and --quiet apply.")
 @click.option("--metrics", default=None, metavar="PATH", show_default="OUT with .metrics.jsonl",
               help="Per-epoch metrics file: JSON lines, or CSV when it ends in .csv.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No live table (the summary is still printed).")
@@ -305,6 +306,8 @@ def train(**opts: Any) -> None:
         overrides: dict[str, Any] = {"device": opts["device"]}
         if opts["epochs"] is not None:
             overrides["epochs"] = opts["epochs"]
+        if opts["chunk"] is not None:
+            overrides["chunk_size"] = opts["chunk"]  # memory, not results
         config = config_from_dict(resumed["config"], **overrides)
         arch = resumed["meta"]["architecture"]
     else:

@@ -443,3 +443,32 @@ def test_cuda_training_runs_and_matches_cpu_certification(toy, strategy):
     on_gpu = t.evaluate()
     on_cpu = certify(t.model.cpu(), xte, yte, size=2)
     assert abs(on_gpu.certified_accuracy - on_cpu.certified_accuracy) <= 1 / len(yte)
+
+
+def test_automatic_chunk_fills_the_row_range_for_a_narrow_mlp_and_shrinks_for_wide_layers():
+    from lirpa_patch.train.trainer import CHUNK_BYTES, CHUNK_ROWS, automatic_chunk
+
+    mlp = ImageModel(build_architecture("mlp", 1, (28, 28), 10), image_shape=(1, 28, 28))
+    assert automatic_chunk(mlp, (1, 28, 28), torch.device("cpu")) == CHUNK_ROWS[1]
+    wide = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 32 * 32, 10))
+    rows = automatic_chunk(wide, (3, 32, 32), torch.device("cpu"))
+    assert rows == max(CHUNK_ROWS[0], CHUNK_BYTES // (64 * 32 * 32 * 4))
+
+
+def test_automatic_chunk_leaves_batchnorm_statistics_and_the_training_mode_alone():
+    from lirpa_patch.train.trainer import automatic_chunk
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    automatic_chunk(model, (1, 28, 28), torch.device("cpu"))
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_trainer_uses_the_configured_chunk_or_an_automatic_one():
+    images, labels = toy_images(8)
+    model = ImageModel(build_architecture("mlp", 1, tuple(images.shape[-2:]), NUM_CLASSES, width=8),
+                       image_shape=tuple(images.shape[1:]))
+    assert Trainer(model, TrainConfig(epochs=1, chunk_size=300, eval_every=0), images, labels).chunk_size == 300
+    assert Trainer(model, TrainConfig(epochs=1, eval_every=0), images, labels).chunk_size >= 1024

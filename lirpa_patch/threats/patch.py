@@ -659,7 +659,8 @@ def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: O
     CSR x dense product written straight into the rows: no gathered columns, no
     intermediate ``(R, O)`` tensors. With ``radius_rows`` ``(rad (L, O), row_rad (R,))`` the
     radius term of row ``r`` is the precomputed ``rad[row_rad[r]]`` instead (the same for
-    every image at a location): ``E + 2`` entries over ``[W; rad; clean]``.
+    every image at a location): one product gives the centre rows, ``E + 1`` entries over
+    ``[W; clean]``, and the bounds are the centre minus and plus the radius rows.
 
     Args:
         elems: ``(R, E)`` element (column) ids of each row, ``-1`` padding.
@@ -676,24 +677,19 @@ def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: O
     centre = centre.gather(-1, order)
     n_img = images.shape[0]
     key = (coef_t.data_ptr(), tuple(coef_t.shape), tuple(coef_t.stride()), coef_t._version, coef_t.dtype)
-    if radius_rows is not None:
-        second = radius_rows[0]
-        key = key + (id(second),)
-    middle = second.shape[0] if radius_rows is not None else width
+    middle = 0 if radius_rows is not None else width  # |W| only when the rows carry their own radii
     kept = cache.setdefault("sparse_tables", {}) if cache is not None else {}
-    hit = kept.get(key[-1] if radius_rows is not None else None)
+    hit = kept.get(middle)
     if hit is None or hit[0] != key or hit[1].shape[0] < width + middle + n_img:
-        # [W; |W| or the radius rows] once per weight, with room for the clean rows of a call's images
+        # [W; |W|] (or [W]) once per weight, with room for the clean rows of a call's images
         buffer = coef_t.new_empty(width + middle + max(n_img, 64), coef_t.shape[1])
         buffer[:width] = coef_t
-        if radius_rows is not None:
-            buffer[width: width + middle] = second
-        else:
+        if middle:
             torch.abs(coef_t, out=buffer[width: 2 * width])
-        hit = (key, buffer, radius_rows[0] if radius_rows is not None else None)
+        hit = (key, buffer)
         if len(kept) >= 4:
             kept.clear()
-        kept[key[-1] if radius_rows is not None else None] = hit
+        kept[middle] = hit
     start = width + middle
     table = hit[1][: start + n_img]  # (J + middle + B, O)
     # The clean rows by the contiguous copy of W, at least two at a time: BLAS then gives each image's row
@@ -706,21 +702,32 @@ def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: O
         table[start:] += bias
     ones = centre.new_ones(n_rows, 1)
     if radius_rows is not None:
-        cols = torch.cat([cols, (width + radius_rows[1]).unsqueeze(-1), (start + row_img).unsqueeze(-1)], -1)
-        per_row = n_el + 2
-        parts = lambda sign: (centre, ones * sign, ones)  # noqa: E731
-    else:
-        cols = torch.cat([cols, cols + width, (start + row_img).unsqueeze(-1)], -1)
-        per_row = 2 * n_el + 1
-        radius = radius.gather(-1, order)
-        parts = lambda sign: (centre, radius * sign, ones)  # noqa: E731
+        # One product for the centre rows; the radius rows are the same for both bounds.
+        cols = torch.cat([cols, (start + row_img).unsqueeze(-1)], -1).reshape(-1)
+        crow = torch.arange(0, n_rows * (n_el + 1) + 1, n_el + 1, device=elems.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch calls its sparse CSR support beta
+            rows = torch.sparse_csr_tensor(crow, cols, torch.cat([centre, ones], -1).reshape(-1),
+                                           size=(n_rows, table.shape[0]))
+            mid = torch.sparse.mm(rows, table)  # (R, O)
+        rad, row_rad = radius_rows
+        n_loc = rad.shape[0]
+        if n_rows % n_loc == 0 and torch.equal(row_rad.view(-1, n_loc),
+                                              torch.arange(n_loc, device=row_rad.device).expand(n_rows // n_loc, -1)):
+            lower = torch.sub(mid.view(-1, n_loc, mid.shape[-1]), rad).view(n_rows, -1)  # every location, in order
+            return lower, mid.view(-1, n_loc, mid.shape[-1]).add_(rad).view(n_rows, -1)
+        spread = rad[row_rad]
+        return torch.sub(mid, spread), mid.add_(spread)
+    cols = torch.cat([cols, cols + width, (start + row_img).unsqueeze(-1)], -1)
+    per_row = 2 * n_el + 1
+    radius = radius.gather(-1, order)
     cols = cols.reshape(-1)
     crow = torch.arange(0, n_rows * per_row + 1, per_row, device=elems.device)
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch calls its sparse CSR support beta
         for sign in (-1.0, 1.0):
-            values = torch.cat(parts(sign), -1).reshape(-1)
+            values = torch.cat((centre, radius * sign, ones), -1).reshape(-1)
             rows = torch.sparse_csr_tensor(crow, cols, values, size=(n_rows, table.shape[0]))
             out.append(torch.sparse.mm(rows, table))
     return out[0], out[1]

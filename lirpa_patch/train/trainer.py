@@ -76,6 +76,39 @@ PathLike = Union[str, os.PathLike]
 
 CHECKPOINT_VERSION = 1
 
+CHUNK_BYTES = 64 * 2**20
+"""What one bound tensor of a chunk may hold when ``chunk_size`` is automatic: larger chunks
+spend less time per row on calls, smaller ones stay in the caches (64 MiB)."""
+
+CHUNK_ROWS = (1024, 16384)
+"""The fewest and most rows of an automatic chunk."""
+
+
+def automatic_chunk(model: nn.Module, image_shape: tuple[int, int, int], device: torch.device) -> int:
+    """Rows per bound computation for ``model``: about :data:`CHUNK_BYTES` per tensor of its widest layer.
+
+    The widest layer is the largest output of the model's leaf modules (and its input) on one
+    image of ``image_shape`` ``(C, H, W)``; the result lies within :data:`CHUNK_ROWS`.
+    """
+    widest = [math.prod(image_shape)]
+
+    def record(_module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            widest.append(output[:1].numel())
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
+    training = model.training
+    try:
+        model.eval()  # no running statistics move
+        with torch.no_grad():
+            model(torch.zeros((2, *image_shape), device=device))
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    per_row = max(widest) * torch.finfo(torch.float32).bits // 8
+    return int(min(CHUNK_ROWS[1], max(CHUNK_ROWS[0], CHUNK_BYTES // per_row)))
+
 
 @dataclass
 class TrainConfig:
@@ -101,7 +134,9 @@ class TrainConfig:
             to ``crop`` pixels, per image (0: off; the CIFAR preset uses 4).
         flip: random horizontal flip, per image (the CIFAR preset flips).
         chunk_size: most (image, location) rows per ``compute_bounds`` call, and
-            most rows with gradients per micro-batch.
+            most rows with gradients per micro-batch. None (the default): sized from the
+            model's widest layer, about :data:`CHUNK_BYTES` per bound tensor, between
+            :data:`CHUNK_ROWS` rows (:attr:`Trainer.chunk_size`).
         eval_every: certify the validation subset every this many epochs (0: never).
         eval_images: size of that subset (first images of the validation set).
         seed: seeds shuffling, augmentation, sampling and the U-net's initialisation.
@@ -129,7 +164,7 @@ class TrainConfig:
     natural_weight: float = 0.0
     crop: int = 0
     flip: bool = False
-    chunk_size: int = 4096
+    chunk_size: Optional[int] = None
     eval_every: int = 1
     eval_images: int = 200
     seed: int = 0
@@ -148,6 +183,8 @@ class TrainConfig:
         for name in ("epochs", "warmup_start", "warmup", "lr_step", "batch_size", "crop", "chunk_size", "patches",
                      "unet_width", "eval_every", "eval_images", "seed", "sparse"):
             value = getattr(self, name)
+            if name == "chunk_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise UsageError(f"{name} must be an integer, got {value!r}", param=name)
         for name in ("lr", "lr_decay", "natural_weight", "temperature"):
@@ -169,7 +206,7 @@ class TrainConfig:
             ("lr_decay", 0 < self.lr_decay <= 1, "in (0, 1]"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
             ("natural_weight", 0.0 <= self.natural_weight <= 1.0, "in [0, 1]"),
-            ("chunk_size", self.chunk_size >= 1, "at least 1"),
+            ("chunk_size", self.chunk_size is None or self.chunk_size >= 1, "at least 1 (or None: automatic)"),
             ("patches", self.patches >= 1, "at least 1"),
             ("temperature", self.temperature > 0, "positive"),
             ("unet_width", self.unet_width >= 1, "at least 1"),
@@ -338,6 +375,8 @@ class Trainer:
         self.shape: PatchShape = make_shape(config.shape, config.patch, image_size=self.image_shape[1:])
         self.locations: Locations = all_locations(self.shape, self.image_shape[1:]).to(self.device)
         self.bounded = bound_model(self.model, self.image_shape, self.device)
+        self.chunk_size = config.chunk_size or automatic_chunk(self.model, self.image_shape, self.device)
+        """Rows per bound computation: ``config.chunk_size``, or sized from the model's widest layer."""
         if strategy is None and config.sparse:
             from .sparse_strategy import SparsePixels
 
@@ -350,7 +389,7 @@ class Trainer:
             torch.manual_seed(config.seed)
             self.strategy.setup(BoundContext(
                 model=self.model, bounded=self.bounded, locations=self.locations, num_classes=self.num_classes,
-                image_shape=self.image_shape, device=self.device, chunk_size=config.chunk_size, domain=domain,
+                image_shape=self.image_shape, device=self.device, chunk_size=self.chunk_size, domain=domain,
             ))
         self.warmup = WarmupSchedule(config.warmup_start, config.warmup)
         decay = StepDecay(hold=self.warmup.end_epoch, step=config.lr_step, decay=config.lr_decay)
@@ -451,7 +490,7 @@ class Trainer:
         return metrics
 
     def _micro_batch(self) -> int:
-        return max(1, self.config.chunk_size // max(1, self.strategy.grad_rows_per_image()))
+        return max(1, self.chunk_size // max(1, self.strategy.grad_rows_per_image()))
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor, strength: float,
               part: Optional[slice] = None) -> dict:
@@ -593,7 +632,7 @@ class Trainer:
                 )
             return distributed.certify(
                 self.model, images, labels, shape=self.shape, locations=self.locations, method="ibp",
-                chunk_size=self.config.chunk_size, device=self.device, domain=self.domain, bounded=self._bounded_as_is(),
+                chunk_size=self.chunk_size, device=self.device, domain=self.domain, bounded=self._bounded_as_is(),
                 progress=progress,
             )
         finally:
