@@ -1,5 +1,5 @@
 # lirpa-patch: two commands do everything on a fresh machine.
-#   make demo   install, then certify the bundled MNIST 2x2 model on 100 bundled held-out digits
+#   make demo   install, then certify the bundled MNIST 2x2 model on 100 bundled MNIST test digits
 #               (JSON report demo_report.json, HTML report with heatmaps demo_report.html)
 #   make test   install, then run the test suite (.ci/run calls this)
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml setup.py
 
 demo: install
 	$(BIN)/lirpa-patch certify onnx_models/mnist_mlp_2x2.onnx --patch 2x2 --data sample \
-		--start 4000 --num 100 --threads 1 --output demo_report.json --html demo_report.html
+		--num 100 --threads 1 --output demo_report.json --html demo_report.html
 
 test: install
 	$(BIN)/python -m pytest -q -n 2

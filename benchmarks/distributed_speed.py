@@ -78,7 +78,7 @@ def bench_certify(args, configs, work: Path) -> None:
     for rep in range(args.repeat):
         for label, nproc, threads in configs:
             out = work / f"certify_{nproc}_{threads}.json"
-            command = ["certify", MODEL, "--data", "sample", "--start", "4000", "--num", args.images, "-q",
+            command = ["certify", MODEL, "--data", "sample:train", "--start", "4000", "--num", args.images, "-q",
                        "-o", out] + (["--nproc", nproc] if nproc > 1 else [])
             wall, cpu = _run(command, threads, work)
             walls[label].append(wall)

@@ -54,8 +54,9 @@ def model_data_options(*, method: bool = True, nproc: bool = False) -> Callable:
                          "patch; several, comma-separated, sweep the budgets (e.g. 1,2,4,8). --patch/--shape "
                          "do not apply."),
             click.option("--data", default="sample", metavar="SOURCE",
-                         help="'sample' (bundled MNIST digits), an .npz file (x, y), an MNIST IDX directory or "
-                         "a CIFAR-10 batches directory (append :train/:test to pick a split)."),
+                         help="'sample' (2,000 bundled MNIST test digits; sample:train: 5,000 training digits), "
+                         "an .npz file (x, y), an MNIST IDX directory or a CIFAR-10 batches directory (its test "
+                         "split; append :train/:test to pick a split)."),
             click.option("--start", type=int, default=0, help="First image of the data."),
             click.option("--num", type=int, default=None, show_default="to the end", help="Number of images."),
         ]
@@ -351,6 +352,9 @@ def load(*, model: str, data: str, start: int, num: Optional[int], input_shape: 
         import torch
 
         torch.set_num_threads(threads)
+    from lirpa_patch.devices import keep_freed_memory
+
+    keep_freed_memory()  # large tensors reuse freed memory (no page faults per bound call)
     from lirpa_patch.data import load_dataset
     from lirpa_patch.domain import check_normalization
     from lirpa_patch.models import check_against_onnxruntime, image_model, load_model

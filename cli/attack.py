@@ -39,7 +39,7 @@ def attack(model: str, patch: str, shape: str, sparse: Optional[str], locations_
 
     \b
     Examples:
-      lirpa-patch attack net.onnx --patch 2x2 --data sample --start 4000 --num 100
+      lirpa-patch attack net.onnx --patch 2x2 --data sample --num 100
       lirpa-patch attack net.onnx --patch 2x2 --candidates all --restarts 5 --save-adversarial adv/
       lirpa-patch attack net.onnx --locations-from report.json -o attack.json
       lirpa-patch attack net.onnx --sparse 1,2,4,8

@@ -58,7 +58,7 @@ def certify(model: str, patch: str, shape: str, sparse: Optional[str], heatmaps:
       lirpa-patch certify net.onnx --sparse 1,2,4,8
       lirpa-patch certify resnet.onnx --data cifar/ --num 100 --mean 0.4914,0.4822,0.4465 \\
           --std 0.2471,0.2435,0.2616 --patch 5x5 --shape all --heatmaps maps/
-      lirpa-patch certify net.onnx --data sample --start 4000 --nproc 2 -o report.json
+      lirpa-patch certify net.onnx --data sample --nproc 2 -o report.json
       torchrun --nproc-per-node 2 -- "$(command -v lirpa-patch)" certify net.onnx --data sample -o report.json
     """
     _run.check_model_exists(model)  # first, before anything imports torch

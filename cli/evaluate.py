@@ -39,7 +39,7 @@ def evaluate(model: str, patch: str, shape: str, sparse: Optional[str], html: Op
 
     \b
     Examples:
-      lirpa-patch evaluate net.onnx --patch 2x2 --data sample --start 4000
+      lirpa-patch evaluate net.onnx --patch 2x2 --data sample
       lirpa-patch evaluate net.onnx --patch 2x2 --shape all --html eval.html
       lirpa-patch evaluate net.onnx --patch 1x1,2x2,3x3,5x5 --plots plots/
       lirpa-patch evaluate net.onnx --sparse 1,2,4,8

@@ -208,9 +208,6 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
-    from lirpa_patch.devices import keep_freed_memory
-
-    keep_freed_memory()  # large tensors reuse freed memory (no page faults per bound call)
     app.main(prog_name="lirpa-patch")
 
 

@@ -126,9 +126,9 @@ class _Display:
 
 @click.command("train", context_settings={"show_default": True})
 @click.option("--data", default="sample", metavar="SOURCE",
-              help="Training data: 'sample' (bundled MNIST digits; digits 0-3999 by default), an .npz file (x, y), "
-              "or an MNIST IDX / CIFAR-10 batches directory, whose training split is used (DIR:test to train on "
-              "its test split).")
+              help="Training data: 'sample' (the bundled MNIST training digits, 0-3999 by default; never its "
+              "test digits), an .npz file (x, y), or an MNIST IDX / CIFAR-10 batches directory, whose training "
+              "split is used (DIR:test to train on its test split).")
 @click.option("--start", type=int, default=None, show_default="0", help="First training image of --data.")
 @click.option("--num", type=int, default=None, show_default="4000 for sample, else all",
               help="Number of training images (before the validation split is taken off).")
@@ -220,7 +220,7 @@ def train(**opts: Any) -> None:
     Examples:
       lirpa-patch train --data sample --arch mlp --patch 2x2 --strategy random --patches 10 --epochs 30 --out m.onnx
       lirpa-patch train --data cifar10/ --arch cnn5wide --patch 5x5 --strategy guided --patches 20 --out c.onnx
-      lirpa-patch certify m.onnx --patch 2x2 --data sample --start 4000
+      lirpa-patch certify m.onnx --patch 2x2 --data sample
       lirpa-patch train --data sample --arch mlp --sparse 4 --out mnist_sparse4.onnx
       lirpa-patch train --data sample --arch mlp --epochs 30 --nproc 2 --out m.onnx
     """
@@ -248,16 +248,18 @@ def train(**opts: Any) -> None:
     from lirpa_patch.domain import check_normalization
     from lirpa_patch.models.adapter import ImageModel
     from lirpa_patch.models.architectures import DEFAULT_WIDTHS, build_architecture
+    from lirpa_patch.devices import keep_freed_memory
     from lirpa_patch.outputs import check_outputs, check_writable
     from lirpa_patch.shapes import check_pixels
     from lirpa_patch.train import (
         MetricsLog, Trainer, TrainConfig, config_from_dict, export_onnx, load_checkpoint, preset_for,
-        preset_normalization, train_val_split,
+        preset_normalization, saved_selection, train_val_split,
     )
     from lirpa_patch.train.trainer import EpochMetrics
 
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
+    keep_freed_memory()  # large tensors reuse freed memory (no page faults per bound call)
     group = distributed.init(opts["device"])  # None in a single process; several: rank 0 alone writes
     primary = is_primary()
     check_normalization(mean, std)  # both or neither, before any data is read
@@ -270,9 +272,7 @@ def train(**opts: Any) -> None:
         with param_as({"path": "resume", "state": "resume"}):
             resumed = load_checkpoint(opts["resume"])
     if resumed is not None:
-        saved = dict(resumed.get("meta", {}).get("data_selection", {}))
-        selection = {key: saved.get(key) for key in _SELECTION}
-        selection["data"] = selection["data"] or "sample"
+        selection = saved_selection(dict(resumed.get("meta", {}).get("data_selection", {})))
     else:
         selection = {key: opts[key] for key in _SELECTION}
     selection["start"] = selection["start"] or 0

@@ -5,11 +5,14 @@
 
 Sources (the ``source`` argument):
 
-``"sample"``
-    5,000 MNIST digits bundled with the package (``lirpa_patch/_data``). By
-    convention images 0-3,999 are for training and 4,000-4,999 are held out for
-    evaluation (``start=4000, num=1000``). Only the *string* ``"sample"`` means
-    this; pass ``Path("sample")`` or ``"./sample"`` for a file of that name.
+``"sample"``, ``"sample:test"``, ``"sample:train"``
+    MNIST digits bundled with the package (``lirpa_patch/_data``), in two splits like
+    an MNIST directory: ``"sample:test"`` holds the first 2,000 official *test* digits
+    (no shipped model trained on them) and ``"sample:train"`` 5,000 *training* digits
+    (by convention 0-3,999 train and 4,000-4,999 are held out for validation).
+    ``"sample"`` alone is the test split, as for a directory; training picks the
+    training split itself (:func:`lirpa_patch.train.train_val_split`). Only these
+    *strings* name the sample; pass ``Path("sample")`` or ``"./sample"`` for a file.
 
 a ``.npz`` file with arrays ``x`` and ``y``
     ``x`` is ``(N, H, W)`` (one channel), ``(N, C, H, W)`` or ``(N, H, W, C)``.
@@ -63,6 +66,7 @@ import torch
 from .errors import DataError, UsageError
 
 _SAMPLE = "sample"
+_SAMPLE_FILES = {"test": "mnist_test_sample.npz", "train": "mnist_sample.npz"}
 _SPLITS = ("test", "train")
 _MNIST_PREFIX = {"test": "t10k", "train": "train"}
 _MNIST_SUBDIRS = (".", "raw", os.path.join("MNIST", "raw"))
@@ -140,9 +144,10 @@ def load_dataset(
         raise UsageError(f"start must be >= 0, got {start}", param="start")
 
     classes: Optional[int] = None
-    if isinstance(source, str) and source == _SAMPLE:
-        x, y = _load_sample()
-        name, classes = _SAMPLE, 10
+    split = sample_split(source)
+    if split is not None:
+        x, y = _load_sample(split)
+        name, classes = f"{_SAMPLE}:{split}", 10
     else:
         x, y, name = _load_path(source)
         if name.startswith(("mnist:", "cifar10:")):
@@ -152,7 +157,8 @@ def load_dataset(
 
     n = len(x)
     if start >= n:
-        raise UsageError(f"start {start} is beyond the end of {name} ({n} images)", param="start")
+        hint = (" (the 5,000 training digits are sample:train)" if name == f"{_SAMPLE}:test" else "")
+        raise UsageError(f"start {start} is beyond the end of {name} ({n} images){hint}", param="start")
     stop = n if num is None else min(n, start + num)
     images = _to_unit_float(x[start:stop], name)
     return Dataset(
@@ -164,13 +170,26 @@ def load_dataset(
     )
 
 
-def available_splits(source: Union[str, os.PathLike]) -> tuple[str, ...]:
-    """The splits (``"train"``, ``"test"``) an MNIST IDX or CIFAR-10 directory holds.
+def sample_split(source: Union[str, os.PathLike]) -> Optional[str]:
+    """``"test"`` or ``"train"`` when ``source`` names the bundled sample (``"sample"`` is
+    its test split), else None. Never raises."""
+    if not isinstance(source, str):
+        return None
+    if source == _SAMPLE:
+        return "test"
+    head, _, tail = source.partition(":")
+    return tail if head == _SAMPLE and tail in _SAMPLE_FILES else None
 
-    Empty for the sample, a file, a path with a ``:train``/``:test`` suffix (the split
-    is already chosen) or anything that does not exist. Never raises.
+
+def available_splits(source: Union[str, os.PathLike]) -> tuple[str, ...]:
+    """The splits (``"train"``, ``"test"``) the sample or an MNIST IDX or CIFAR-10 directory holds.
+
+    Empty for a file, a path with a ``:train``/``:test`` suffix (the split is already
+    chosen) or anything that does not exist. Never raises.
     """
     if isinstance(source, str) and source == _SAMPLE:
+        return ("train", "test")
+    if sample_split(source) is not None:
         return ()
     try:
         path = Path(os.fsdecode(source)).expanduser()
@@ -199,9 +218,10 @@ def source_files(source: Union[str, os.PathLike]) -> list[Path]:
     a directory (both splits, whichever ``:train``/``:test`` suffix is given). Never
     raises: a source that does not exist reads no files (:func:`load_dataset` reports it).
     """
-    if isinstance(source, str) and source == _SAMPLE:
+    split = sample_split(source)
+    if split is not None:
         try:
-            ref = resources.files(__package__) / "_data" / "mnist_sample.npz"
+            ref = resources.files(__package__) / "_data" / _SAMPLE_FILES[split]
             return [Path(os.fspath(ref))] if ref.is_file() else []
         except (TypeError, OSError):  # pragma: no cover - a zipped install
             return []
@@ -227,15 +247,15 @@ def source_files(source: Union[str, os.PathLike]) -> list[Path]:
 # --- sources -----------------------------------------------------------------
 
 
-def _load_sample() -> tuple[np.ndarray, np.ndarray]:
-    """The bundled sample: ``x`` (5000, 28, 28) uint8, ``y`` (5000,) int64."""
-    ref = resources.files(__package__) / "_data" / "mnist_sample.npz"
+def _load_sample(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A split of the bundled sample: ``x`` (N, 28, 28) uint8, ``y`` (N,) int64 (test: 2,000; train: 5,000)."""
+    ref = resources.files(__package__) / "_data" / _SAMPLE_FILES[split]
     try:
         with ref.open("rb") as f:
-            return _read_npz(f, "the bundled sample")
+            return _read_npz(f, f"the bundled sample's {split} split")
     except FileNotFoundError:
         raise DataError(
-            "the bundled MNIST sample (lirpa_patch/_data/mnist_sample.npz) is missing; "
+            f"the bundled MNIST sample (lirpa_patch/_data/{_SAMPLE_FILES[split]}) is missing; "
             "reinstall lirpa-patch"
         ) from None
 

@@ -60,7 +60,7 @@ def test_block_bounds_are_below_every_member_bound():
 def _digits(n: int):
     from lirpa_patch.data import load_dataset
 
-    data = load_dataset("sample", start=4000, num=n)
+    data = load_dataset("sample:train", start=4000, num=n)
     return data.images, data.labels
 
 

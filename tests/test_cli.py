@@ -112,7 +112,7 @@ def cifar_npz(shared_dir, tmp_path) -> Path:
 def test_shared_mnist_flat_model_certifies_with_crown(shared_dir, tmp_path):
     output = tmp_path / "r.json"
     result = invoke("certify", shared_dir / "models" / "mnist-net_256x2.onnx", "--data", "sample",
-                    "--start", 4000, "--num", 3, "--method", "crown", "--output", output)
+                    "--num", 3, "--method", "crown", "--output", output)
     assert_ok(result)
     s = read_report(output)["summary"]
     assert s["model_input"]["layout"] == "flat" and s["model_input"]["input_shape"] == [784, 1]

@@ -20,7 +20,7 @@ def invoke(*args: object) -> Result:
 
 def report(tmp_path: Path, *args: object) -> dict:
     out = tmp_path / "r.json"
-    result = invoke("certify", MODEL, "--data", "sample", "--start", 4000, "--num", 6, "-o", out, *args)
+    result = invoke("certify", MODEL, "--data", "sample:train", "--start", 4000, "--num", 6, "-o", out, *args)
     assert result.exit_code == 0, result.output
     return json.loads(out.read_text())["summary"]
 

@@ -16,7 +16,7 @@ from lirpa_patch_cli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "onnx_models" / "mnist_mlp_2x2.onnx")
-DIGITS = ["--data", "sample", "--start", "4000", "--num", "6"]
+DIGITS = ["--data", "sample:train", "--start", "4000", "--num", "6"]
 FAST = ["--steps", "5", "--restarts", "2", "--candidates", "4"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -59,7 +59,7 @@ def test_attack_reports_empirical_accuracy_with_the_certify_conventions(tmp_path
 
 def test_attack_saves_every_adversarial_image_and_a_picture_per_break(tmp_path):
     folder = tmp_path / "adv"
-    result = invoke("attack", MODEL, "--data", "sample", "--start", "4000", "--num", "12", *FAST,
+    result = invoke("attack", MODEL, "--data", "sample:train", "--start", "4000", "--num", "12", *FAST,
                     "--save-adversarial", folder, "-o", tmp_path / "a.json")
     assert_ok(result)
     saved = np.load(folder / "adversarial_2x2_square.npz")
@@ -126,7 +126,7 @@ def test_evaluate_exits_3_and_names_the_images_when_a_certificate_is_too_optimis
     honest = engine.threat_margins
     monkeypatch.setattr(engine, "threat_margins", lambda *a, **kw: honest(*a, **kw) + 10.0)
     out = tmp_path / "e.json"
-    result = invoke("evaluate", MODEL, "--data", "sample", "--start", "4000", "--num", "12", *FAST, "-o", out)
+    result = invoke("evaluate", MODEL, "--data", "sample:train", "--start", "4000", "--num", "12", *FAST, "-o", out)
     assert result.exit_code == 3, result.output
     assert "SOUNDNESS VIOLATION" in result.stderr and "image 4003" in result.stderr
     assert read(out)["summary"]["num_violations"] >= 1  # the report is still written

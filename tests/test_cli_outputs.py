@@ -49,7 +49,7 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     model = root / "model.onnx"
     model.write_bytes(MODEL.read_bytes())
-    digits = load_dataset("sample", start=4000, num=2)
+    digits = load_dataset("sample:train", start=4000, num=2)
     x = (digits.images[:, 0] * 255).round().numpy().astype(np.uint8)
     y = digits.labels.numpy()
     npz = root / "digits.npz"
@@ -200,7 +200,7 @@ def test_a_report_named_like_a_heatmap_inside_the_heatmaps_folder_is_refused(tmp
     maps = tmp_path / "maps"
     maps.mkdir()
     report = maps / "4000_2x2_square.png"
-    result = invoke("certify", MODEL, "--patch", "2x2", "--data", "sample", "--start", 4000, "--num", 1,
+    result = invoke("certify", MODEL, "--patch", "2x2", "--data", "sample:train", "--start", 4000, "--num", 1,
                     "-o", report, "--heatmaps", maps, "--quiet")
     one_line_error(result, 2, "--output", "--heatmaps")
     assert list(maps.iterdir()) == []
@@ -209,7 +209,7 @@ def test_a_report_named_like_a_heatmap_inside_the_heatmaps_folder_is_refused(tmp
 def test_an_html_report_named_like_a_heatmap_inside_the_heatmaps_folder_is_refused(tmp_path):
     maps = tmp_path / "maps"
     maps.mkdir()
-    result = invoke("certify", MODEL, "--patch", "2x2", "--data", "sample", "--start", 4000, "--num", 1,
+    result = invoke("certify", MODEL, "--patch", "2x2", "--data", "sample:train", "--start", 4000, "--num", 1,
                     "-o", tmp_path / "r.json", "--heatmaps", maps, "--html", maps / "4000_2x2_square.png", "--quiet")
     one_line_error(result, 2, "--html", "--heatmaps")
     assert list(maps.iterdir()) == [] and not (tmp_path / "r.json").exists()
@@ -218,7 +218,7 @@ def test_an_html_report_named_like_a_heatmap_inside_the_heatmaps_folder_is_refus
 def test_a_report_beside_the_heatmaps_in_their_folder_is_written(tmp_path):
     maps = tmp_path / "maps"
     maps.mkdir()
-    result = invoke("certify", MODEL, "--patch", "2x2", "--data", "sample", "--start", 4000, "--num", 1,
+    result = invoke("certify", MODEL, "--patch", "2x2", "--data", "sample:train", "--start", 4000, "--num", 1,
                     "-o", maps / "report.json", "--heatmaps", maps, "--quiet")
     assert result.exit_code == 0, result.output
     assert json.loads((maps / "report.json").read_text())["summary"]["num_images"] == 1

@@ -77,9 +77,9 @@ def _ok_npz(tmp_path: Path, n: int = 4) -> Path:
 # --- the bundled sample ------------------------------------------------------
 
 
-def test_sample_is_5000_mnist_digits_in_unit_range_500_per_class():
-    ds = load_dataset("sample")
-    assert ds.name == "sample" and len(ds) == 5000
+def test_sample_train_is_5000_mnist_digits_in_unit_range_500_per_class():
+    ds = load_dataset("sample:train")
+    assert ds.name == "sample:train" and len(ds) == 5000
     assert ds.images.shape == (5000, 1, 28, 28) and ds.images.dtype == torch.float32
     assert 0.0 <= float(ds.images.min()) and float(ds.images.max()) <= 1.0
     assert ds.images.is_contiguous()
@@ -87,8 +87,21 @@ def test_sample_is_5000_mnist_digits_in_unit_range_500_per_class():
     assert torch.equal(ds.indices, torch.arange(5000))
 
 
-def test_sample_held_out_slice_is_digits_4000_to_4999(shared_dir):
-    ds = load_dataset("sample", start=4000, num=1000)
+def test_sample_test_is_the_first_2000_official_test_digits(shared_dir):
+    ds = load_dataset("sample:test")
+    assert ds.name == "sample:test" and len(ds) == 2000 and ds.num_classes == 10
+    official = load_dataset(f"{shared_dir / 'data' / 'mnist'}:test", num=2000)
+    assert torch.equal(ds.images, official.images) and torch.equal(ds.labels, official.labels)
+
+
+def test_sample_alone_is_its_test_split_as_for_a_directory():
+    ds = load_dataset("sample", num=5)
+    assert ds.name == "sample:test"
+    assert torch.equal(ds.images, load_dataset("sample:test", num=5).images)
+
+
+def test_sample_train_held_out_slice_is_digits_4000_to_4999(shared_dir):
+    ds = load_dataset("sample:train", start=4000, num=1000)
     assert len(ds) == 1000
     assert torch.equal(ds.indices, torch.arange(4000, 5000))
     with np.load(shared_dir / "data" / "mnist_5k.npz") as f:
@@ -118,14 +131,15 @@ def test_start_num_select_a_contiguous_slice_with_source_indices():
 
 
 def test_a_slice_running_past_the_end_stops_at_the_end():
-    ds = load_dataset("sample", start=4990, num=100)
+    ds = load_dataset("sample:train", start=4990, num=100)
     assert torch.equal(ds.indices, torch.arange(4990, 5000))
 
 
 @pytest.mark.parametrize(
     "start, num, message",
     [
-        (5000, None, r"start 5000 is beyond the end of sample \(5000 images\)"),
+        (2000, None, r"start 2000 is beyond the end of sample:test \(2000 images\) \(the 5,000 training digits "
+                     r"are sample:train\)"),
         (-1, None, "start must be >= 0"),
         (0, 0, "num must be positive"),
         (0, -3, "num must be positive"),

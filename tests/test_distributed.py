@@ -56,7 +56,7 @@ def test_shards_cover_every_item_once_in_order_and_balanced(n, world):
 
 @pytest.fixture(scope="module")
 def mnist():
-    data = load_dataset("sample", start=4000, num=24)
+    data = load_dataset("sample:train", start=4000, num=24)
     net = image_model(load_model(str(MODEL)), image_shape=tuple(data.images.shape[1:]))
     return SimpleNamespace(images=data.images, labels=data.labels, net=net, indices=data.indices.tolist(),
                            scales=logit_scales(net, data.images, data.indices.tolist()))
@@ -246,14 +246,14 @@ def _without(report: dict, keys=TIMING | {"world_size"}) -> dict:
 
 def _sample_scales(num: int, start: int = 4000) -> dict[int, float]:
     """Each image's largest |logit| (the scale of the tolerance) for reports of the bundled sample."""
-    data = load_dataset("sample", start=start, num=num)
+    data = load_dataset("sample:train", start=start, num=num)
     net = image_model(load_model(str(MODEL)), image_shape=tuple(data.images.shape[1:]))
     return logit_scales(net, data.images, data.indices.tolist())
 
 
 @pytest.mark.parametrize("method", ["ibp", "crown"])
 def test_certify_in_two_processes_writes_the_report_of_one(tmp_path, method):
-    args = ["certify", MODEL, "--data", "sample", "--start", "4000", "--num", "8", "--quiet", "--method", method]
+    args = ["certify", MODEL, "--data", "sample:train", "--start", "4000", "--num", "8", "--quiet", "--method", method]
     _ok(_run(_lirpa(*args, "-o", "one.json"), tmp_path))
     two = _run(_torchrun(*args, "-o", "two.json"), tmp_path)
     _ok(two)
@@ -366,7 +366,7 @@ def test_resume_under_torchrun_continues_exactly(trained):
 
 @pytest.mark.gpu
 def test_cuda_certify_matches_the_cpu_and_sizes_chunks_from_free_gpu_memory(tmp_path):
-    args = ["certify", MODEL, "--data", "sample", "--start", "4000", "--num", "8", "--quiet"]
+    args = ["certify", MODEL, "--data", "sample:train", "--start", "4000", "--num", "8", "--quiet"]
     _ok(_run(_lirpa(*args, "-o", "cpu.json"), tmp_path))
     _ok(_run(_lirpa(*args, "--device", "cuda", "-o", "gpu.json"), tmp_path))
     cpu, gpu = (json.loads((tmp_path / n).read_text()) for n in ("cpu.json", "gpu.json"))
@@ -382,7 +382,7 @@ def test_cuda_certify_matches_the_cpu_and_sizes_chunks_from_free_gpu_memory(tmp_
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_gpus_with_nccl_give_the_report_of_one(tmp_path):
-    args = ["certify", MODEL, "--data", "sample", "--start", "4000", "--num", "8", "--quiet", "--device", "cuda"]
+    args = ["certify", MODEL, "--data", "sample:train", "--start", "4000", "--num", "8", "--quiet", "--device", "cuda"]
     _ok(_run(_lirpa(*args, "-o", "one.json"), tmp_path))
     _ok(_run(_lirpa(*args, "--nproc", "2", "-o", "two.json"), tmp_path))
     one, two = (json.loads((tmp_path / n).read_text()) for n in ("one.json", "two.json"))

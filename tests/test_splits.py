@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from lirpa_patch.data import available_splits
 from lirpa_patch.errors import UsageError
-from lirpa_patch.train import SAMPLE_TRAIN, train_val_split
+from lirpa_patch.train import SAMPLE_TRAIN, saved_selection, train_val_split
 
 TEST_LABEL = 3  # every test-split image has this label; training images have labels 0-2
 
@@ -62,7 +62,8 @@ def cifar_dir(tmp_path) -> Path:
 def test_directories_with_both_splits_report_them(mnist_dir, cifar_dir):
     assert available_splits(mnist_dir) == ("train", "test")
     assert available_splits(cifar_dir) == ("train", "test")
-    assert available_splits("sample") == () and available_splits(mnist_dir / "missing") == ()
+    assert available_splits("sample") == ("train", "test")
+    assert available_splits("sample:test") == () and available_splits(mnist_dir / "missing") == ()
 
 
 def test_a_mnist_directory_trains_on_its_training_split_and_holds_out_validation(mnist_dir):
@@ -99,9 +100,25 @@ def test_training_on_the_test_split_is_possible_when_asked(mnist_dir):
 
 def test_the_sample_trains_on_digits_0_to_3999_and_validates_on_the_held_out_digits():
     splits = train_val_split("sample", val_num=100)
+    assert splits.train.name == splits.val.name == "sample:train"
     assert splits.train.indices[[0, -1]].tolist() == [0, SAMPLE_TRAIN - 1]
     assert splits.val.indices[[0, -1]].tolist() == [SAMPLE_TRAIN, SAMPLE_TRAIN + 99]
     assert "the held-out sample digits" in splits.description
+
+
+def test_training_on_the_sample_never_reads_its_test_digits():
+    assert train_val_split("sample:train", val_num=10).description == train_val_split("sample", val_num=10).description
+    splits = train_val_split("sample", start=4500, val_size=100)  # past the usual training digits: still training
+    assert splits.train.name == "sample:train" and len(splits.train) + len(splits.val) == 500
+
+
+def test_a_checkpoint_that_saved_sample_resumes_on_the_training_digits():
+    old = {"data": "sample", "start": 0, "num": 4000, "val_data": "sample", "val_start": 4000, "val_num": 200,
+           "val_size": None}
+    selection = saved_selection(old)
+    assert selection["data"] == selection["val_data"] == "sample:train"
+    splits = train_val_split(**selection)
+    assert splits.val.indices[[0, -1]].tolist() == [4000, 4199] and splits.val.name == "sample:train"
 
 
 def test_an_npz_holds_out_its_last_tenth(tmp_path):

@@ -32,7 +32,7 @@ N = 12
 
 @pytest.fixture(scope="module")
 def digits():
-    data = load_dataset("sample", start=4000, num=N)
+    data = load_dataset("sample:train", start=4000, num=N)
     net = image_model(load_model(str(MODEL)), image_shape=tuple(data.images.shape[1:]))
     return data, net, logit_scales(net, data.images, data.indices.tolist())
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from .export import export_onnx, exportable_module
 from .presets import CIFAR10_MEAN, CIFAR10_STD, PRESETS, preset_for, preset_normalization
 from .schedules import StepDecay, WarmupSchedule
-from .splits import SAMPLE_TRAIN, TrainSplits, train_val_split
+from .splits import SAMPLE_TRAIN, TrainSplits, saved_selection, train_val_split
 from .strategies import (
     STRATEGY_NAMES,
     AllLocations,
@@ -69,5 +69,6 @@ __all__ = [
     "margin_logits",
     "preset_for",
     "preset_normalization",
+    "saved_selection",
     "train_val_split",
 ]

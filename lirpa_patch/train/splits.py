@@ -4,7 +4,8 @@
 
 * **Training images** come from ``data``, images ``[start, start + num)``:
 
-  - ``"sample"``: by default digits 0-3,999 (the last 1,000 are held out);
+  - ``"sample"`` (or ``"sample:train"``): the sample's 5,000 training digits, by default
+    digits 0-3,999 (the last 1,000 are held out); never its test digits;
   - a directory that holds a training split (every real MNIST IDX or CIFAR-10
     directory also holds the test split): its **training** split, never the test
     split unless asked with ``"DIR:test"``;
@@ -14,7 +15,7 @@
 
   - ``val_data`` when given (e.g. ``"DIR:test"``: the test split, only when asked),
     images ``[val_start, val_start + val_num)``;
-  - else for ``"sample"`` (training slice within 0-3,999): the held-out digits
+  - else for the sample (training slice within 0-3,999): the held-out training digits
     4,000-4,999 (the first ``val_num`` of them);
   - else the last ``val_size`` training images, held out (default 10%, at most 5,000;
     ``val_size=0``: no validation).
@@ -31,11 +32,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from ..data import Dataset, available_splits, load_dataset
+from ..data import Dataset, available_splits, load_dataset, sample_split
 from ..errors import UsageError
 
 SAMPLE_TRAIN = 4000
-"""The bundled sample: digits 0-3,999 train, 4,000-4,999 are held out."""
+"""The bundled sample's training split: digits 0-3,999 train, 4,000-4,999 are held out."""
+
+_SAMPLE_TRAINING = "sample:train"
 
 Source = Union[str, "os.PathLike[str]"]
 
@@ -123,22 +126,22 @@ def train_val_split(
         raise UsageError(f"val_size must be an integer >= 0, got {val_size!r}", param="val_size")
     if val_data is not None and val_size is not None:
         raise UsageError("give either val_data or val_size, not both", param="val_size", related=("val_data",))
-    sample = isinstance(data, str) and data == "sample"
+    source = _training_source(data)
+    sample = sample_split(source) == "train"
     start = start or 0
     if sample and num is None and start < SAMPLE_TRAIN:
         num = SAMPLE_TRAIN - start
-    source = _training_source(data)
     train = _load(source, start, num, {"source": "data", "start": "start", "num": "num"})
     selection: dict[str, Any] = {
         "data": os.fspath(source), "start": start, "num": num,
         "val_data": None, "val_start": 0, "val_num": None, "val_size": None,
     }
     if val_data is None and val_size is None and sample and start + len(train) <= SAMPLE_TRAIN:
-        val_data, val_start = "sample", SAMPLE_TRAIN
+        val_data, val_start = _SAMPLE_TRAINING, SAMPLE_TRAIN
     if val_data is not None:
         val = _load(val_data, val_start or 0, val_num, {"source": "val_data", "start": "val_start", "num": "val_num"})
         selection.update(val_data=os.fspath(val_data), val_start=val_start or 0, val_num=val_num)
-        held_out = val_data == "sample" and (val_start or 0) >= SAMPLE_TRAIN
+        held_out = sample_split(val_data) == "train" and (val_start or 0) >= SAMPLE_TRAIN
         why = "the held-out sample digits" if held_out else "val_data"
     else:
         if val_size is None:
@@ -155,3 +158,21 @@ def train_val_split(
     description = f"training: {_span(train)})"
     description += f"; validation: {_span(val)}, {why})" if val is not None else "; no validation"
     return TrainSplits(train=train, val=val, selection=selection, description=description)
+
+
+def saved_selection(saved: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`train_val_split` arguments a checkpoint's ``data_selection`` stands for.
+
+    Before the sample had a test split (lirpa-patch 0.1), ``"sample"`` named its training
+    digits; a selection saved then says ``"sample"`` for what is now ``"sample:train"``
+    (selections saved since always hold the resolved split).
+    """
+    keys = ("data", "start", "num", "val_data", "val_start", "val_num", "val_size")
+    selection = {key: saved.get(key) for key in keys}
+    for key in ("data", "val_data"):
+        if selection[key] == "sample":
+            selection[key] = _SAMPLE_TRAINING
+    selection["data"] = selection["data"] or _SAMPLE_TRAINING
+    selection["start"] = selection["start"] or 0
+    selection["val_start"] = selection["val_start"] or 0
+    return selection
