@@ -522,3 +522,57 @@ def test_topk_backward_matches_autograd():
                 g2, = torch.autograd.grad((up2 * w1).sum() + (dn2 * w2).sum(), coef)
                 assert torch.allclose(up, up2) and torch.allclose(dn, dn2)
                 assert torch.allclose(g1, g2, atol=1e-12), (batched, grouped, block)
+
+
+def _sparse_case(seed: int, *, cols: int = 1, width: int = 300, outs: int = 40, reach: float = 1.0, ties: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    coef = torch.randn(1, outs, width, generator=g)
+    if ties:  # many equal bounds and gains: the k-th best ties with unexamined elements
+        coef = coef.sign() * 0.5
+    x = (torch.rand(6, cols, width, generator=g) > 0.7).float() * torch.rand(6, cols, width, generator=g)
+    x[x > 0.6] = 1.0
+    ids = torch.arange(width).expand(cols, width)
+    return coef, -x * reach, (1 - x) * reach, ids, ids.clone()
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 10])
+@pytest.mark.parametrize("case", [dict(), dict(cols=3), dict(reach=4.0), dict(ties=True), dict(width=90)])
+def test_top_k_from_candidates_is_exactly_the_top_k_over_every_pixel(monkeypatch, k, case):
+    coef, m_lo, m_hi, src, pix = _sparse_case(k, **case)
+    monkeypatch.setattr(topk, "_PRUNE", False)
+    want = topk.sparse_gains(coef, m_lo, m_hi, src, pix, k)
+    monkeypatch.setattr(topk, "_PRUNE", True)
+    got = topk.sparse_gains(coef, m_lo, m_hi, src, pix, k)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_top_k_from_candidates_recomputes_the_rows_its_check_rejects(monkeypatch):
+    # one heavy element per output outside the candidates' reach: only the full pass finds it
+    coef, m_lo, m_hi, src, pix = _sparse_case(0, width=200)
+    coef[0, :, :150] = 1.0  # 150 equal bounds: the candidates (32) cannot prove their 4th best is the 4th overall
+    calls = []
+    full = torch.Tensor.topk
+
+    def counting(self, *args, **kwargs):
+        calls.append(tuple(self.shape))
+        return full(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "topk", counting)
+    got = topk.sparse_gains(coef, m_lo, m_hi, src, pix, 4)
+    monkeypatch.setattr(topk, "_PRUNE", False)
+    want = topk.sparse_gains(coef, m_lo, m_hi, src, pix, 4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert any(len(shape) == 2 and shape[1] == 200 for shape in calls)  # some rows went through every element
+
+
+def test_top_k_from_candidates_has_the_gradient_of_the_full_top_k(monkeypatch):
+    coef, m_lo, m_hi, src, pix = _sparse_case(3, outs=16)
+    weight = torch.randn(6, 16, 1, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for prune in (True, False):
+        monkeypatch.setattr(topk, "_PRUNE", prune)
+        c = coef.clone().requires_grad_()
+        up, down = topk.sparse_gains(c, m_lo, m_hi, src, pix, 4)
+        ((up - 2 * down) * weight).sum().backward()
+        grads.append(c.grad)
+    assert torch.equal(grads[0], grads[1])

@@ -130,6 +130,61 @@ def sparse_gains(coef: torch.Tensor, m_lo: torch.Tensor, m_hi: torch.Tensor,
     return torch.cat(ups, dim=0), torch.cat(downs, dim=0)
 
 
+_PRUNE = True
+"""Whether :class:`_TopKGains` looks for each top-k among candidates first (tests switch it off)."""
+
+
+def _candidates(kk: int) -> int:
+    """Elements per output examined before the exactness check of :func:`_pruned_topk`."""
+    return max(32, 8 * kk)
+
+
+def _pruned_topk(c: torch.Tensor, m_pos: torch.Tensor, m_neg: torch.Tensor, kk: int):
+    """The top-``kk`` gains and losses of :class:`_TopKGains` for a shared ``c`` ``(O, J)``, exactly, mostly
+    from a few candidates per output.
+
+    No element can gain or lose more than ``|c[o, j]| * reach[j]``, where ``reach[j]`` is the
+    largest move of element ``j`` over every image and column (float rounding keeps this:
+    ``|fl(c m)| <= fl(|c| reach)`` for ``|m| <= reach``). Each output examines the ``M``
+    elements of largest bound; when the ``kk``-th best of them is at least the ``(M + 1)``-th
+    bound, no other element can displace it and the top-``kk`` sum is exact. The rows where
+    that check fails are recomputed over every element.
+
+    Args:
+        c: ``(O, J)``; m_pos, m_neg: ``(N, L, J)``, ``>= 0`` and ``<= 0``.
+
+    Returns:
+        ``(up, up_idx, down, down_idx)``: ``(N, O, L)`` sums and ``(N, O, L, kk)`` element indices.
+    """
+    outs, width = c.shape
+    m = _candidates(kk)
+    reach = torch.maximum(m_pos.amax(dim=(0, 1)), m_neg.neg().amax(dim=(0, 1)))  # (J,)
+    top = (c.abs() * reach).topk(m + 1, dim=1)  # (O, M + 1)
+    cand, beyond = top.indices[:, :m], top.values[:, m]  # (O, M), (O,)
+    cc = c.gather(1, cand)
+    c_pos, c_neg = cc.clamp(min=0)[None, :, None, :], cc.clamp(max=0)[None, :, None, :]  # (1, O, 1, M)
+    mp = m_pos[:, :, cand].permute(0, 2, 1, 3)  # (N, O, L, M)
+    mn = m_neg[:, :, cand].permute(0, 2, 1, 3)
+    out = []
+    for g, first, second in ((torch.addcmul(c_pos * mp, c_neg, mn), m_pos, m_neg),
+                             (torch.addcmul(c_pos * mn, c_neg, mp).neg_(), m_neg, m_pos)):
+        best = g.topk(kk, dim=3)
+        idx = cand[None, :, None, :].expand(g.shape).gather(3, best.indices)
+        total = best.values.sum(dim=3)
+        redo = best.values[..., -1] < beyond[None, :, None]  # (N, O, L): an unexamined element may be better
+        if bool(redo.any()):
+            n_r, o_r, l_r = redo.nonzero(as_tuple=True)
+            cf = c[o_r]  # (F, J)
+            full = torch.addcmul(cf.clamp(min=0) * first[n_r, l_r], cf.clamp(max=0), second[n_r, l_r])
+            if first is m_neg:
+                full = full.neg_()
+            again = full.topk(kk, dim=1)
+            total[n_r, o_r, l_r] = again.values.sum(dim=1)
+            idx[n_r, o_r, l_r] = again.indices
+        out += [total, idx]
+    return out[0], out[1], out[2], out[3]
+
+
 class _TopKGains(torch.autograd.Function):
     """Top-k pixel gains/losses of independent elements, with a backward that only visits the top k.
 
@@ -154,6 +209,11 @@ class _TopKGains(torch.autograd.Function):
                 mp, mn = m_pos[n0:n1, None], m_neg[n0:n1, None]
                 for o0 in range(0, outs, o_blk):
                     o1 = min(outs, o0 + o_blk)
+                    if not grouped and cb.shape[0] == 1 and _PRUNE and kk * 4 <= width and 2 * _candidates(kk) < width:
+                        # most of the work: the candidates each output's top-k must come from
+                        parts = _pruned_topk(cb[0, o0:o1], m_pos[n0:n1], m_neg[n0:n1], kk)
+                        up[n0:n1, o0:o1], up_idx[n0:n1, o0:o1], dn[n0:n1, o0:o1], dn_idx[n0:n1, o0:o1] = parts
+                        continue
                     c = cb[:, o0:o1, None, :]
                     c_pos, c_neg = c.clamp(min=0), c.clamp(max=0)
                     g_up = torch.addcmul(c_pos * mp, c_neg, mn)
