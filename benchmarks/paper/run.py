@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/paper/run.py --list
     .venv/bin/python benchmarks/paper/run.py mlp-2x2-all mlp-k4      # train (or resume), then evaluate
-    .venv/bin/python benchmarks/paper/run.py --collect               # results.json and results.md only
+    .venv/bin/python benchmarks/paper/run.py --collect --readme      # results.json, results.md and the README table
 
 Per run, in ``runs/<id>/``: ``model.onnx`` (the trained model), ``ckpt.pt`` (the
 checkpoint: an interrupted run resumes from it), ``metrics.jsonl``, ``train.log`` and
@@ -171,7 +171,7 @@ def _pct(value: Optional[float]) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def collect(mnist: str) -> list[dict]:
+def collect(mnist: str, readme: bool = False) -> list[dict]:
     rows = [row(run, mnist) for run in RUNS]
     (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["| table | model | threat | strategy | paper clean | paper certified | clean | empirical | certified "
@@ -181,7 +181,15 @@ def collect(mnist: str) -> list[dict]:
         lines.append(f"| {r['table']} | {r['arch']} | {r['threat']} | {r.get('strategy', '–')} | "
                      f"{_pct(r['paper_clean'])} | {_pct(r['paper_certified'])} | {_pct(r['clean'])} | "
                      f"{_pct(r['empirical'])} | {_pct(r['certified'])} | {hours} | {r['status']} |")
-    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+    table = "\n".join(lines) + "\n"
+    (HERE / "results.md").write_text(table)
+    if readme:  # only when asked: a background run must not rewrite a README being edited
+        path = ROOT / "README.md"
+        text = path.read_text()
+        start, end = "<!-- paper-results:start -->\n", "<!-- paper-results:end -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            path.write_text(head + start + table + end + rest.split(end, 1)[1])
     return rows
 
 
@@ -192,9 +200,13 @@ def main() -> None:
                         help="the MNIST IDX directory (default: ../shared/data/mnist)")
     parser.add_argument("--list", action="store_true", help="list the runs and their state")
     parser.add_argument("--collect", action="store_true", help="only write results.json and results.md")
+    parser.add_argument("--readme", action="store_true", help="also put the table into README.md (with --collect)")
     parser.add_argument("--no-train", action="store_true", help="evaluate runs whose model exists, train none")
     args = parser.parse_args()
     mnist = str((ROOT / args.mnist).resolve()) if not os.path.isabs(args.mnist) else args.mnist
+    if args.collect:
+        collect(args.mnist, readme=args.readme)
+        return
     if args.list:
         for r in collect(args.mnist):
             print(f"{r['id']:<22} {r['status']:<12} certified {_pct(r['certified'])}  {r['command']}")

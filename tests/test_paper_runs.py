@@ -1,0 +1,39 @@
+"""The paper-reproduction runs (``benchmarks/paper``): commands the CLI accepts, results with every field."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+PAPER = Path(__file__).resolve().parents[1] / "benchmarks" / "paper"
+sys.path.insert(0, str(PAPER))
+
+import manifest  # noqa: E402
+
+FIELDS = {"table", "arch", "threat", "paper_clean", "paper_certified", "clean", "certified", "num_test",
+          "train_seconds", "device", "command"}
+
+
+@pytest.mark.parametrize("run", manifest.RUNS, ids=lambda r: r.id)
+def test_every_run_is_a_train_command_the_cli_accepts(run):
+    from cli.train import train
+
+    context = train.make_context("train", ["--data", "sample", *run.train, "--out", "m.onnx"])
+    assert context.params["out"] == "m.onnx"
+
+
+def test_run_ids_are_unique_and_sparse_rows_have_no_strategy():
+    assert len({r.id for r in manifest.RUNS}) == len(manifest.RUNS)
+    assert all((r.strategy is None) == r.threat.startswith("k=") for r in manifest.RUNS)
+
+
+def test_results_hold_a_row_with_every_field_for_every_run():
+    rows = json.loads((PAPER / "results.json").read_text())
+    assert [r["id"] for r in rows] == [r.id for r in manifest.RUNS]
+    for row in rows:
+        assert FIELDS <= set(row), row["id"]
+        if row["status"] == "done":
+            assert row["num_test"] == 10000 and 0 <= row["certified"] <= row["empirical"] <= row["clean"] <= 1
