@@ -73,7 +73,7 @@ for size, clean, cert in (("2x2", 98.55, 91.6), ("5x5", 93.81, 62.0)):
     for strategy, k in (("all", 0), ("random", 1), ("random", 5), ("random", 10), ("guided", 10)):
         known = strategy == "all"
         RUNS.append(Run(
-            id=f"mlp-{size}-{strategy}{k or ''}", tables=("3",), arch="mlp", threat=size,
+            id=f"mlp-{size}-{strategy}{k or ''}", tables=("2", "3") if known else ("3",), arch="mlp", threat=size,
             strategy=_label(strategy, k), train=_patch("mlp", size, strategy, k),
             paper_clean=clean if known else None, paper_certified=cert if known else None,
             source=f"{PAPER}; clean from the {AUTHORS}" if known else "",
@@ -108,3 +108,7 @@ for size in ("2x2", "5x5"):
     ))
 
 BY_ID = {run.id: run for run in RUNS}
+
+TRANSFER_SHAPES = ("square", "rectangle", "line", "diamond", "parallelogram")
+"""Table 5: the shapes the best square-trained 2x2 and 5x5 models are certified against (same pixel
+count as the square; ``rectangle`` is every h x w rectangle with at least that many, the worst counts)."""

@@ -40,7 +40,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from manifest import BY_ID, RUNS, Run  # noqa: E402
+from manifest import BY_ID, RUNS, TRANSFER_SHAPES, Run  # noqa: E402
 
 RUNS_DIR = HERE / "runs"
 NUM_TEST = 10000
@@ -126,6 +126,42 @@ def evaluate(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
     return summary
 
 
+def best_square(rows: list[dict], size: str) -> Optional[dict]:
+    """The finished square-trained MLP row of ``size`` with the best *validation* certified accuracy."""
+    done = [r for r in rows if r["status"] == "done" and r["threat"] == size and r["arch"] == "mlp"
+            and r.get("val_certified") is not None and r.get("strategy") not in (None, "none")]
+    return max(done, key=lambda r: r["val_certified"], default=None)
+
+
+def transfer(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
+    """Table 5: certified accuracy of ``run``'s model against every shape of its pixel count; ``transfer.json``."""
+    out = RUNS_DIR / run.id / "transfer.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    import torch
+
+    from lirpa_patch import certify
+    from lirpa_patch.data import load_dataset
+    from lirpa_patch.devices import keep_freed_memory
+    from lirpa_patch.models import image_model, load_model
+
+    keep_freed_memory()
+    torch.set_num_threads(1)
+    data = load_dataset(f"{mnist}:test", num=num)
+    model = image_model(load_model(RUNS_DIR / run.id / "model.onnx"), image_shape=(1, 28, 28))
+    shapes = {}
+    for shape in TRANSFER_SHAPES:
+        start = time.process_time()
+        cert = certify(model, data.images, data.labels, size=run.threat, shape=shape)
+        shapes[shape] = {"certified": sum(r.certified for r in cert.images) / len(cert.images),
+                         "clean": sum(r.correct for r in cert.images) / len(cert.images),
+                         "cpu_seconds": time.process_time() - start}
+        print(f"[{run.id}] {shape}: certified {_pct(shapes[shape]['certified'])}", flush=True)
+    summary = {"num_test": len(data), "shapes": shapes, "device": f"cpu: {_cpu()} (1 thread)"}
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
 def _metrics(run: Run) -> tuple[Optional[float], Optional[dict]]:
     """Training seconds (epochs + their validation) and the final validation record."""
     path = RUNS_DIR / run.id / "metrics.jsonl"
@@ -171,14 +207,32 @@ def _pct(value: Optional[float]) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
+def _transfer_rows(rows: list[dict]) -> list[dict]:
+    """Table 5 rows of the models whose ``transfer.json`` exists."""
+    out = []
+    for size in ("2x2", "5x5"):
+        best = best_square(rows, size)
+        path = RUNS_DIR / best["id"] / "transfer.json" if best else None
+        if path is None or not path.exists():
+            continue
+        found = json.loads(path.read_text())
+        for shape, figures in found["shapes"].items():
+            out.append({**best, "table": "5", "shape": shape, "certified": figures["certified"],
+                        "empirical": None, "paper_clean": None, "paper_certified": None,
+                        "note": f"the best square-trained {size} model by validation certified accuracy"})
+    return out
+
+
 def collect(mnist: str, readme: bool = False) -> list[dict]:
     rows = [row(run, mnist) for run in RUNS]
+    rows += _transfer_rows(rows)
     (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["| table | model | threat | strategy | paper clean | paper certified | clean | empirical | certified "
              "| training | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hours = "–" if r["train_seconds"] is None else f"{r['train_seconds'] / 3600:.1f} h"
-        lines.append(f"| {r['table']} | {r['arch']} | {r['threat']} | {r.get('strategy', '–')} | "
+        threat = r["threat"] + (f" {r['shape']}" if "shape" in r else "")
+        lines.append(f"| {r['table']} | {r['arch']} | {threat} | {r.get('strategy', '–')} | "
                      f"{_pct(r['paper_clean'])} | {_pct(r['paper_certified'])} | {_pct(r['clean'])} | "
                      f"{_pct(r['empirical'])} | {_pct(r['certified'])} | {hours} | {r['status']} |")
     table = "\n".join(lines) + "\n"
@@ -202,6 +256,8 @@ def main() -> None:
     parser.add_argument("--collect", action="store_true", help="only write results.json and results.md")
     parser.add_argument("--readme", action="store_true", help="also put the table into README.md (with --collect)")
     parser.add_argument("--no-train", action="store_true", help="evaluate runs whose model exists, train none")
+    parser.add_argument("--transfer", action="store_true",
+                        help="Table 5: certify the best finished square-trained 2x2 and 5x5 models on every shape")
     args = parser.parse_args()
     mnist = str((ROOT / args.mnist).resolve()) if not os.path.isabs(args.mnist) else args.mnist
     if args.collect:
@@ -210,6 +266,14 @@ def main() -> None:
     if args.list:
         for r in collect(args.mnist):
             print(f"{r['id']:<22} {r['status']:<12} certified {_pct(r['certified'])}  {r['command']}")
+        return
+    if args.transfer:
+        rows = collect(args.mnist)
+        for size in ("2x2", "5x5"):
+            best = best_square(rows, size)
+            if best is not None:
+                transfer(BY_ID[best["id"]], mnist)
+        collect(args.mnist)
         return
     unknown = [i for i in args.ids if i not in BY_ID]
     if unknown:
