@@ -126,6 +126,36 @@ def evaluate(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
     return summary
 
 
+def tighter(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
+    """What ``--method crown`` and ``alpha-crown`` certify on ``run``'s model (the cascade: IBP first,
+    the tighter method only where it fails); ``tighter.json``."""
+    out = RUNS_DIR / run.id / "tighter.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    import torch
+
+    from lirpa_patch import certify
+    from lirpa_patch.data import load_dataset
+    from lirpa_patch.devices import keep_freed_memory
+    from lirpa_patch.models import image_model, load_model
+
+    keep_freed_memory()
+    torch.set_num_threads(1)
+    data = load_dataset(f"{mnist}:test", num=num)
+    model = image_model(load_model(RUNS_DIR / run.id / "model.onnx"), image_shape=(1, 28, 28))
+    threat = {"k": int(run.threat[2:])} if run.threat.startswith("k=") else {"size": run.threat}
+    methods = {}
+    for method in ("crown", "alpha-crown"):
+        start = time.process_time()
+        cert = certify(model, data.images, data.labels, **threat, method=method)
+        methods[method] = {"certified": sum(r.certified for r in cert.images) / len(cert.images),
+                           "cpu_seconds": time.process_time() - start}
+        print(f"[{run.id}] {method}: certified {_pct(methods[method]['certified'])}", flush=True)
+    summary = {"num_test": len(data), "methods": methods, "device": f"cpu: {_cpu()} (1 thread)"}
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
 def best_square(rows: list[dict], size: str) -> Optional[dict]:
     """The finished square-trained MLP row of ``size`` with the best *validation* certified accuracy."""
     done = [r for r in rows if r["status"] == "done" and r["threat"] == size and r["arch"] == "mlp"
@@ -185,12 +215,15 @@ def row(run: Run, mnist: str) -> dict:
     evaluation = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
     seconds, final = _metrics(run)
     cmd = " ".join(shlex.quote(a) for a in train_command(run, mnist)[:-1]).replace(str(ROOT) + "/", "")
+    tight = json.loads((folder / "tighter.json").read_text())["methods"] if (folder / "tighter.json").exists() else {}
     fields = {
         "id": run.id, "table": ",".join(run.tables), "arch": run.arch, "threat": run.threat,
         "paper_clean": None if run.paper_clean is None else run.paper_clean / 100,
         "paper_certified": None if run.paper_certified is None else run.paper_certified / 100,
         "clean": evaluation.get("clean"), "empirical": evaluation.get("empirical"),
         "certified": evaluation.get("certified"), "num_test": evaluation.get("num_test"),
+        "certified_crown": tight.get("crown", {}).get("certified"),
+        "certified_alpha_crown": tight.get("alpha-crown", {}).get("certified"),
         "val_clean": final.get("val_clean_accuracy") if final else None,
         "val_certified": final.get("val_certified_accuracy") if final else None,
         "train_seconds": round(seconds, 1) if seconds is not None else None,
@@ -228,13 +261,15 @@ def collect(mnist: str, readme: bool = False) -> list[dict]:
     rows += _transfer_rows(rows)
     (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["| table | model | threat | strategy | paper clean | paper certified | clean | empirical | certified "
-             "| training | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| CROWN / α-CROWN | training | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hours = "–" if r["train_seconds"] is None else f"{r['train_seconds'] / 3600:.1f} h"
         threat = r["threat"] + (f" {r['shape']}" if "shape" in r else "")
+        tight = "–" if r.get("certified_crown") is None or "shape" in r else \
+            f"{_pct(r['certified_crown'])} / {_pct(r['certified_alpha_crown'])}"
         lines.append(f"| {r['table']} | {r['arch']} | {threat} | {r.get('strategy', '–')} | "
                      f"{_pct(r['paper_clean'])} | {_pct(r['paper_certified'])} | {_pct(r['clean'])} | "
-                     f"{_pct(r['empirical'])} | {_pct(r['certified'])} | {hours} | {r['status']} |")
+                     f"{_pct(r['empirical'])} | {_pct(r['certified'])} | {tight} | {hours} | {r['status']} |")
     table = "\n".join(lines) + "\n"
     (HERE / "results.md").write_text(table)
     if readme:  # only when asked: a background run must not rewrite a README being edited
@@ -256,6 +291,8 @@ def main() -> None:
     parser.add_argument("--collect", action="store_true", help="only write results.json and results.md")
     parser.add_argument("--readme", action="store_true", help="also put the table into README.md (with --collect)")
     parser.add_argument("--no-train", action="store_true", help="evaluate runs whose model exists, train none")
+    parser.add_argument("--tighter", action="store_true",
+                        help="also certify the given runs' models with --method crown and alpha-crown")
     parser.add_argument("--transfer", action="store_true",
                         help="Table 5: certify the best finished square-trained 2x2 and 5x5 models on every shape")
     args = parser.parse_args()
@@ -286,6 +323,8 @@ def main() -> None:
             summary = evaluate(run, mnist)
             print(f"[{run.id}] clean {_pct(summary['clean'])} empirical {_pct(summary['empirical'])} "
                   f"certified {_pct(summary['certified'])}", flush=True)
+            if args.tighter:
+                tighter(run, mnist)
         collect(args.mnist)
     collect(args.mnist)
 
