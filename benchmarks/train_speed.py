@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="epochs timed per strategy (the median is shown)")
     parser.add_argument("--only", default=None, help="comma-separated labels to run, e.g. All,Pool(2)")
+    parser.add_argument("--unet-width", type=int, default=None, help="base width of the guided U-net (default: its own)")
     parser.add_argument("--baseline", default=None, metavar="DIR", help="another checkout to compare with")
     parser.add_argument("--project", type=int, default=None, metavar="N", help="also project an epoch of N images")
     args = parser.parse_args()
@@ -96,6 +97,8 @@ def main() -> None:
     for label, fields in STRATEGIES:
         if only is not None and label not in only:
             continue
+        if args.unet_width is not None and fields.get("strategy") == "guided":
+            fields = {**fields, "unet_width": args.unet_width}
         config = TrainConfig(patch=args.patch, epochs=2, warmup_start=0, warmup=0, batch_size=args.batch_size,
                              eval_every=0, seed=args.seed, device=args.device, **fields)
 
@@ -159,6 +162,8 @@ def _baseline_seconds(args: argparse.Namespace, label: str) -> float:
            "--device", args.device, "--seed", str(args.seed), "--repeats", "1", "--only", label]
     if args.width is not None:
         cmd += ["--width", str(args.width)]
+    if args.unet_width is not None:
+        cmd += ["--unet-width", str(args.unet_width)]
     env = {**os.environ, "TRAIN_SPEED_LIBRARY": str(Path(args.baseline).resolve())}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     found = re.search(rf"^{re.escape(label)}\s+\d+\s+([0-9.]+)", out.stdout, re.M)
