@@ -149,7 +149,7 @@ def crown_margins(
     Differentiable in the model's parameters for ``"crown"``; alpha-CROWN's result is detached.
     """
     if head is None:
-        from .engine import head_of
+        from .head import head_of
 
         head = head_of(bounded)
     if row_img is None:  # rows are image-major, the same count per image

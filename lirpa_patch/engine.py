@@ -34,12 +34,10 @@ from .cascade import CHAINS, CascadeStats, Pending, refine
 from .crown import check_intermediate, crown_margins
 from .domain import PixelDomain
 from .errors import ModelError, UsageError
-from .head import Head, find_head, strip_monotone_output
+from .head import head_of, merge_head, strip_monotone_output
 from .locations import Locations
-from .ops.graph import all_nodes, consumers, is_data_input, prepare, reaches_input
+from .ops.graph import all_nodes, prepare, reaches_input
 from .ops.registry import bound_opts, custom_ops
-from .ops.state import ElementState, WindowState
-from .ops.window import grouped_matmul, linear_window
 from .provenance import attach, changes_since_built
 from .shapes import PatchShape, SizeLike
 from .spec import certifies, margin_spec, other_classes
@@ -198,68 +196,7 @@ def _check_bounded(model: torch.nn.Module, bounded: BoundedModule, images: torch
                          "bound_model(model, ...) after any change of the model", param="bounded")
 
 
-def head_of(bounded: BoundedModule) -> Head:
-    """The (cached) :class:`~lirpa_patch.head.Head` of a module built by :func:`bound_model`."""
-    head = bounded.__dict__.get("_lp_head")
-    if head is None:
-        prepare(bounded)
-        head = find_head(bounded)
-        head.stripped = list(getattr(bounded, "_lp_stripped", [])) + head.stripped
-        object.__setattr__(bounded, "_lp_head", head)
-        inputs = [n for n in all_nodes(bounded) if is_data_input(n)]
-        ready = all(consumers(n) and all(getattr(u, "_lp_plugin", False) for u in consumers(n)) for n in inputs)
-        object.__setattr__(bounded, "_lp_virtual_ready", ready)
-    return head
-
-
 # ----------------------------------------------------------------------------- margins
-
-
-def _merge_head(head: Head, spec: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, state, ptb,
-                row_img: torch.Tensor) -> torch.Tensor:
-    """Lower margins ``(R, K - 1)`` from the bounds at the head node, ``spec`` ``(B, K - 1, K)`` per image."""
-    if head.kind == "linear":
-        w, bias = head.weights()
-        coef = spec.matmul(w)  # (B, K-1, J)
-        cb = spec.matmul(bias) if bias is not None else None  # (B, K-1)
-        if isinstance(state, WindowState) and state.flat:
-            return linear_window(state, coef, cb)[0]
-        if isinstance(state, ElementState):
-            out = ptb.mix_linear(state, coef, cb)
-            if out is not None:
-                return out[0].reshape(row_img.shape[0], -1)
-        if state is not None and getattr(state, "virtual", False):
-            from .ops.base import dense
-            from auto_LiRPA.operators.base import Interval
-
-            d = dense(Interval(lower, upper, ptb=ptb), (state, ptb))
-            lower, upper = d[0], d[1]
-        # lower margin = C+ lower + C- upper: two products, no centre/radius temporaries
-        lo, hi = lower.reshape(lower.shape[0], -1), upper.reshape(upper.shape[0], -1)
-        pos, neg = coef.clamp(min=0), coef.clamp(max=0)
-        n_img = spec.shape[0]
-        rows = lo.shape[0]
-        if rows % n_img == 0 and torch.equal(row_img, torch.arange(rows, device=row_img.device) // (rows // n_img)):
-            per = rows // n_img
-            out = torch.baddbmm(torch.bmm(lo.view(n_img, per, -1), pos.transpose(1, 2)), hi.view(n_img, per, -1),
-                                neg.transpose(1, 2))
-            if cb is not None:
-                out = out + cb.unsqueeze(1)
-            return out.reshape(rows, -1)
-        if rows and bool((row_img[1:] >= row_img[:-1]).all()):  # rows sorted by image: one product per image
-            counts = torch.bincount(row_img, minlength=n_img).tolist()
-            parts = [torch.addmm(torch.mm(a, p.t()), b_, q.t()) for a, b_, p, q, c in
-                     zip(lo.split(counts), hi.split(counts), pos, neg, counts) if c]
-            out = torch.cat(parts)
-        else:
-            a, b_ = grouped_matmul(row_img, (lo, pos.transpose(1, 2)), (hi, neg.transpose(1, 2)))
-            out = a + b_
-        if cb is not None:
-            out = out + cb[row_img]
-        return out
-    lo, hi = lower.reshape(lower.shape[0], -1), upper.reshape(upper.shape[0], -1)
-    c = spec[row_img]
-    return torch.einsum("rkj,rj->rk", c.clamp(min=0), lo) + torch.einsum("rkj,rj->rk", c.clamp(max=0), hi)
 
 
 def _ibp_margins(bounded: BoundedModule, x: torch.Tensor, ptb, spec: torch.Tensor) -> torch.Tensor:
@@ -279,7 +216,7 @@ def _ibp_margins(bounded: BoundedModule, x: torch.Tensor, ptb, spec: torch.Tenso
                 f"the model's graph does not keep the batch dimension ({x.shape[0]} rows in, {lower.shape[0]} out; "
                 "a reshape to a fixed batch size, e.g. x.view(1, -1)? use x.flatten(1) or reshape(-1, ...))"
             )
-        return _merge_head(head, spec, lower, upper, state, ptb, ptb.row_img)
+        return merge_head(head, spec, lower, upper, state, ptb, ptb.row_img)
     finally:
         ptb._lp_states = {}  # drop the per-call descriptions (they hold autograd graphs)
 

@@ -28,7 +28,9 @@ import torch
 from auto_LiRPA import bound_ops as _ops
 from torch import nn
 
-from .ops.graph import reaches_input
+from .ops.graph import all_nodes, consumers, is_data_input, prepare, reaches_input
+from .ops.state import ElementState, WindowState
+from .ops.window import grouped_matmul, linear_window
 
 __all__ = ["Head", "constant_value", "find_head", "strip_monotone_output"]
 
@@ -277,3 +279,72 @@ def _strip_fx(model: "torch.fx.GraphModule") -> tuple[nn.Module, list[str]]:
     stripped = torch.fx.GraphModule(model, graph)
     stripped.train(model.training)
     return stripped, removed
+
+
+# --------------------------------------------------------------------------- a built module's head
+
+
+def head_of(bounded) -> Head:
+    """The (cached) :class:`~lirpa_patch.head.Head` of a module built by :func:`bound_model`."""
+    head = bounded.__dict__.get("_lp_head")
+    if head is None:
+        prepare(bounded)
+        head = find_head(bounded)
+        head.stripped = list(getattr(bounded, "_lp_stripped", [])) + head.stripped
+        object.__setattr__(bounded, "_lp_head", head)
+        inputs = [n for n in all_nodes(bounded) if is_data_input(n)]
+        ready = all(consumers(n) and all(getattr(u, "_lp_plugin", False) for u in consumers(n)) for n in inputs)
+        object.__setattr__(bounded, "_lp_virtual_ready", ready)
+    return head
+
+
+def merge_head(head: Head, spec: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, state, ptb,
+                row_img: torch.Tensor) -> torch.Tensor:
+    """Lower margins ``(R, K - 1)`` from the bounds at the head node, ``spec`` ``(B, K - 1, K)`` per image.
+
+    ``state``/``ptb``: the description of the rows at the head's input when the perturbation
+    carries one (the head then mixes the patch's columns itself), else None; ``row_img``
+    ``(R,)``: each row's image.
+    """
+    if head.kind == "linear":
+        w, bias = head.weights()
+        coef = spec.matmul(w)  # (B, K-1, J)
+        cb = spec.matmul(bias) if bias is not None else None  # (B, K-1)
+        if isinstance(state, WindowState) and state.flat:
+            return linear_window(state, coef, cb)[0]
+        if isinstance(state, ElementState):
+            out = ptb.mix_linear(state, coef, cb)
+            if out is not None:
+                return out[0].reshape(row_img.shape[0], -1)
+        if state is not None and getattr(state, "virtual", False):
+            from .ops.base import dense
+            from auto_LiRPA.operators.base import Interval
+
+            d = dense(Interval(lower, upper, ptb=ptb), (state, ptb))
+            lower, upper = d[0], d[1]
+        # lower margin = C+ lower + C- upper: two products, no centre/radius temporaries
+        lo, hi = lower.reshape(lower.shape[0], -1), upper.reshape(upper.shape[0], -1)
+        pos, neg = coef.clamp(min=0), coef.clamp(max=0)
+        n_img = spec.shape[0]
+        rows = lo.shape[0]
+        if rows % n_img == 0 and torch.equal(row_img, torch.arange(rows, device=row_img.device) // (rows // n_img)):
+            per = rows // n_img
+            out = torch.baddbmm(torch.bmm(lo.view(n_img, per, -1), pos.transpose(1, 2)), hi.view(n_img, per, -1),
+                                neg.transpose(1, 2))
+            if cb is not None:
+                out = out + cb.unsqueeze(1)
+            return out.reshape(rows, -1)
+        if rows and bool((row_img[1:] >= row_img[:-1]).all()):  # rows sorted by image: one product per image
+            counts = torch.bincount(row_img, minlength=n_img).tolist()
+            parts = [torch.addmm(torch.mm(a, p.t()), b_, q.t()) for a, b_, p, q, c in
+                     zip(lo.split(counts), hi.split(counts), pos, neg, counts) if c]
+            out = torch.cat(parts)
+        else:
+            a, b_ = grouped_matmul(row_img, (lo, pos.transpose(1, 2)), (hi, neg.transpose(1, 2)))
+            out = a + b_
+        if cb is not None:
+            out = out + cb[row_img]
+        return out
+    lo, hi = lower.reshape(lower.shape[0], -1), upper.reshape(upper.shape[0], -1)
+    c = spec[row_img]
+    return torch.einsum("rkj,rj->rk", c.clamp(min=0), lo) + torch.einsum("rkj,rj->rk", c.clamp(max=0), hi)

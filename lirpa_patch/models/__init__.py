@@ -10,6 +10,7 @@ cross-checks the converted model against onnxruntime.
 from __future__ import annotations
 
 from .adapter import ImageModel, Layout, image_model
-from .loading import LoadedModel, check_against_onnxruntime, load_model
+from .crosscheck import check_against_onnxruntime
+from .loading import LoadedModel, load_model
 
 __all__ = ["ImageModel", "Layout", "LoadedModel", "check_against_onnxruntime", "image_model", "load_model"]

@@ -128,21 +128,21 @@ class Plugin:
         return None
 
     def _lp_fallback(self, reason: str, found) -> None:
-        """Record (and for the sparse threat, warn once per node) that the plugin rule did not apply."""
+        """Record (and, when the perturbation has a ``fallback_warning``, warn once per node) that the
+        plugin rule did not apply."""
         ptb = next((p for st, p in found if p is not None), None)
         self.__dict__["lp_fallback_reason"] = reason
-        from ..threats.sparse import SparseFallbackWarning, SparsePerturbation
-
-        if isinstance(ptb, SparsePerturbation) and getattr(self, "_lp_first_mixing", False):
+        category = getattr(ptb, "fallback_warning", None)  # the perturbation says whether to warn
+        if category is not None and getattr(self, "_lp_first_mixing", False):
             if inside_crown_intermediate():
                 return
             self.__dict__["sparse_fallback_reason"] = reason
             if not self.__dict__.get("_lp_warned"):
                 self.__dict__["_lp_warned"] = True
                 warnings.warn(
-                    f"SparsePerturbation: cannot apply the k-pixel rule at {op_name(self)} node "
+                    f"{type(ptb).__name__}: cannot apply the k-pixel rule at {op_name(self)} node "
                     f"{getattr(self, 'name', '?')} ({reason}); using a sound but looser box bound there",
-                    SparseFallbackWarning,
+                    category,
                     stacklevel=4,
                 )
 

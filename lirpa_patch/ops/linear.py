@@ -150,18 +150,17 @@ def _constant(node) -> torch.Tensor:
 
 
 def _check_sparse_root(node, v) -> None:
-    """At a first mixing layer whose input carries no description: warn if the input is sparse."""
+    """At a first mixing layer whose input carries no description: warn if its perturbation asks to."""
     from .graph import data_roots, path_ops
-    from ..threats.sparse import SparsePerturbation
 
     if not any(i < len(v) and node.is_input_perturbed(i) for i in node._lp_data_inputs):
         return
-    if any(isinstance(getattr(r, "perturbation", None), SparsePerturbation) for r in data_roots(node)):
+    warned = [r.perturbation for r in data_roots(node)
+              if getattr(getattr(r, "perturbation", None), "fallback_warning", None) is not None]
+    if warned:
         ops = path_ops(node, lambda n: getattr(n, "_lp_carries_elements", False))
         reason = f"the input passes through {', '.join(ops)}" if ops else "unsupported input"
-        ptb = next(r.perturbation for r in data_roots(node)
-                   if isinstance(getattr(r, "perturbation", None), SparsePerturbation))
-        node._lp_fallback(reason, [(None, ptb)])
+        node._lp_fallback(reason, [(None, warned[0])])
 
 
 LIVE_SHARE = 0.5

@@ -65,6 +65,11 @@ class BoxPerturbation(PerturbationLpNorm):
             (training warm-up); 1 is the threat model.
     """
 
+    fallback_warning: Optional[type[Warning]] = None
+    """The warning operators raise (once per node) when their rule for this perturbation does not
+    apply at a first mixing layer and a looser box bound is used there; None: no warning (the
+    perturbation's rule covers every form, or a looser bound there is expected)."""
+
     def __init__(
         self,
         *,

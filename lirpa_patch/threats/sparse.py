@@ -93,6 +93,8 @@ class SparsePerturbation(BoxPerturbation):
             :class:`~lirpa_patch.threats.box.BoxPerturbation`.
     """
 
+    fallback_warning = SparseFallbackWarning
+
     def __init__(
         self,
         k: int,

@@ -117,7 +117,7 @@ def export_onnx(
         LirpaPatchError: ``path`` cannot be written.
     """
     from ..models.adapter import ImageModel
-    from ..models.loading import check_against_onnxruntime
+    from ..models.crosscheck import check_against_onnxruntime
 
     path = Path(path)
     shape = tuple(int(v) for v in image_shape)

@@ -58,7 +58,8 @@ from auto_LiRPA.perturbations import PerturbationLpNorm
 from torch import nn
 from torch.nn import functional as F
 
-from ..engine import _merge_head, _quiet, bound_model, head_of, lower_margins
+from ..engine import _quiet, bound_model, lower_margins
+from ..head import head_of, merge_head
 from ..domain import PixelDomain
 from ..errors import UsageError
 from ..locations import Locations
@@ -496,7 +497,7 @@ class PooledLocations(Strategy):
                 lower, upper = last.compute_bounds(x=(x,), method="IBP", final_node_name=head.node)
                 spec = margin_spec(labels, ctx.num_classes, dtype=images.dtype)  # (n, K-1, K)
                 row_img = torch.arange(n, device=images.device).repeat_interleave(gh * gw)
-                lb = _merge_head(head, spec, lower, upper, None, None, row_img)
+                lb = merge_head(head, spec, lower, upper, None, None, row_img)
         finally:
             ptb._lp_states = {}
         return lb.reshape(n, gh * gw, ctx.num_classes - 1)
