@@ -83,16 +83,10 @@ def train(run: Run, mnist: str) -> None:
             subprocess.run(exe + cmd[1:], stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
-def evaluate(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
-    """Certify every test digit, attack the correct uncertified ones; write ``eval.json``."""
-    folder = RUNS_DIR / run.id
-    out = folder / "eval.json"
-    if out.exists():
-        return json.loads(out.read_text())
+def _test_setup(run: Run, mnist: str, num: int):
+    """``(model, test digits, threat keywords)`` of a trained run, one torch thread, freed memory kept."""
     import torch
 
-    from lirpa_patch import certify
-    from lirpa_patch.attack import attack_patch, attack_sparse
     from lirpa_patch.data import load_dataset
     from lirpa_patch.devices import keep_freed_memory
     from lirpa_patch.models import image_model, load_model
@@ -100,8 +94,23 @@ def evaluate(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
     keep_freed_memory()
     torch.set_num_threads(1)
     data = load_dataset(f"{mnist}:test", num=num)
-    model = image_model(load_model(folder / "model.onnx"), image_shape=(1, 28, 28))
+    model = image_model(load_model(RUNS_DIR / run.id / "model.onnx"), image_shape=(1, 28, 28))
     threat = {"k": int(run.threat[2:])} if run.threat.startswith("k=") else {"size": run.threat}
+    return model, data, threat
+
+
+def evaluate(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
+    """Certify every test digit, attack the correct uncertified ones; write ``eval.json``."""
+    folder = RUNS_DIR / run.id
+    out = folder / "eval.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    model, data, threat = _test_setup(run, mnist, num)
+    import torch
+
+    from lirpa_patch import certify
+    from lirpa_patch.attack import attack_patch, attack_sparse
+
     start = time.process_time()
     cert = certify(model, data.images, data.labels, **threat, indices=data.indices.tolist())
     certify_seconds = time.process_time() - start
@@ -132,19 +141,10 @@ def tighter(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
     out = RUNS_DIR / run.id / "tighter.json"
     if out.exists():
         return json.loads(out.read_text())
-    import torch
-
-    from lirpa_patch import certify
-    from lirpa_patch.data import load_dataset
-    from lirpa_patch.devices import keep_freed_memory
-    from lirpa_patch.models import image_model, load_model
-
-    keep_freed_memory()
-    torch.set_num_threads(1)
-    data = load_dataset(f"{mnist}:test", num=num)
-    model = image_model(load_model(RUNS_DIR / run.id / "model.onnx"), image_shape=(1, 28, 28))
-    threat = {"k": int(run.threat[2:])} if run.threat.startswith("k=") else {"size": run.threat}
+    model, data, threat = _test_setup(run, mnist, num)
     methods = {}
+    from lirpa_patch import certify
+
     for method in ("crown", "alpha-crown"):
         start = time.process_time()
         cert = certify(model, data.images, data.labels, **threat, method=method)
@@ -168,17 +168,9 @@ def transfer(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
     out = RUNS_DIR / run.id / "transfer.json"
     if out.exists():
         return json.loads(out.read_text())
-    import torch
-
+    model, data, _ = _test_setup(run, mnist, num)
     from lirpa_patch import certify
-    from lirpa_patch.data import load_dataset
-    from lirpa_patch.devices import keep_freed_memory
-    from lirpa_patch.models import image_model, load_model
 
-    keep_freed_memory()
-    torch.set_num_threads(1)
-    data = load_dataset(f"{mnist}:test", num=num)
-    model = image_model(load_model(RUNS_DIR / run.id / "model.onnx"), image_shape=(1, 28, 28))
     shapes = {}
     for shape in TRANSFER_SHAPES:
         start = time.process_time()
