@@ -15,38 +15,46 @@ perturbation for some of them. The engine does the rest, the same way for all:
   image is certified when it is ``> 0`` (:func:`~lirpa_patch.spec.certifies`). Images the model already misclassifies
   are skipped (not certified, margin not computed).
 
-``lower_margins`` is the differentiable building block the trainer uses.
+The engine orchestrates; the parts live beside it: the auto_LiRPA module of a model
+(:mod:`lirpa_patch.building`), the certified margins of rows, differentiable, which the
+trainer uses too (:mod:`lirpa_patch.margins`), and what certification returns
+(:mod:`lirpa_patch.results`). Their public names are importable from here as before.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Literal, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from auto_LiRPA import BoundedModule, BoundedTensor
+from auto_LiRPA import BoundedModule
 
+from .building import _check_bounded, _quiet, _unsupported_ops, bound_model  # noqa: F401  (engine.X as before)
 from .cascade import CHAINS, CascadeStats, Pending, refine
-from .crown import check_intermediate, crown_margins
+from .crown import check_intermediate
 from .domain import PixelDomain
 from .errors import ModelError, UsageError
-from .head import head_of, merge_head, strip_monotone_output
+from .head import head_of
 from .locations import Locations
-from .ops.graph import all_nodes, prepare, reaches_input
-from .ops.registry import bound_opts, custom_ops
-from .provenance import attach, changes_since_built
+from .margins import (  # noqa: F401  (engine.X as before)
+    MAX_ROWS_PER_CALL,
+    METHODS,
+    Method,
+    _ibp_margins,
+    _stronger,
+    check_method,
+    location_margins,
+    lower_margins,
+    sparse_lower_margins,
+    threat_margins,
+)
+from .ops.graph import all_nodes, reaches_input
+from .results import CertifyResult, ImageResult, _image_results  # noqa: F401  (engine.X as before)
 from .shapes import PatchShape, SizeLike
-from .spec import certifies, margin_spec, other_classes
-from .threats.patch import PatchPerturbation, PatchThreat
-from .threats.sparse import SparsePerturbation, SparseThreat, check_bounded, check_k
-
-Method = Literal["ibp", "crown", "alpha-crown"]
-METHODS: dict[str, str] = {"ibp": "IBP", "crown": "CROWN", "alpha-crown": "alpha-CROWN"}
-"""Bound methods, each a chain run cheapest first (:data:`lirpa_patch.cascade.CHAINS`)."""
+from .spec import certifies, margin_spec
+from .threats.patch import PatchThreat
+from .threats.sparse import SparseThreat, check_k
 
 DEFAULT_MAX_MEMORY = 1 << 30
 """Default budget for the working tensors of one bound computation (1 GiB)."""
@@ -54,9 +62,6 @@ DEFAULT_MAX_MEMORY = 1 << 30
 
 CROWN_WORKING_SET = 384 << 20
 """Working-tensor budget of one CROWN call (bytes, below ``max_memory``): larger calls are slower per row on CPUs."""
-
-MAX_ROWS_PER_CALL = 4096
-"""Upper limit on rows per call when sizing by memory (larger calls stop paying off)."""
 
 SEED_BLOCKS = 4
 """Location groups at the end of a chain: the locations of each image's this many lowest blocks are bounded first."""
@@ -79,361 +84,6 @@ def start_progress(progress: Optional[ProgressFn], images: int, rows: int) -> No
     start = getattr(progress, "start", None)
     if callable(start):
         start(images, rows)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@contextlib.contextmanager
-def _unsupported_ops(names: list) -> Iterator[None]:
-    """Collect into ``names`` the op types auto_LiRPA reports it cannot bound while parsing a
-    graph (it logs them, then raises a bare "There are unsupported operations"), and keep
-    those log lines from being printed."""
-    import logging
-
-    def capture(record: logging.LogRecord) -> bool:
-        node = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        op = getattr(node, "op", None)
-        if isinstance(op, str) and "unsupported operation" in str(record.msg):
-            name = op.split("::")[-1]
-            operator = (getattr(node, "attr", None) or {}).get("operator") if name == "ATen" else None
-            name = f"ATen({operator})" if operator else name  # an op torch exported as an ATen fallback
-            if name not in names:
-                names.append(name)
-            return False
-        return not str(record.msg).startswith(("Unsupported operations", "Name: "))
-
-    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("auto_LiRPA")]
-    for logger in loggers:
-        logger.addFilter(capture)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(capture)
-
-
-def check_method(method) -> str:
-    """``method`` as a key of :data:`METHODS` (UsageError naming ``method`` otherwise)."""
-    key = str(method).lower()
-    if key not in METHODS:
-        raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}", param="method")
-    return key
-
-
-# ----------------------------------------------------------------------------- the bounded model
-
-
-def bound_model(
-    model: torch.nn.Module,
-    image_shape: Sequence[int],
-    device: str | torch.device = "cpu",
-    *,
-    conv_mode: str = "matrix",
-) -> BoundedModule:
-    """Wrap a model that maps images ``(N, C, H, W)`` to logits in an auto_LiRPA ``BoundedModule``.
-
-    The module carries the plugin bound operators (:func:`lirpa_patch.custom_ops`)
-    that make both threats exact and fast; they behave like auto_LiRPA's own
-    operators for every other perturbation. A final ``Softmax``/``LogSoftmax`` is
-    left out (certifying the logits certifies the argmax; see :mod:`lirpa_patch.head`).
-
-    ``conv_mode`` is auto_LiRPA's representation of convolutions under CROWN. The
-    default ``"matrix"`` works through every graph we build (auto_LiRPA 0.3's
-    ``"patches"`` mode fails on a per-channel normalization before a conv); IBP
-    does not depend on it.
-
-    Raises:
-        ModelError: when auto_LiRPA cannot parse the model (e.g. an unsupported op).
-    """
-    stripped_model, stripped = strip_monotone_output(model)
-    dummy = torch.zeros(1, *[int(v) for v in image_shape], device=device)
-    unsupported: list[str] = []
-    try:
-        with _quiet(), _unsupported_ops(unsupported):
-            bounded = BoundedModule(stripped_model, dummy, bound_opts=bound_opts({"conv_mode": conv_mode}),
-                                    device=str(device), custom_ops=custom_ops())
-    except Exception as exc:  # auto_LiRPA raises assorted errors for unsupported graphs
-        if unsupported:
-            raise ModelError(
-                f"auto_LiRPA cannot bound this model: it has no bounds for the op(s) {', '.join(unsupported)}; "
-                f"replace them in the model (auto_LiRPA.register_custom_op can add an op)") from exc
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ModelError(f"auto_LiRPA cannot bound this model: {type(exc).__name__}: {first}") from exc
-    prepare(bounded)
-    object.__setattr__(bounded, "_lp_stripped", list(stripped))
-    if next(bounded.parameters(), None) is None:
-        # auto_LiRPA's CROWN reads its dtype from the module's first parameter; a model that
-        # keeps its weights in buffers (e.g. some ONNX conversions) has none.
-        torch.nn.Module.register_parameter(bounded, "_lp_dtype",
-                                           torch.nn.Parameter(torch.zeros(1, device=device), requires_grad=False))
-    attach(bounded, model)
-    return bounded
-
-
-def _check_bounded(model: torch.nn.Module, bounded: BoundedModule, images: torch.Tensor, logits: torch.Tensor) -> None:
-    """UsageError (``bounded``) when a module passed by the caller no longer bounds ``model``.
-
-    Compared exactly (:mod:`lirpa_patch.provenance`) for a module from :func:`bound_model`:
-    submodules, replaced parameters, buffers and tensor attributes by content, code and
-    hooks; for any module, its logits on the images at hand.
-    """
-    what = changes_since_built(model, bounded)
-    if what is not None:
-        raise UsageError(f"the model changed after bounded was built ({what}): build it again with "
-                         "bound_model(model, ...)", param="bounded")
-    few = images[: min(8, images.shape[0])]
-    with torch.no_grad(), _quiet():
-        ours = bounded(few).float()
-        if bounded.__dict__.get("_lp_stripped"):  # the module bounds the logits before a final Softmax
-            logits = strip_monotone_output(model)[0](few)
-    if ours.shape != logits[:8].shape or not torch.allclose(ours, logits[:8].float(), rtol=1e-4, atol=1e-5):
-        raise UsageError("bounded does not compute the model's logits on these images: build it again with "
-                         "bound_model(model, ...) after any change of the model", param="bounded")
-
-
-# ----------------------------------------------------------------------------- margins
-
-
-def _ibp_margins(bounded: BoundedModule, x: torch.Tensor, ptb, spec: torch.Tensor) -> torch.Tensor:
-    """IBP lower margins ``(R, K - 1)`` of the rows ``x`` under ``ptb``; ``spec`` per image."""
-    head = head_of(bounded)
-    ptb.virtual = bool(getattr(bounded, "_lp_virtual_ready", False)) and isinstance(ptb, PatchPerturbation)
-    ptb.virtual_output = head.node if head.kind == "linear" else None
-    try:
-        with _quiet():
-            lower, upper = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method="IBP",
-                                                  final_node_name=head.node)
-        state = ptb._lp_states.get(id(lower))
-        if state is not None and state.lower is not lower:
-            state = None
-        if lower.shape[0] != x.shape[0]:
-            raise ModelError(
-                f"the model's graph does not keep the batch dimension ({x.shape[0]} rows in, {lower.shape[0]} out; "
-                "a reshape to a fixed batch size, e.g. x.view(1, -1)? use x.flatten(1) or reshape(-1, ...))"
-            )
-        return merge_head(head, spec, lower, upper, state, ptb, ptb.row_img)
-    finally:
-        ptb._lp_states = {}  # drop the per-call descriptions (they hold autograd graphs)
-
-
-def _stronger(bounded: BoundedModule, build, spec: torch.Tensor, lb: torch.Tensor, key: str,
-              row_img: Optional[torch.Tensor] = None, intermediate: str = "crown") -> torch.Tensor:
-    """``lb`` (IBP) combined by an elementwise maximum with every further method of ``key``'s chain."""
-    for method in CHAINS[key][1:]:
-        x, ptb = build()
-        lb = torch.maximum(lb, crown_margins(bounded, x, ptb, spec, row_img, head=head_of(bounded), method=method,
-                                             intermediate=intermediate))
-    return lb
-
-
-def threat_margins(
-    bounded: BoundedModule,
-    threat,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    rows: slice,
-    *,
-    num_classes: int,
-    method: str = "ibp",
-    domain: Optional[PixelDomain] = None,
-    strength: float = 1.0,
-) -> torch.Tensor:
-    """Certified lower margins ``(N, r, K - 1)`` of rows ``rows`` of every image, for any threat.
-
-    Differentiable with respect to the model's parameters.
-    """
-    key = check_method(method)
-    spec = margin_spec(labels, num_classes, dtype=images.dtype)
-    x, ptb = threat.perturbation(images, rows, domain=domain, strength=strength, stand_in=True)
-    if isinstance(ptb, SparsePerturbation):
-        check_bounded(bounded, key)
-    lb = _ibp_margins(bounded, x, ptb, spec)
-    lb = _stronger(bounded, lambda: threat.perturbation(images, rows, domain=domain, strength=strength), spec, lb, key)
-    return lb.reshape(images.shape[0], -1, num_classes - 1)
-
-
-def lower_margins(
-    bounded: BoundedModule,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    masks: Optional[torch.Tensor] = None,
-    *,
-    num_classes: int,
-    locations: Optional[Locations] = None,
-    index: Optional[torch.Tensor] = None,
-    method: Method | str = "ibp",
-    domain: Optional[PixelDomain] = None,
-    strength: float = 1.0,
-    intermediate: str = "crown",
-) -> torch.Tensor:
-    """Certified lower bounds of the margins for every (image, location) pair.
-
-    Differentiable with respect to the model's parameters (the trainer uses it).
-
-    Args:
-        bounded: the ``BoundedModule`` of a model mapping images to logits (from
-            :func:`bound_model`).
-        images: ``(N, C, H, W)`` in the model's input space (image space for
-            :class:`~lirpa_patch.models.ImageModel`).
-        labels: ``(N,)`` true labels.
-        masks: ``(L, H, W)`` shared by all images or ``(N, L, H, W)`` per image; or instead
-        locations, index: a :class:`~lirpa_patch.locations.Locations` set and which of its
-            locations to bound, ``(L,)`` shared or ``(N, L)`` per image (default: all);
-            faster than masks (no masks are built).
-        num_classes: ``K``.
-        method: ``"ibp"``, ``"crown"`` or ``"alpha-crown"``: every method of the chain
-            (:data:`lirpa_patch.cascade.CHAINS`) on every row, combined by an elementwise
-            maximum: each is a sound lower bound, and none is always tighter. (alpha-CROWN's
-            share is not differentiable.)
-        strength: patch interval scale in ``[0, 1]`` (warm-up).
-        intermediate: how CROWN bounds the pre-activations, ``"crown"`` or ``"ibp"``
-            (:func:`lirpa_patch.crown.crown_margins`).
-
-    Returns:
-        ``(N, L, K - 1)``: lower bound of ``z_true - z_other`` over the patch box,
-        others in increasing class order (see :func:`~lirpa_patch.spec.other_classes`).
-    """
-    key = check_method(method)
-    n = images.shape[0]
-    if (masks is None) == (locations is None):
-        raise UsageError("give either masks= or locations= (with an optional index=)", param="masks")
-    if masks is not None:
-        masks = torch.as_tensor(masks).to(device=images.device, dtype=torch.bool)
-        if masks.ndim not in (3, 4):
-            raise UsageError(f"masks must be (L, H, W) or (N, L, H, W), got {tuple(masks.shape)}", param="masks")
-        n_loc = masks.shape[-3]
-    else:
-        if index is None:
-            index = torch.arange(len(locations), device=images.device)
-        n_loc = index.shape[-1]
-    spec = margin_spec(labels, num_classes, dtype=images.dtype)
-
-    def build(stand_in: bool = False):
-        if masks is not None:
-            ptb = PatchPerturbation(masks=masks, domain=domain, strength=strength)
-        else:
-            ptb = PatchPerturbation(locations=locations, index=index, domain=domain, strength=strength)
-        return ptb.rows_for(images, stand_in=stand_in), ptb
-
-    x, ptb = build(stand_in=True)  # IBP: no copy of the images per row
-    lb = _ibp_margins(bounded, x, ptb, spec)
-    lb = _stronger(bounded, build, spec, lb, key, intermediate=check_intermediate(intermediate))
-    return lb.reshape(n, n_loc, num_classes - 1)
-
-
-def sparse_lower_margins(
-    bounded: BoundedModule,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    k: int,
-    num_classes: int,
-    method: str = "ibp",
-    domain: Optional[PixelDomain] = None,
-    strength: float = 1.0,
-) -> torch.Tensor:
-    """Certified lower bounds of ``z_true - z_other`` under the k-pixel threat model, ``(N, K - 1)``.
-
-    Differentiable with respect to the model's parameters (the trainer uses it).
-    """
-    threat = SparseThreat(k)
-    lb = threat_margins(bounded, threat, images, labels, slice(None), num_classes=num_classes, method=method,
-                        domain=domain, strength=strength)
-    return lb.reshape(images.shape[0], num_classes - 1)
-
-
-# ----------------------------------------------------------------------------- results
-
-
-@dataclass
-class ImageResult:
-    """Certification of one image.
-
-    ``worst_margin`` is the minimum over locations and other classes of the
-    certified lower margin (None when the image was not certified because the
-    model misclassifies it); ``worst_location`` is where it occurs and
-    ``worst_class`` the other class it concerns.
-
-    ``exact_margin`` says whether ``worst_margin`` is the minimum over locations of each
-    location's own bound (the tightest bound the method chain computed for that location
-    alone): True; False when a location group's bound (one bound for a block of locations,
-    ``groups``) is the minimum, so the per-location minimum may be higher (only a certified
-    image, whose blocks all certify); None when misclassified. ``groups=None`` gives exact
-    margins for every image. In a cascade a location a cheaper method certified keeps that
-    method's bound, exact or not (see :func:`certify`).
-    """
-
-    index: int
-    label: int
-    prediction: int
-    correct: bool
-    certified: bool
-    worst_margin: Optional[float] = None
-    worst_location: Optional[dict] = None
-    worst_class: Optional[int] = None
-    exact_margin: Optional[bool] = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class CertifyResult:
-    """Outcome of :func:`certify` on a batch of images.
-
-    ``shape`` is the patch shape (None for the sparse threat), ``num_locations`` the
-    rows per image of a patch threat (0 for sparse), ``extra`` threat details
-    (``{"threat": "sparse", "k": k}``), ``head`` how the specification was merged
-    (:meth:`lirpa_patch.head.Head.describe`).
-    """
-
-    images: list[ImageResult]
-    shape: Optional[PatchShape]
-    num_locations: int
-    method: str
-    seconds: float
-    chunk_size: int
-    extra: dict = field(default_factory=dict)
-    head: dict = field(default_factory=dict)
-    location_margins: Optional[torch.Tensor] = None
-    """``(N, L)`` float, on request (``keep_location_margins``): per image and row (patch:
-    location) the smallest certified lower margin over the other classes; NaN for
-    misclassified images."""
-    locations: Optional[Locations] = None
-    """The patch locations certified (with ``location_margins``)."""
-
-    @property
-    def threat(self) -> str:
-        return str(self.extra.get("threat", "patch"))
-
-    @property
-    def num_images(self) -> int:
-        return len(self.images)
-
-    @property
-    def num_correct(self) -> int:
-        return sum(r.correct for r in self.images)
-
-    @property
-    def num_certified(self) -> int:
-        return sum(r.certified for r in self.images)
-
-    @property
-    def clean_accuracy(self) -> float:
-        return self.num_correct / max(1, len(self.images))
-
-    @property
-    def certified_accuracy(self) -> float:
-        return self.num_certified / max(1, len(self.images))
-
-    @property
-    def images_per_second(self) -> float:
-        return len(self.images) / self.seconds if self.seconds > 0 else float("inf")
 
 
 def check_inputs(images: torch.Tensor, labels: torch.Tensor, chunk_size: Optional[int]) -> None:
@@ -486,24 +136,6 @@ def rows_per_call(bounded: BoundedModule, max_memory: int, method: str) -> int:
     return int(max(1, min(MAX_ROWS_PER_CALL, max_memory // per_row)))
 
 
-def _image_results(indices, labels, preds, correct, worst, worst_class, num_classes, location,
-                   grouped=None) -> list[ImageResult]:
-    """Per-image records from the running minima (``grouped`` ``(N,)``: the minimum is a location group's bound)."""
-    others = other_classes(labels.cpu(), num_classes)
-    results = []
-    for k in range(len(indices)):
-        ok = bool(correct[k])
-        margin = float(worst[k]) if ok else None
-        results.append(ImageResult(
-            index=int(indices[k]), label=int(labels[k]), prediction=int(preds[k]), correct=ok,
-            certified=ok and margin is not None and certifies(margin), worst_margin=margin,
-            worst_location=location(k) if ok else None,
-            worst_class=int(others[k, worst_class[k]]) if ok else None,
-            exact_margin=(grouped is None or not bool(grouped[k])) if ok else None,
-        ))
-    return results
-
-
 class _Worst:
     """Per image the smallest lower margin seen so far, where (a row of the threat), for which class,
     and whether it is a location group's bound (``grouped``)."""
@@ -533,39 +165,6 @@ class _Worst:
         self.row[sel.cpu()] = row[pos[sel]].cpu()
         self.cls[sel.cpu()] = cls[pos[sel]].cpu()
         self.grouped[sel.cpu()] = grouped[pos[sel]].cpu() if grouped is not None else False
-
-
-def location_margins(
-    bounded: BoundedModule,
-    locations: Locations,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    row_img: torch.Tensor,
-    row_loc: torch.Tensor,
-    *,
-    num_classes: int,
-    method: str = "ibp",
-    domain: Optional[PixelDomain] = None,
-    chunk_size: int = MAX_ROWS_PER_CALL,
-    intermediate: str = "crown",
-) -> torch.Tensor:
-    """Lower margins ``(R, K - 1)`` of any (image, location) rows: ``images[row_img[r]]`` with location ``row_loc[r]``.
-
-    Every method of ``method``'s chain on every row, as :func:`lower_margins`.
-    """
-    key = check_method(method)
-    spec = margin_spec(labels, num_classes, dtype=images.dtype)
-    out = []
-    def build(img: torch.Tensor, loc: torch.Tensor, stand_in: bool = False):
-        ptb = PatchPerturbation(locations=locations, index=loc, domain=domain)
-        return ptb.rows_at(images, img, stand_in=stand_in), ptb
-
-    for s in range(0, row_img.shape[0], chunk_size):
-        img, loc = row_img[s: s + chunk_size], row_loc[s: s + chunk_size]
-        x, ptb = build(img, loc, stand_in=True)  # IBP: no copy of the images per row
-        lb = _ibp_margins(bounded, x, ptb, spec)
-        out.append(_stronger(bounded, lambda: build(img, loc), spec, lb, key, img, check_intermediate(intermediate)))
-    return torch.cat(out) if out else images.new_zeros(0, num_classes - 1)
 
 
 def _children(child_of: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -178,7 +178,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from . import outputs
-from .engine import CertifyResult
+from .results import CertifyResult
 
 REPORT_VERSION = 1
 

@@ -9,7 +9,7 @@ margins), warm-up, schedules, checkpoints and exports.
 from __future__ import annotations
 
 from ..errors import UsageError
-from ..engine import sparse_lower_margins
+from ..margins import sparse_lower_margins
 from .strategies import Margins, Strategy
 
 

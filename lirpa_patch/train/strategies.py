@@ -58,7 +58,8 @@ from auto_LiRPA.perturbations import PerturbationLpNorm
 from torch import nn
 from torch.nn import functional as F
 
-from ..engine import _quiet, bound_model, lower_margins
+from ..building import _quiet, bound_model
+from ..margins import lower_margins
 from ..head import head_of, merge_head
 from ..domain import PixelDomain
 from ..errors import UsageError
