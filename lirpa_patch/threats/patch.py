@@ -670,7 +670,7 @@ def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: O
         coef_t: ``(J, O)`` the layer's transposed weight; images: ``(B, J)`` the clean inputs; bias: ``(O,)``.
         cache: the calling operator's cache (keeps ``|W|`` while the weight stays the same).
     """
-    n_rows, n_el = elems.shape
+    n_rows = elems.shape[0]
     width = coef_t.shape[0]
     order = elems.argsort(-1)  # CSR rows with non-decreasing columns
     cols = elems.gather(-1, order).clamp(min=0)
@@ -703,13 +703,8 @@ def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: O
     ones = centre.new_ones(n_rows, 1)
     if radius_rows is not None:
         # One product for the centre rows; the radius rows are the same for both bounds.
-        cols = torch.cat([cols, (start + row_img).unsqueeze(-1)], -1).reshape(-1)
-        crow = torch.arange(0, n_rows * (n_el + 1) + 1, n_el + 1, device=elems.device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch calls its sparse CSR support beta
-            rows = torch.sparse_csr_tensor(crow, cols, torch.cat([centre, ones], -1).reshape(-1),
-                                           size=(n_rows, table.shape[0]))
-            mid = torch.sparse.mm(rows, table)  # (R, O)
+        mid = _csr_product(torch.cat([cols, (start + row_img).unsqueeze(-1)], -1), torch.cat([centre, ones], -1),
+                           table)  # (R, O)
         rad, row_rad = radius_rows
         n_loc = rad.shape[0]
         if n_rows % n_loc == 0 and torch.equal(row_rad.view(-1, n_loc),
@@ -719,18 +714,20 @@ def _rows_by_sparse_product(elems: torch.Tensor, centre: torch.Tensor, radius: O
         spread = rad[row_rad]
         return torch.sub(mid, spread), mid.add_(spread)
     cols = torch.cat([cols, cols + width, (start + row_img).unsqueeze(-1)], -1)
-    per_row = 2 * n_el + 1
     radius = radius.gather(-1, order)
-    cols = cols.reshape(-1)
-    crow = torch.arange(0, n_rows * per_row + 1, per_row, device=elems.device)
-    out = []
+    lower, upper = (_csr_product(cols, torch.cat((centre, radius * sign, ones), -1), table) for sign in (-1.0, 1.0))
+    return lower, upper
+
+
+def _csr_product(cols: torch.Tensor, values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``(R, O)``: row ``r`` is ``sum_e values[r, e] * table[cols[r, e]]`` (one CSR x dense product);
+    ``cols``, ``values`` ``(R, E)``, each row's columns non-decreasing."""
+    n_rows, per_row = cols.shape
+    crow = torch.arange(0, n_rows * per_row + 1, per_row, device=cols.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch calls its sparse CSR support beta
-        for sign in (-1.0, 1.0):
-            values = torch.cat((centre, radius * sign, ones), -1).reshape(-1)
-            rows = torch.sparse_csr_tensor(crow, cols, values, size=(n_rows, table.shape[0]))
-            out.append(torch.sparse.mm(rows, table))
-    return out[0], out[1]
+        rows = torch.sparse_csr_tensor(crow, cols.reshape(-1), values.reshape(-1), size=(n_rows, table.shape[0]))
+        return torch.sparse.mm(rows, table)
 
 
 _EVERY_LOCATION: "OrderedDict[tuple, Locations]" = OrderedDict()

@@ -209,7 +209,7 @@ class _TopKGains(torch.autograd.Function):
                 mp, mn = m_pos[n0:n1, None], m_neg[n0:n1, None]
                 for o0 in range(0, outs, o_blk):
                     o1 = min(outs, o0 + o_blk)
-                    if not grouped and cb.shape[0] == 1 and _PRUNE and kk * 4 <= width and 2 * _candidates(kk) < width:
+                    if not grouped and cb.shape[0] == 1 and _PRUNE and 2 * _candidates(kk) < width:
                         # most of the work: the candidates each output's top-k must come from
                         parts = _pruned_topk(cb[0, o0:o1], m_pos[n0:n1], m_neg[n0:n1], kk)
                         up[n0:n1, o0:o1], up_idx[n0:n1, o0:o1], dn[n0:n1, o0:o1], dn_idx[n0:n1, o0:o1] = parts
