@@ -38,9 +38,6 @@ _PATCHES_HELP = (
 )
 
 
-_SELECTION = ("data", "start", "num", "val_data", "val_start", "val_num", "val_size")
-
-
 def _parse_pool(value: str) -> tuple[int, ...]:
     if value.strip().lower() == "auto":
         return ()
@@ -255,6 +252,7 @@ def train(**opts: Any) -> None:
         MetricsLog, Trainer, TrainConfig, config_from_dict, export_onnx, load_checkpoint, preset_for,
         preset_normalization, saved_selection, train_val_split,
     )
+    from lirpa_patch.train.splits import SELECTION_KEYS
     from lirpa_patch.train.trainer import EpochMetrics
 
     if opts["threads"]:
@@ -274,7 +272,7 @@ def train(**opts: Any) -> None:
     if resumed is not None:
         selection = saved_selection(dict(resumed.get("meta", {}).get("data_selection", {})))
     else:
-        selection = {key: opts[key] for key in _SELECTION}
+        selection = {key: opts[key] for key in SELECTION_KEYS}
     selection["start"] = selection["start"] or 0
     selection["val_start"] = selection["val_start"] or 0
     check_outputs(

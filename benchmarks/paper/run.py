@@ -189,7 +189,7 @@ def _metrics(run: Run) -> tuple[Optional[float], Optional[dict]]:
     path = RUNS_DIR / run.id / "metrics.jsonl"
     if not path.exists():
         return None, None
-    seconds, final = 0.0, None
+    final = None
     epochs: dict[int, dict] = {}
     for line in path.read_text().splitlines():
         record = json.loads(line)

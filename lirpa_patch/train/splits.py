@@ -40,6 +40,9 @@ SAMPLE_TRAIN = 4000
 
 _SAMPLE_TRAINING = "sample:train"
 
+SELECTION_KEYS: tuple[str, ...] = ("data", "start", "num", "val_data", "val_start", "val_num", "val_size")
+"""The arguments of :func:`train_val_split` that choose the images (a checkpoint keeps them)."""
+
 Source = Union[str, "os.PathLike[str]"]
 
 
@@ -167,12 +170,9 @@ def saved_selection(saved: dict[str, Any]) -> dict[str, Any]:
     digits; a selection saved then says ``"sample"`` for what is now ``"sample:train"``
     (selections saved since always hold the resolved split).
     """
-    keys = ("data", "start", "num", "val_data", "val_start", "val_num", "val_size")
-    selection = {key: saved.get(key) for key in keys}
+    selection = {key: saved.get(key) for key in SELECTION_KEYS}
     for key in ("data", "val_data"):
         if selection[key] == "sample":
             selection[key] = _SAMPLE_TRAINING
     selection["data"] = selection["data"] or _SAMPLE_TRAINING
-    selection["start"] = selection["start"] or 0
-    selection["val_start"] = selection["val_start"] or 0
     return selection
