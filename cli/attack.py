@@ -1,7 +1,7 @@
 """``lirpa-patch attack``: attack a model's images with patches (or k pixels) and report what breaks.
 
 Same model, data and threat options as ``certify`` (:mod:`lirpa_patch_cli._run`); the attack
-is :mod:`lirpa_patch.attack`. Flow: parse and check options -> load the data and the model
+is :mod:`lirpa_patch.attacks`. Flow: parse and check options -> load the data and the model
 -> for every threat: (optionally) certify to find the worst certified locations, attack ->
 JSON report (:func:`lirpa_patch.evaluation.attack_report`), adversarial images on request
 -> the results table on stdout.
@@ -103,7 +103,7 @@ def _attack(model: str, threats: "_run.Threats", *, locations_from: Optional[str
             worst: int) -> None:
     import torch
 
-    from lirpa_patch.attack import attack_patch, attack_sparse
+    from lirpa_patch.attacks import attack_patch, attack_sparse
     from lirpa_patch.engine import bound_model, certify as certify_images
     from lirpa_patch.evaluation import attack_report
 

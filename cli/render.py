@@ -99,8 +99,8 @@ class ProgressTask:
 
 
 class AttackProgress:
-    """Progress bars on ``console`` (stderr) for :func:`lirpa_patch.attack.attack_patch` /
-    :func:`~lirpa_patch.attack.attack_sparse`: one bar per stage (sweep, restarts), rows done.
+    """Progress bars on ``console`` (stderr) for :func:`lirpa_patch.attacks.attack_patch` /
+    :func:`~lirpa_patch.attacks.attack_sparse`: one bar per stage (sweep, restarts), rows done.
 
     Use as a context manager; :meth:`task` returns the attack's ``progress(stage, done, total)``.
     """

@@ -43,7 +43,7 @@ with _compat.quiet_import():
         ) from exc
     _compat.apply_after_import()
 
-from .attack import AttackResult, attack_patch, attack_sparse
+from .attacks import AttackResult, attack, attack_patch, attack_rows, attack_sparse
 from .data import Dataset, load_dataset
 from .domain import PixelDomain
 from .engine import (
@@ -56,13 +56,14 @@ from .engine import (
     sparse_lower_margins,
 )
 from .errors import DataError, LirpaPatchError, ModelError, UsageError
-from .evaluation import Evaluation, consistency_violations, evaluate_patch, evaluate_sparse
+from .evaluation import Evaluation, consistency_violations, evaluate, evaluate_patch, evaluate_sparse
 from .locations import Locations, all_locations
 from .models import ImageModel, LoadedModel, image_model, load_model
 from .shapes import PatchShape, make_shape
 from .ops import bounded_module, custom_ops
 from .spec import margin_spec
 from .threats import PatchPerturbation, SparsePerturbation
+from .threats.base import Threat
 from .threats.patch import PatchThreat
 from .threats.sparse import SparseThreat
 from .train import TrainConfig, Trainer
@@ -91,12 +92,15 @@ __all__ = [
     "PixelDomain",
     "SparsePerturbation",
     "SparseThreat",
+    "Threat",
     "TrainConfig",
     "Trainer",
     "UsageError",
     "__version__",
     "all_locations",
+    "attack",
     "attack_patch",
+    "attack_rows",
     "attack_sparse",
     "auto_lirpa_version",
     "bound_model",
@@ -105,6 +109,7 @@ __all__ = [
     "certify_sparse",
     "consistency_violations",
     "custom_ops",
+    "evaluate",
     "evaluate_patch",
     "evaluate_sparse",
     "image_model",

@@ -46,7 +46,6 @@ import torch
 from .crown import crown_margins
 from .errors import ModelError
 from .spec import certifies, margin_spec
-from .threats.patch import PatchPerturbation, PatchThreat
 
 __all__ = ["AUTO_SECONDS_PER_IMAGE", "AUTO_SHARE", "CHAINS", "CascadeStats", "Pending", "StageStats", "refine"]
 
@@ -176,14 +175,6 @@ class Pending:
         return torch.cat(self._img), torch.cat(self._row), torch.cat(self._lb)
 
 
-def _row_batch(threat, images: torch.Tensor, img: torch.Tensor, row: torch.Tensor, domain):
-    """``(x, ptb)`` bounding rows ``(images[img[r]], row[r])`` of ``threat``."""
-    if isinstance(threat, PatchThreat):
-        ptb = PatchPerturbation(locations=threat.locations, index=row, domain=domain)
-        return ptb.rows_at(images, img), ptb
-    return threat.perturbation(images[img], slice(None), domain=domain, strength=1.0)
-
-
 def _order(img: torch.Tensor, lb: torch.Tensor, n_img: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The order rows go to the expensive methods, and each row's rank in its image.
 
@@ -250,7 +241,7 @@ def refine(
     mode = None if intermediate == "auto" else intermediate
 
     def bound(method: str, sel: torch.Tensor, mode_: str) -> torch.Tensor:
-        x, ptb = _row_batch(threat, images, img[sel], row[sel], domain)
+        x, ptb = threat.rows_at(images, img[sel], row[sel], domain=domain)
         out = crown_margins(bounded, x, ptb, spec, img[sel], method=method, intermediate=mode_)
         if not torch.isfinite(out).all():
             raise ModelError("auto_LiRPA returned NaN/infinite bounds; the model cannot be certified")

@@ -36,16 +36,18 @@ from .crown import check_intermediate
 from .domain import PixelDomain
 from .errors import ModelError, UsageError
 from .head import head_of
+from .inputs import check_inputs, predict  # noqa: F401  (engine.X as before)
 from .locations import Locations
 from .margins import (  # noqa: F401  (engine.X as before)
     MAX_ROWS_PER_CALL,
     METHODS,
     Method,
     _ibp_margins,
-    _stronger,
     check_method,
     location_margins,
     lower_margins,
+    pair_margins,
+    row_margins,
     sparse_lower_margins,
     threat_margins,
 )
@@ -53,6 +55,7 @@ from .ops.graph import all_nodes, reaches_input
 from .results import CertifyResult, ImageResult, _image_results  # noqa: F401  (engine.X as before)
 from .shapes import PatchShape, SizeLike
 from .spec import certifies, margin_spec
+from .threats.base import Threat
 from .threats.patch import PatchThreat
 from .threats.sparse import SparseThreat, check_k
 
@@ -84,33 +87,6 @@ def start_progress(progress: Optional[ProgressFn], images: int, rows: int) -> No
     start = getattr(progress, "start", None)
     if callable(start):
         start(images, rows)
-
-
-def check_inputs(images: torch.Tensor, labels: torch.Tensor, chunk_size: Optional[int]) -> None:
-    """One-line :class:`UsageError` for malformed engine inputs."""
-    if chunk_size is not None and chunk_size < 1:
-        raise UsageError(f"chunk_size must be at least 1, got {chunk_size}", param="chunk_size")
-    if images.ndim != 4:
-        raise UsageError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}", param="images")
-    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise UsageError(f"labels must be (N,) with N = {images.shape[0]}, got shape {tuple(labels.shape)}",
-                         param="labels")
-    if not torch.isfinite(images).all():
-        raise UsageError("images contain NaN or infinite values", param="images")
-
-
-def predict(model: torch.nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Logits ``(N, K)`` of ``images`` (checked: 2-D, finite)."""
-    outs = []
-    with torch.no_grad():
-        for i in range(0, images.shape[0], batch):
-            outs.append(model(images[i: i + batch]))
-    logits = torch.cat(outs)
-    if logits.ndim != 2:
-        raise ModelError(f"the model must output logits (N, K), got shape {tuple(logits.shape)}")
-    if not torch.isfinite(logits).all():
-        raise ModelError("the model produced NaN or infinite logits on the input images")
-    return logits
 
 
 def rows_per_call(bounded: BoundedModule, max_memory: int, method: str) -> int:
@@ -178,7 +154,7 @@ def _children(child_of: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tens
     return which, order[starts[parents][which] + offset]
 
 
-def _grouped(bounded, threat: PatchThreat, levels, images, labels, worst, batch: torch.Tensor, *,
+def _grouped(bounded, threat: Threat, levels, images, labels, worst, batch: torch.Tensor, *,
              num_classes: int, method: str, domain, chunk_size: int, exact_min: bool) -> int:
     """Bound images ``batch`` through location groups into ``worst``; returns the number of rows bounded.
 
@@ -216,8 +192,8 @@ def _grouped(bounded, threat: PatchThreat, levels, images, labels, worst, batch:
         member = top.member_of.to(dev)  # (L,)
         s_img, s_loc = torch.nonzero(seeded[:, member], as_tuple=True)  # every location of a seed block
         if s_loc.numel():
-            s_lb = location_margins(bounded, threat.locations, imgs, labs, s_img, s_loc, num_classes=num_classes,
-                                    method=method, domain=domain, chunk_size=chunk_size)
+            s_lb = pair_margins(bounded, threat, imgs, labs, s_img, s_loc, num_classes=num_classes,
+                                method=method, domain=domain, chunk_size=chunk_size)
             bounded_rows += s_loc.numel()
             worst.update(batch[s_img], s_loc, s_lb)
             best.scatter_reduce_(0, s_img, s_lb.min(dim=1).values, "amin")
@@ -245,8 +221,8 @@ def _grouped(bounded, threat: PatchThreat, levels, images, labels, worst, batch:
         which, unit = _children(level.child_of, pending)
         img = pending_img[which]
     # the finest blocks' pending members: single locations, bounded exactly
-    lb = location_margins(bounded, threat.locations, imgs, labs, img, unit, num_classes=num_classes, method=method,
-                          domain=domain, chunk_size=chunk_size)
+    lb = pair_margins(bounded, threat, imgs, labs, img, unit, num_classes=num_classes, method=method,
+                      domain=domain, chunk_size=chunk_size)
     worst.update(batch[img], unit, lb)
     return bounded_rows + unit.numel()
 
@@ -255,7 +231,7 @@ def certify(
     model: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    threat: Optional[PatchThreat | SparseThreat] = None,
+    threat: Optional[Threat] = None,
     *,
     size: SizeLike | str = 2,
     shape: str | PatchShape | torch.Tensor = "square",
@@ -281,10 +257,11 @@ def certify(
             (wrap ONNX or layout-specific models in :class:`~lirpa_patch.models.ImageModel`).
         images: ``(N, C, H, W)`` float in the pixel domain (default ``[0, 1]``).
         labels: ``(N,)`` int64.
-        threat: a :class:`~lirpa_patch.threats.patch.PatchThreat` or
+        threat: any :class:`~lirpa_patch.threats.base.Threat`, e.g.
+            :class:`~lirpa_patch.threats.patch.PatchThreat` or
             :class:`~lirpa_patch.threats.sparse.SparseThreat`; by default the patch
             given by ``size``, ``shape`` and ``locations``, or the sparse threat when
-            ``k`` is given.
+            ``k`` is given (the older keywords).
         size, shape: the patch (see :func:`~lirpa_patch.shapes.make_shape`).
         locations: explicit location set; default every valid position.
         k: the sparse threat's pixel budget (instead of a patch).
@@ -346,14 +323,9 @@ def certify(
         (:class:`~lirpa_patch.cascade.CascadeStats`) holds the rows each method bounded and
         certified and its time.
     """
-    key = check_method(method)
-    mode = check_intermediate(intermediate)
-    if exhaustive is None:
-        exhaustive = bool(keep_location_margins)
-    if threat is None:
-        threat = SparseThreat(check_k(k)) if k is not None else PatchThreat(size, shape, locations)
-    elif k is not None:
-        raise UsageError("give either threat= or k=, not both", param="k")
+    key, mode = check_method(method), check_intermediate(intermediate)
+    exhaustive = bool(keep_location_margins) if exhaustive is None else exhaustive
+    threat = _threat_of(threat, size, shape, locations, k)
     check_inputs(images, labels, chunk_size)
     if max_memory < 1:
         raise UsageError(f"max_memory must be positive, got {max_memory}", param="max_memory")
@@ -370,20 +342,16 @@ def certify(
         idx = list(range(n_img)) if indices is None else [int(i) for i in indices]
         if len(idx) != n_img:
             raise UsageError(f"indices has {len(idx)} entries for {n_img} images", param="indices")
-
         logits = predict(model, images)
         num_classes = logits.shape[1]
         margin_spec(labels, num_classes)  # validates the label range with a clear message
         preds = logits.argmax(1)
         correct = preds == labels
-
         if bounded is None:
             bounded = bound_model(model, images.shape[1:], device)
         else:
             _check_bounded(model, bounded, images, logits)
-        head = head_of(bounded)
         ibp_chunk = chunk_size if chunk_size is not None else rows_per_call(bounded, max_memory, "ibp")
-
         worst = _Worst(n_img, device)
         kept = torch.full((n_img, n_rows), float("nan")) if keep_location_margins else None
         tracker = Pending(worst, keep=key != "ibp", kept=kept)
@@ -391,64 +359,67 @@ def certify(
         start_progress(progress, len(todo), len(todo) * n_rows)
         ibp_start = time.perf_counter()
         with torch.no_grad():
-            block, grouped_images, bounded_rows = _ibp_pass(
-                bounded, threat, images, labels, tracker, todo, num_classes=num_classes, domain=domain,
-                chunk_size=ibp_chunk, groups=None if keep_location_margins else groups, progress=progress,
-                cascade=key != "ibp")
+            groups_used = _ibp_pass(bounded, threat, images, labels, tracker, todo, num_classes=num_classes,
+                                    domain=domain, chunk_size=ibp_chunk, progress=progress, cascade=key != "ibp",
+                                    groups=None if keep_location_margins else groups)
             ibp = stats.stages["ibp"]
             ibp.rows, ibp.chunk, ibp.seconds = len(todo) * n_rows, int(ibp_chunk), time.perf_counter() - ibp_start
             ibp.settled = ibp.rows - tracker.unsettled
             if key != "ibp":
-                p_img, p_row, p_lb = tracker.rows(num_classes, device)
-                decided = len(todo) - int(torch.unique(p_img).numel())
-                done_rows = len(todo) * n_rows
-                if progress is not None:
-                    progress(decided, done_rows)
-
-                def report(rows: int, left: int) -> None:
-                    if progress is not None:
-                        progress(len(todo) - left, done_rows + rows)
-
                 crown_chunk = chunk_size if chunk_size is not None else rows_per_call(
                     bounded, min(max_memory, CROWN_WORKING_SET), "crown")
-                final = refine(bounded, threat, images, labels, p_img, p_row, p_lb, stats=stats,
-                               num_classes=num_classes, domain=domain, intermediate=mode, chunk=int(crown_chunk),
-                               progress=report)
-                worst.update(p_img, p_row, final)
-                if kept is not None and p_img.numel():
-                    kept[p_img.cpu(), p_row.cpu()] = final.min(dim=1).values.cpu()
-                if progress is not None:
-                    progress(len(todo), done_rows + sum(stats.stages[m].rows for m in stats.methods[1:]))
+                _refine_pass(bounded, threat, images, labels, tracker, worst, kept, len(todo) * n_rows, stats=stats,
+                             num_classes=num_classes, domain=domain, intermediate=mode, chunk=int(crown_chunk),
+                             todo=len(todo), progress=progress)
     finally:
         model.train(was_training)
-
     results = _image_results(idx, labels, preds, correct, worst.value, worst.cls, num_classes,
                              lambda k_: threat.locate(int(worst.row[k_])), grouped=worst.grouped)
-    extra: dict = {"cascade": stats.to_dict()}
-    if block:
-        extra["location_groups"] = {"block": block, "images": grouped_images, "rows_bounded": bounded_rows,
-                                    "rows_per_location": len(todo) * n_rows}
-    if isinstance(threat, SparseThreat):
-        extra.update({"threat": "sparse", "k": threat.k})
-        from .ops.registry import plugin_report
-
-        report_ = plugin_report(bounded)
-        fallback = dict(report_["fallback"])
-        fallback.update({name: "stock auto_LiRPA operator" for name in report_["stock_first_mixing"]})
-        if fallback:
-            extra["fallback"] = fallback
+    extra: dict = {"cascade": stats.to_dict(), **threat.diagnose(bounded)}
+    if groups_used[0]:
+        extra["location_groups"] = dict(zip(("block", "images", "rows_bounded"), groups_used),
+                                         rows_per_location=len(todo) * n_rows)
+    location_set = threat.location_set
     return CertifyResult(
-        images=results,
-        shape=getattr(threat, "shape", None),
-        num_locations=len(threat.locations) if isinstance(threat, PatchThreat) else 0,
-        method=key,
-        seconds=time.perf_counter() - start,
-        chunk_size=int(ibp_chunk),
-        extra=extra,
-        head=head.describe(),
-        location_margins=kept,
-        locations=threat.locations if keep_location_margins and isinstance(threat, PatchThreat) else None,
+        images=results, shape=threat.shape, num_locations=len(location_set) if location_set is not None else 0,
+        method=key, seconds=time.perf_counter() - start, chunk_size=int(ibp_chunk), extra=extra,
+        head=head_of(bounded).describe(), location_margins=kept,
+        locations=location_set if keep_location_margins else None, threat_model=threat,
     )
+
+
+def _threat_of(threat: Optional[Threat], size, shape, locations: Optional[Locations], k: Optional[int]) -> Threat:
+    """The threat :func:`certify` was given, or the one its older keywords describe."""
+    if threat is None:
+        return SparseThreat(check_k(k)) if k is not None else PatchThreat(size, shape, locations)
+    if k is not None:
+        raise UsageError("give either threat= or k=, not both", param="k")
+    if not isinstance(threat, Threat):
+        raise UsageError(f"threat must be a lirpa_patch Threat (e.g. PatchThreat(2), SparseThreat(4)), got {threat!r}",
+                         param="threat")
+    return threat
+
+
+def _refine_pass(bounded, threat: Threat, images, labels, tracker: Pending, worst: "_Worst",
+                 kept: Optional[torch.Tensor], done_rows: int, *, stats: CascadeStats, num_classes: int, domain,
+                 intermediate: str, chunk: int, todo: int, progress: Optional[ProgressFn]) -> None:
+    """The stronger methods of the cascade on the rows IBP left pending in ``tracker``, into ``worst``
+    (and ``kept``, the per-row margins, when kept)."""
+    p_img, p_row, p_lb = tracker.rows(num_classes, images.device)
+    if progress is not None:
+        progress(todo - int(torch.unique(p_img).numel()), done_rows)
+
+    def report(rows: int, left: int) -> None:
+        if progress is not None:
+            progress(todo - left, done_rows + rows)
+
+    final = refine(bounded, threat, images, labels, p_img, p_row, p_lb, stats=stats, num_classes=num_classes,
+                   domain=domain, intermediate=intermediate, chunk=chunk, progress=report)
+    worst.update(p_img, p_row, final)
+    if kept is not None and p_img.numel():
+        kept[p_img.cpu(), p_row.cpu()] = final.min(dim=1).values.cpu()
+    if progress is not None:
+        progress(todo, done_rows + sum(stats.stages[m].rows for m in stats.methods[1:]))
 
 
 def _ibp_pass(bounded, threat, images, labels, tracker, todo: list[int], *, num_classes: int, domain, chunk_size: int,
@@ -507,15 +478,17 @@ def _ibp_pass(bounded, threat, images, labels, tracker, todo: list[int], *, num_
     return block if grouped_images else 0, grouped_images, bounded_rows
 
 
-def _block_size(groups, threat, method: str) -> int:
-    """The location-group block size to use (0: none)."""
-    if not isinstance(threat, PatchThreat) or groups in (None, False, 0):
+def _block_size(groups, threat: Threat, method: str) -> int:
+    """The location-group block size to use (0: none, also for a threat without groups)."""
+    if groups in (None, False, 0):
         return 0
     if groups == "auto":
-        return 2 if method == "ibp" and threat.rows_per_image >= 16 else 0
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 2 or groups & (groups - 1):
+        block = 2 if method == "ibp" and threat.rows_per_image >= 16 else 0
+    elif isinstance(groups, bool) or not isinstance(groups, int) or groups < 2 or groups & (groups - 1):
         raise UsageError(f"groups must be 'auto', None or a power of two >= 2, got {groups!r}", param="groups")
-    return groups
+    else:
+        block = groups
+    return block if block and threat.block_levels(block) is not None else 0
 
 
 SPARSE_CHUNK = 256

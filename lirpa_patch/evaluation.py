@@ -23,12 +23,15 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .attack import AttackProgress, AttackResult, attack_patch, attack_sparse
+from .attacks import AttackProgress, AttackResult, attack
 from .domain import PixelDomain
 from .engine import CertifyResult, ProgressFn, certify
 from .errors import UsageError
 from .report import REPORT_VERSION, RunInfo, _number, _run_fields
 from .shapes import PatchShape, SizeLike, parse_size
+from .threats.base import Threat
+from .threats.patch import PatchThreat
+from .threats.sparse import SparseThreat
 
 DEFAULT_WORST_LOCATIONS = 8
 """Locations per image with the worst certified margin that :func:`evaluate_patch` attacks
@@ -49,11 +52,13 @@ class Violation:
     def describe(self) -> str:
         where = ""
         if self.location is not None:
-            if "pixels" in self.location:
-                where = f" changing pixels {self.location['pixels']}"
-            else:
-                loc = self.location
+            loc = self.location
+            if "pixels" in loc:
+                where = f" changing pixels {loc['pixels']}"
+            elif {"height", "width", "shape", "top", "left"} <= set(loc):
                 where = f" with a {loc['height']}x{loc['width']} {loc['shape']} patch at top={loc['top']}, left={loc['left']}"
+            else:
+                where = f" at {loc}"
         return (
             f"image {self.index} (label {self.label}) is certified with worst margin "
             f"{self.certified_margin:.6g}, but the attack reached margin {self.attacked_margin:.6g}"
@@ -136,13 +141,12 @@ def _worst_locations(result: CertifyResult, count: int) -> Optional[torch.Tensor
     return margins.topk(min(count, margins.shape[1]), dim=1, largest=False).indices
 
 
-def evaluate_patch(
+def evaluate(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
+    threat: Threat,
     *,
-    size: SizeLike | str = 2,
-    shape: str | PatchShape | torch.Tensor = "square",
     method: str = "ibp",
     worst_locations: int = DEFAULT_WORST_LOCATIONS,
     attack_options: Optional[Mapping[str, Any]] = None,
@@ -156,85 +160,90 @@ def evaluate_patch(
     certify_progress: Optional[ProgressFn] = None,
     attack_progress: Optional[AttackProgress] = None,
 ) -> Evaluation:
-    """Certify and attack a patch threat on the same images; check the one against the other.
+    """Certify and attack ``threat`` (any :class:`~lirpa_patch.threats.base.Threat`) on the same images;
+    check the one against the other (:func:`consistency_violations`).
 
     Args:
-        model, images, labels, size, shape, method, domain, chunk_size, device,
-            indices, bounded, max_memory: as :func:`~lirpa_patch.engine.certify`
-            (``chunk_size`` is used for both certification and attack when given).
-        worst_locations: per image, this many locations with the worst certified
-            margin are attacked in depth, besides the attack's own candidates.
-        attack_options: more keyword arguments of :func:`~lirpa_patch.attack.attack_patch`
-            (``steps``, ``restarts``, ``candidates``, ...).
+        model, images, labels, threat, method, domain, chunk_size, device, indices, bounded,
+            max_memory: as :func:`~lirpa_patch.engine.certify` (``chunk_size`` is used for
+            both certification and attack when given).
+        worst_locations: for a threat with several rows per image (patch locations), this
+            many rows per image with the worst certified margin are attacked in depth,
+            besides the attack's own candidates.
+        attack_options: more keyword arguments of the threat's attack
+            (:func:`~lirpa_patch.attacks.attack`: ``steps``, ``restarts``, ...).
         seed: the attack's seed.
         certify_progress, attack_progress: progress callbacks of the two stages.
     """
+    if not isinstance(threat, Threat):
+        raise UsageError(f"threat must be a lirpa_patch Threat (e.g. PatchThreat(2), SparseThreat(4)), got {threat!r}",
+                         param="threat")
+    threat.prepare(images.shape[-2:])
+    per_row = worst_locations > 0 and threat.rows_per_image > 1
     memory = {} if max_memory is None else {"max_memory": max_memory}
-    cert = certify(model, images, labels, size=size, shape=shape, method=method, chunk_size=chunk_size,
-                   device=device, indices=indices, domain=domain, bounded=bounded, progress=certify_progress,
-                   keep_location_margins=True, **memory)
+    cert = certify(model, images, labels, threat, method=method, chunk_size=chunk_size, device=device,
+                   indices=indices, domain=domain, bounded=bounded, progress=certify_progress,
+                   keep_location_margins=per_row, **memory)
     options = dict(attack_options or {})
     if chunk_size is not None:
         options.setdefault("chunk_size", chunk_size)
-    att = attack_patch(model, images, labels, shape=cert.shape, locations=cert.locations,
-                       location_index=_worst_locations(cert, worst_locations), domain=domain, device=device,
-                       indices=indices, seed=seed, progress=attack_progress, **options)
-    if cert.shape.name == "custom":
-        value = f"{cert.shape.pixel_count} px"
-    else:
-        h, w = parse_size(size)
-        value = f"{h}x{w}"
-    return Evaluation("patch", f"{value} {cert.shape.name}", cert, att, consistency_violations(cert, att), value)
+    if per_row:
+        options.setdefault("location_index", _worst_locations(cert, worst_locations))
+    att = attack(model, images, labels, threat, domain=domain, device=device, indices=indices, seed=seed,
+                 progress=attack_progress, **options)
+    return Evaluation(threat.name, threat.label, cert, att, consistency_violations(cert, att), threat.value)
 
 
-def evaluate_sparse(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    k: int,
-    method: str = "ibp",
-    attack_options: Optional[Mapping[str, Any]] = None,
-    domain: Optional[PixelDomain] = None,
-    chunk_size: Optional[int] = None,
-    max_memory: Optional[int] = None,
-    device: str | torch.device = "cpu",
-    indices: Optional[Sequence[int]] = None,
-    bounded=None,
-    seed: int = 0,
-    certify_progress: Optional[ProgressFn] = None,
-    attack_progress: Optional[AttackProgress] = None,
-) -> Evaluation:
-    """Certify and attack the sparse threat (any ``k`` pixels); see :func:`evaluate_patch`."""
-    memory = {} if max_memory is None else {"max_memory": max_memory}
-    cert = certify(model, images, labels, k=k, method=method, chunk_size=chunk_size, device=device, indices=indices,
-                   domain=domain, bounded=bounded, progress=certify_progress, **memory)
-    options = dict(attack_options or {})
-    if chunk_size is not None:
-        options.setdefault("chunk_size", chunk_size)
-    att = attack_sparse(model, images, labels, k=k, domain=domain, device=device, indices=indices, seed=seed,
-                        progress=attack_progress, **options)
-    return Evaluation("sparse", f"k={k}", cert, att, consistency_violations(cert, att), str(k))
+def evaluate_patch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, size: SizeLike | str = 2,
+                   shape: str | PatchShape | torch.Tensor = "square", **kwargs: Any) -> Evaluation:
+    """``evaluate(model, images, labels, PatchThreat(size, shape), ...)`` (the older spelling)."""
+    return evaluate(model, images, labels, _patch_threat(size, shape), **kwargs)
+
+
+def evaluate_sparse(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, k: int,
+                    **kwargs: Any) -> Evaluation:
+    """``evaluate(model, images, labels, SparseThreat(k), ...)`` (the older spelling)."""
+    return evaluate(model, images, labels, SparseThreat(k), **kwargs)
+
+
+def _patch_threat(size: SizeLike | str, shape: str | PatchShape | torch.Tensor) -> PatchThreat:
+    """The patch threat of ``size`` and ``shape``, keeping the size also when ``shape`` is built already."""
+    threat = PatchThreat(size, shape)
+    if threat.size is None and threat.shape.name != "custom":
+        threat.size = parse_size(size)
+    return threat
 
 
 # --------------------------------------------------------------------------- reports
 
 
+def _threat_fields(threat: Optional[Threat], keys: Sequence[str]) -> dict[str, Any]:
+    """``keys`` of the threat's report fields (None where it has none), plus any field of its own
+    that ``keys`` does not know (a threat of another kind)."""
+    fields = threat.report_fields() if threat is not None else {}
+    known = {"patch", "shape", "sparse_k", "shape_variants", "pixel_count", "pixel_counts", "requested_pixel_count",
+             "num_locations", "sparse_fallback"}
+    return {**{key: fields.get(key) for key in keys}, **{k: v for k, v in fields.items() if k not in known}}
+
+
+def _attack_threat(result: AttackResult) -> Optional[Threat]:
+    """The threat an attack result is about (rebuilt from its fields when it does not hold it)."""
+    if result.threat_model is not None:
+        return result.threat_model
+    if result.threat == "sparse":
+        return SparseThreat(result.k)
+    return PatchThreat(shape=result.shape)
+
+
 def _attack_summary(result: AttackResult) -> dict[str, Any]:
     n = result.num_images
-    out: dict[str, Any] = {"threat": result.threat}
-    if result.threat == "sparse":
-        out.update({"sparse_k": result.k, "patch_shape": None, "shape_variants": None, "num_locations": None})
-    else:
-        shape = result.shape
-        out.update({
-            "sparse_k": None,
-            "patch_shape": shape.name,
-            "shape_variants": [f"{int(v.shape[0])}x{int(v.shape[1])}" for v in shape.variants],
-            "pixel_counts": list(shape.pixel_counts),
-            "requested_pixel_count": int(shape.requested_pixels),
-            "num_locations": result.num_locations,
-        })
+    fields = _threat_fields(_attack_threat(result), ["sparse_k", "shape", "shape_variants", "pixel_counts",
+                                                     "requested_pixel_count", "num_locations"])
+    fields["patch_shape"] = fields.pop("shape")
+    fields["num_locations"] = result.num_locations
+    always = ("sparse_k", "patch_shape", "shape_variants", "num_locations")  # the other keys only where they apply
+    out: dict[str, Any] = {"threat": result.threat,
+                           **{k: v for k, v in fields.items() if k in always or v is not None}}
     out.update({
         "attack": dict(result.settings),
         "num_images": n,
@@ -297,15 +306,8 @@ def evaluation_row(evaluation: Evaluation) -> dict[str, Any]:
     """One row of the Table 2 / 5 layout: clean, empirical and certified accuracy of one threat."""
     cert, att = evaluation.certified, evaluation.attacked
     row: dict[str, Any] = {"name": evaluation.name, "value": evaluation.value, "threat": evaluation.threat}
-    if evaluation.threat == "sparse":
-        row.update({"sparse_k": att.k, "shape": None, "shape_variants": None, "pixel_counts": None})
-    else:
-        row.update({
-            "sparse_k": None,
-            "shape": cert.shape.name,
-            "shape_variants": [f"{int(v.shape[0])}x{int(v.shape[1])}" for v in cert.shape.variants],
-            "pixel_counts": list(cert.shape.pixel_counts),
-        })
+    row.update(_threat_fields(cert.threat_model or _attack_threat(att),
+                              ["sparse_k", "shape", "shape_variants", "pixel_counts"]))
     row.update({
         "num_images": evaluation.num_images,
         "clean_accuracy": _number(evaluation.clean_accuracy),

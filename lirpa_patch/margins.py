@@ -8,7 +8,7 @@ trainer back-propagates through them.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from auto_LiRPA import BoundedModule, BoundedTensor
@@ -21,8 +21,9 @@ from .errors import ModelError, UsageError
 from .head import head_of, merge_head
 from .locations import Locations
 from .spec import margin_spec
-from .threats.patch import PatchPerturbation
-from .threats.sparse import SparsePerturbation, SparseThreat, check_bounded
+from .threats.base import Threat
+from .threats.patch import PatchPerturbation, PatchThreat
+from .threats.sparse import SparseThreat
 
 Method = Literal["ibp", "crown", "alpha-crown"]
 METHODS: dict[str, str] = {"ibp": "IBP", "crown": "CROWN", "alpha-crown": "alpha-CROWN"}
@@ -43,7 +44,7 @@ def check_method(method) -> str:
 def _ibp_margins(bounded: BoundedModule, x: torch.Tensor, ptb, spec: torch.Tensor) -> torch.Tensor:
     """IBP lower margins ``(R, K - 1)`` of the rows ``x`` under ``ptb``; ``spec`` per image."""
     head = head_of(bounded)
-    ptb.virtual = bool(getattr(bounded, "_lp_virtual_ready", False)) and isinstance(ptb, PatchPerturbation)
+    ptb.virtual = bool(getattr(bounded, "_lp_virtual_ready", False))  # the perturbation decides whether it can use it
     ptb.virtual_output = head.node if head.kind == "linear" else None
     try:
         with _quiet():
@@ -62,19 +63,30 @@ def _ibp_margins(bounded: BoundedModule, x: torch.Tensor, ptb, spec: torch.Tenso
         ptb._lp_states = {}  # drop the per-call descriptions (they hold autograd graphs)
 
 
-def _stronger(bounded: BoundedModule, build, spec: torch.Tensor, lb: torch.Tensor, key: str,
-              row_img: Optional[torch.Tensor] = None, intermediate: str = "crown") -> torch.Tensor:
-    """``lb`` (IBP) combined by an elementwise maximum with every further method of ``key``'s chain."""
-    for method in CHAINS[key][1:]:
-        x, ptb = build()
-        lb = torch.maximum(lb, crown_margins(bounded, x, ptb, spec, row_img, head=head_of(bounded), method=method,
+def row_margins(bounded: BoundedModule, build: Callable[[bool], tuple[torch.Tensor, Any]], spec: torch.Tensor, *,
+                method: str = "ibp", intermediate: str = "crown",
+                row_img: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Certified lower margins ``(R, K - 1)`` of the rows ``build`` makes: the one bound of every function here.
+
+    ``build(stand_in)`` returns ``(x, ptb)``: the bounded rows and their perturbation
+    (with ``stand_in`` ``x`` may be a broadcast view, for IBP); ``spec`` ``(N, K - 1, K)`` per
+    image. IBP first, then every further method of ``method``'s chain
+    (:data:`lirpa_patch.cascade.CHAINS`) on every row, combined by an elementwise maximum:
+    each is a sound lower bound, and none is always tighter. Differentiable with respect to
+    the model's parameters (alpha-CROWN's share is not).
+    """
+    x, ptb = build(True)
+    lb = _ibp_margins(bounded, x, ptb, spec)
+    for stronger in CHAINS[check_method(method)][1:]:
+        x, ptb = build(False)
+        lb = torch.maximum(lb, crown_margins(bounded, x, ptb, spec, row_img, head=head_of(bounded), method=stronger,
                                              intermediate=intermediate))
     return lb
 
 
 def threat_margins(
     bounded: BoundedModule,
-    threat,
+    threat: Threat,
     images: torch.Tensor,
     labels: torch.Tensor,
     rows: slice,
@@ -89,13 +101,40 @@ def threat_margins(
     Differentiable with respect to the model's parameters.
     """
     key = check_method(method)
+    threat.check_bounded(bounded, key)
     spec = margin_spec(labels, num_classes, dtype=images.dtype)
-    x, ptb = threat.perturbation(images, rows, domain=domain, strength=strength, stand_in=True)
-    if isinstance(ptb, SparsePerturbation):
-        check_bounded(bounded, key)
-    lb = _ibp_margins(bounded, x, ptb, spec)
-    lb = _stronger(bounded, lambda: threat.perturbation(images, rows, domain=domain, strength=strength), spec, lb, key)
+    lb = row_margins(bounded, lambda stand_in: threat.perturbation(images, rows, domain=domain, strength=strength,
+                                                                   stand_in=stand_in), spec, method=key)
     return lb.reshape(images.shape[0], -1, num_classes - 1)
+
+
+def pair_margins(
+    bounded: BoundedModule,
+    threat: Threat,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    row_img: torch.Tensor,
+    row: torch.Tensor,
+    *,
+    num_classes: int,
+    method: str = "ibp",
+    domain: Optional[PixelDomain] = None,
+    chunk_size: int = MAX_ROWS_PER_CALL,
+    intermediate: str = "crown",
+) -> torch.Tensor:
+    """Lower margins ``(R, K - 1)`` of any (image, row) pairs of ``threat``: row ``row[r]`` of ``images[row_img[r]]``,
+    ``chunk_size`` pairs per call; every method of ``method``'s chain on every row (:func:`row_margins`)."""
+    key = check_method(method)
+    mode = check_intermediate(intermediate)
+    threat.check_bounded(bounded, key)
+    spec = margin_spec(labels, num_classes, dtype=images.dtype)
+    out = []
+    for s in range(0, row_img.shape[0], chunk_size):
+        img, at = row_img[s: s + chunk_size], row[s: s + chunk_size]
+        out.append(row_margins(bounded, lambda stand_in: threat.rows_at(images, img, at, domain=domain,
+                                                                        stand_in=stand_in),
+                               spec, method=key, intermediate=mode, row_img=img))
+    return torch.cat(out) if out else images.new_zeros(0, num_classes - 1)
 
 
 def lower_margins(
@@ -161,9 +200,7 @@ def lower_margins(
             ptb = PatchPerturbation(locations=locations, index=index, domain=domain, strength=strength)
         return ptb.rows_for(images, stand_in=stand_in), ptb
 
-    x, ptb = build(stand_in=True)  # IBP: no copy of the images per row
-    lb = _ibp_margins(bounded, x, ptb, spec)
-    lb = _stronger(bounded, build, spec, lb, key, intermediate=check_intermediate(intermediate))
+    lb = row_margins(bounded, build, spec, method=key, intermediate=check_intermediate(intermediate))
     return lb.reshape(n, n_loc, num_classes - 1)
 
 
@@ -202,20 +239,8 @@ def location_margins(
     chunk_size: int = MAX_ROWS_PER_CALL,
     intermediate: str = "crown",
 ) -> torch.Tensor:
-    """Lower margins ``(R, K - 1)`` of any (image, location) rows: ``images[row_img[r]]`` with location ``row_loc[r]``.
-
-    Every method of ``method``'s chain on every row, as :func:`lower_margins`.
-    """
-    key = check_method(method)
-    spec = margin_spec(labels, num_classes, dtype=images.dtype)
-    out = []
-    def build(img: torch.Tensor, loc: torch.Tensor, stand_in: bool = False):
-        ptb = PatchPerturbation(locations=locations, index=loc, domain=domain)
-        return ptb.rows_at(images, img, stand_in=stand_in), ptb
-
-    for s in range(0, row_img.shape[0], chunk_size):
-        img, loc = row_img[s: s + chunk_size], row_loc[s: s + chunk_size]
-        x, ptb = build(img, loc, stand_in=True)  # IBP: no copy of the images per row
-        lb = _ibp_margins(bounded, x, ptb, spec)
-        out.append(_stronger(bounded, lambda: build(img, loc), spec, lb, key, img, check_intermediate(intermediate)))
-    return torch.cat(out) if out else images.new_zeros(0, num_classes - 1)
+    """Lower margins ``(R, K - 1)`` of any (image, location) rows: ``images[row_img[r]]`` with location ``row_loc[r]``
+    (:func:`pair_margins` of the patch threat on ``locations``)."""
+    return pair_margins(bounded, PatchThreat(shape=locations.shape, locations=locations), images, labels, row_img,
+                        row_loc, num_classes=num_classes, method=method, domain=domain, chunk_size=chunk_size,
+                        intermediate=intermediate)

@@ -179,6 +179,9 @@ from typing import Any, Mapping, Optional
 
 from . import outputs
 from .results import CertifyResult
+from .threats.base import Threat
+from .threats.patch import PatchThreat
+from .threats.sparse import SparseThreat
 
 REPORT_VERSION = 1
 
@@ -386,50 +389,20 @@ def _run_fields(run: RunInfo, result: CertifyResult) -> dict[str, Any]:
 
 
 def build_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
-    """The report of a one-shape run, or of a sparse run: ``{"summary": ..., "images": [...]}``.
-
-    A sparse result (:func:`~lirpa_patch.engine.certify_sparse`) gives :func:`build_sparse_report`.
-    """
-    if result.extra.get("threat") == "sparse":
-        return build_sparse_report(result, run)
-    per_shape = shape_summary(result)
+    """The report of a run of one threat: ``{"summary": ..., "images": [...]}``; the summary's
+    threat fields come from the threat (:meth:`~lirpa_patch.threats.base.Threat.report_fields`)."""
+    threat = result.threat_model if result.threat_model is not None else _threat_of(result)
+    fields = threat.report_fields(result.extra)
+    if run.patch is not None and "patch" in fields:
+        fields["patch"] = run.patch  # as the run asked for it
+    if fields.get("num_locations") is None and result.num_locations:
+        fields["num_locations"] = int(result.num_locations)
     summary: dict[str, Any] = {
         "report_version": REPORT_VERSION,
-        "threat": run.threat,
-        "patch": run.patch,
-        "shape": per_shape["shape"],
-        "shape_variants": per_shape["shape_variants"],
-        "pixel_count": per_shape["pixel_count"],
-        "pixel_counts": per_shape["pixel_counts"],
-        "requested_pixel_count": per_shape["requested_pixel_count"],
-        "num_locations": per_shape["num_locations"],
+        "threat": threat.name,
+        **fields,
         "method": result.method,
-        "num_images": per_shape["num_images"],
-        "num_correct": per_shape["num_correct"],
-        "num_certified": per_shape["num_certified"],
-        "clean_accuracy": per_shape["clean_accuracy"],
-        "certified_accuracy": per_shape["certified_accuracy"],
-        "seconds": per_shape["seconds"],
-        "images_per_second": per_shape["images_per_second"],
-        "cascade": per_shape["cascade"],
-    }
-    summary.update(_run_fields(run, result))
-    return {"summary": summary, "images": image_entries(result)}
-
-
-def build_sparse_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
-    """The report of a ``--sparse K`` run: ``{"summary": ..., "images": [...]}``."""
-    n = result.num_images
-    summary: dict[str, Any] = {
-        "report_version": REPORT_VERSION,
-        "threat": "sparse",
-        "sparse_k": int(result.extra["k"]),
-        "pixel_count": int(result.extra["k"]),
-        "patch": None,
-        "shape": None,
-        "num_locations": None,
-        "method": result.method,
-        "num_images": n,
+        "num_images": result.num_images,
         "num_correct": sum(1 for r in result.images if r.correct),
         "num_certified": sum(1 for r in result.images if r.certified),
         "clean_accuracy": _number(result.clean_accuracy),
@@ -437,10 +410,21 @@ def build_sparse_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
         "seconds": _number(result.seconds),
         "images_per_second": _number(result.images_per_second),
         "cascade": cascade_summary(result),
-        "sparse_fallback": dict(result.extra.get("fallback", {})),
     }
     summary.update(_run_fields(run, result))
     return {"summary": summary, "images": image_entries(result)}
+
+
+def build_sparse_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
+    """The report of a ``--sparse K`` run: :func:`build_report` (the older name)."""
+    return build_report(result, run)
+
+
+def _threat_of(result: CertifyResult) -> Threat:
+    """The threat of a result that does not hold it (built by hand), from its fields."""
+    if result.extra.get("threat") == "sparse":
+        return SparseThreat(int(result.extra["k"]))
+    return PatchThreat(shape=result.shape)
 
 
 def build_transfer_report(results: Mapping[str, CertifyResult], run: RunInfo) -> dict[str, Any]:

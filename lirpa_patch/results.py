@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from .locations import Locations
 from .shapes import PatchShape
 from .spec import certifies, other_classes
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from .threats.base import Threat
 
 
 @dataclass
@@ -68,9 +71,14 @@ class CertifyResult:
     misclassified images."""
     locations: Optional[Locations] = None
     """The patch locations certified (with ``location_margins``)."""
+    threat_model: Optional["Threat"] = None
+    """The :class:`~lirpa_patch.threats.base.Threat` certified."""
 
     @property
     def threat(self) -> str:
+        """The threat's name (``"patch"``, ``"sparse"``, ...)."""
+        if self.threat_model is not None:
+            return self.threat_model.name
         return str(self.extra.get("threat", "patch"))
 
     @property

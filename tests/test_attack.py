@@ -1,4 +1,4 @@
-"""Empirical attacks (``lirpa_patch.attack``): as strong as the test suite's own attacks,
+"""Empirical attacks (``lirpa_patch.attacks``): as strong as the test suite's own attacks,
 every success real and inside the threat model, options checked."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lirpa_patch.attack import attack_patch, attack_sparse
+from lirpa_patch.attacks import attack_patch, attack_sparse
 from lirpa_patch.domain import PixelDomain
 from lirpa_patch.errors import UsageError
 from lirpa_patch.locations import all_locations

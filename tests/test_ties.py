@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lirpa_patch import certify, consistency_violations, evaluate_patch
-from lirpa_patch.attack import AttackResult, ImageAttack
+from lirpa_patch.attacks import AttackResult, ImageAttack
 from lirpa_patch.engine import CertifyResult, ImageResult
 from lirpa_patch.spec import certifies
 

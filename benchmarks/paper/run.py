@@ -109,7 +109,7 @@ def evaluate(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
     import torch
 
     from lirpa_patch import certify
-    from lirpa_patch.attack import attack_patch, attack_sparse
+    from lirpa_patch.attacks import attack_patch, attack_sparse
 
     start = time.process_time()
     cert = certify(model, data.images, data.labels, **threat, indices=data.indices.tolist())

@@ -47,7 +47,8 @@ from ..errors import UsageError
 from ..locations import Locations, all_locations, explicit_locations, pixel_tables, position_rows
 from ..ops.state import ElementState, WindowState
 from ..ops.window import conv_window, gather_window
-from ..shapes import PatchShape, SizeLike, make_shape
+from ..shapes import PatchShape, SizeLike, make_shape, parse_size
+from .base import Threat
 from .box import BoxPerturbation, Layout
 
 __all__ = ["PatchPerturbation", "PatchRows", "PatchThreat"]
@@ -748,8 +749,8 @@ def _every_location(shape: PatchShape, size: tuple[int, int]) -> Locations:
     return found
 
 
-class PatchThreat:
-    """The patch threat as the engine sees it: which rows an image has and how to bound some of them.
+class PatchThreat(Threat):
+    """The patch threat: one row per location of a patch of one shape (paper eq. 11).
 
     Args:
         size, shape: the patch (see :func:`~lirpa_patch.shapes.make_shape`); ``shape`` may
@@ -762,6 +763,7 @@ class PatchThreat:
 
     def __init__(self, size: SizeLike | str = 2, shape: str | PatchShape | torch.Tensor | np.ndarray = "square",
                  locations: Optional[Locations] = None) -> None:
+        self.size: Optional[tuple[int, int]] = None if isinstance(shape, PatchShape) else parse_size(size)
         self.shape: PatchShape = shape if isinstance(shape, PatchShape) else make_shape(shape, size)
         self.locations: Optional[Locations] = locations
 
@@ -778,6 +780,22 @@ class PatchThreat:
     def rows_per_image(self) -> int:
         return len(self.locations)
 
+    @property
+    def label(self) -> str:
+        if self.size is None:
+            return f"{self.shape.name} ({self.shape.pixel_text()} pixels)"
+        return f"{self.size[0]}x{self.size[1]} {self.shape.name}"
+
+    @property
+    def value(self) -> str:
+        if self.size is None:
+            return f"{self.shape.pixel_count} px"
+        return f"{self.size[0]}x{self.size[1]}"
+
+    @property
+    def location_set(self) -> Optional[Locations]:
+        return self.locations
+
     def perturbation(self, images: torch.Tensor, rows: slice, *, domain: Optional[PixelDomain], strength: float,
                      stand_in: bool = False):
         """``(x_rows, ptb)`` bounding locations ``rows`` of every image in ``images`` ``(b, C, H, W)``
@@ -785,6 +803,13 @@ class PatchThreat:
         index = torch.arange(len(self.locations))[rows]
         ptb = PatchPerturbation(locations=self.locations, index=index, domain=domain, strength=strength)
         return ptb.rows_for(images, stand_in=stand_in), ptb
+
+    def rows_at(self, images: torch.Tensor, img: torch.Tensor, row: torch.Tensor, *,
+                domain: Optional[PixelDomain], strength: float = 1.0, stand_in: bool = False):
+        """``(x, ptb)``: image ``images[img[r]]`` with the patch at location ``row[r]``
+        (see :meth:`PatchPerturbation.rows_at`)."""
+        ptb = PatchPerturbation(locations=self.locations, index=row, domain=domain, strength=strength)
+        return ptb.rows_at(images, img, stand_in=stand_in), ptb
 
     def block_levels(self, size: int):
         """Location-group levels of blocks of ``size``, ``size/2``, ... 2 (cached)."""
@@ -799,4 +824,27 @@ class PatchThreat:
         return self.locations.describe(int(row))
 
     def describe(self) -> dict:
-        return {"threat": "patch", "shape": self.shape.name, "num_locations": len(self.locations)}
+        out = {"threat": "patch", "shape": self.shape.name}
+        if self.size is not None:
+            out["size"] = f"{self.size[0]}x{self.size[1]}"
+        if self.locations is not None:
+            out["num_locations"] = len(self.locations)
+        return out
+
+    def report_fields(self, extra: Optional[dict] = None) -> dict:
+        shape = self.shape
+        return {
+            "patch": f"{self.size[0]}x{self.size[1]}" if self.size is not None else None,
+            "shape": shape.name,
+            "shape_variants": [f"{int(v.shape[0])}x{int(v.shape[1])}" for v in shape.variants],
+            "pixel_count": shape.pixel_count,
+            "pixel_counts": list(shape.pixel_counts),
+            "requested_pixel_count": int(shape.requested_pixels),
+            "num_locations": None if self.locations is None else len(self.locations),
+        }
+
+    def attack(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, **options):
+        """:func:`~lirpa_patch.attacks.attack_patch` at this threat's locations (``options`` are its own)."""
+        from ..attacks import attack_patch
+
+        return attack_patch(model, images, labels, shape=self.shape, locations=self.locations, **options)

@@ -47,10 +47,11 @@ from auto_LiRPA.utils import eyeC
 from ..domain import PixelDomain
 from ..errors import UsageError
 from ..ops.state import ElementState
+from .base import Threat
 from .box import BoxPerturbation, Layout
 from .topk import sparse_gains
 
-__all__ = ["SparseFallbackWarning", "SparsePerturbation", "check_bounded", "check_k"]
+__all__ = ["SparseFallbackWarning", "SparsePerturbation", "SparseThreat", "check_bounded", "check_k"]
 
 # Elements per block in the CROWN top-k (~16 MB in float32).
 _BLOCK = 1 << 22
@@ -333,8 +334,8 @@ def _check_caller_module() -> None:
         return
 
 
-class SparseThreat:
-    """The sparse threat as the engine sees it: one row per image (any ``k`` pixels)."""
+class SparseThreat(Threat):
+    """The sparse threat: any ``k`` pixels, one row per image (paper eq. 19, with the exact top-k)."""
 
     name = "sparse"
     rows_per_image = 1
@@ -345,13 +346,44 @@ class SparseThreat:
     def prepare(self, image_size: Sequence[int]) -> None:
         """Nothing to resolve (a budget above the pixel count means every pixel may change)."""
 
+    @property
+    def label(self) -> str:
+        return f"k={self.k}"
+
     def perturbation(self, images: torch.Tensor, rows: slice, *, domain: Optional[PixelDomain], strength: float,
                      stand_in: bool = False):
         """``(images, ptb)``: one row per image (``stand_in`` changes nothing: there is no copy to save)."""
         return images, SparsePerturbation(self.k, domain=domain, strength=strength)
 
-    def locate(self, row: int) -> Optional[dict]:
-        return None
-
     def describe(self) -> dict:
         return {"threat": "sparse", "k": self.k}
+
+    @property
+    def value(self) -> str:
+        return str(self.k)
+
+    def report_fields(self, extra: Optional[dict] = None) -> dict:
+        return {"sparse_k": self.k, "pixel_count": self.k, "patch": None, "shape": None, "num_locations": None,
+                "sparse_fallback": dict((extra or {}).get("fallback", {}))}
+
+    def check_bounded(self, bounded: BoundedModule, method: str) -> None:
+        """Warn once per module when its first mixing layers do not apply the top-k rule (:func:`check_bounded`)."""
+        check_bounded(bounded, method)
+
+    def diagnose(self, bounded: BoundedModule) -> dict:
+        """``{"threat": "sparse", "k": k}`` and, under ``"fallback"``, the first layers bounded as a plain box."""
+        from ..ops.registry import plugin_report
+
+        out: dict = {"threat": "sparse", "k": self.k}
+        found = plugin_report(bounded)
+        fallback = dict(found["fallback"])
+        fallback.update({name: "stock auto_LiRPA operator" for name in found["stock_first_mixing"]})
+        if fallback:
+            out["fallback"] = fallback
+        return out
+
+    def attack(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, **options):
+        """:func:`~lirpa_patch.attacks.attack_sparse` with this ``k`` (``options`` are its own)."""
+        from ..attacks import attack_sparse
+
+        return attack_sparse(model, images, labels, k=self.k, **options)

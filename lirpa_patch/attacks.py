@@ -40,15 +40,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .domain import PixelDomain
-from .engine import check_inputs, predict
 from .errors import UsageError
+from .inputs import check_inputs, predict
 from .locations import Locations, all_locations
 from .shapes import PatchShape, SizeLike, make_shape
 from .spec import margin_spec
@@ -118,6 +118,9 @@ class AttackResult:
     num_locations: Optional[int] = None
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
+    threat_model: Optional[Any] = None
+    """The :class:`~lirpa_patch.threats.base.Threat` attacked (None from :func:`attack_patch` /
+    :func:`attack_sparse` called directly)."""
 
     @property
     def num_images(self) -> int:
@@ -273,6 +276,7 @@ def _descend(
     loss: str,
     group: torch.Tensor,
     done: torch.Tensor,
+    per_row: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sign-gradient descent on the masked pixels of rows; each row's best point.
 
@@ -281,6 +285,8 @@ def _descend(
         content: starting patch contents ``(R, C, H, W)`` (only masked pixels matter).
         group: image id of each row ``(R,)``; ``done`` ``(N,)`` images already broken
             (updated in place): their rows stop.
+        lo, hi: the valid range, per channel ``(1, C, 1, 1)``, or with ``per_row`` per row
+            and element ``(R, C, H, W)``.
 
     Returns:
         ``(margin, pred, content)``: per row the smallest margin seen ``(R,)``, the
@@ -311,7 +317,8 @@ def _descend(
             (grad,) = torch.autograd.grad(_objective(logits, y[active], loss).sum(), c)
             scale = 1.0 - 0.9 * t / max(1, steps - 1)  # linearly shrinking steps, to a tenth
             with torch.no_grad():
-                content[active] = _clamp(c.detach() - scale * step * grad.sign(), lo, hi)
+                box = (lo[active], hi[active], step[active]) if per_row else (lo, hi, step)
+                content[active] = _clamp(c.detach() - scale * box[2] * grad.sign(), box[0], box[1])
         active = active[~done[group[active]]]
     return best_margin, best_pred, best_content
 
@@ -507,6 +514,100 @@ def attack_patch(
         settings={"steps": steps, "restarts": restarts, "step_size": step_size, "loss": loss,
                   "candidates": candidates, "sweep": sweep, "extra_locations": 0 if location_index is None else int(location_index.shape[1]),
                   "chunk": chunk_size, "seed": seed},
+    )
+
+
+# --------------------------------------------------------------------------- any threat
+
+
+def attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: Any, **options: Any) -> AttackResult:
+    """Attack ``images`` against ``threat`` (any :class:`~lirpa_patch.threats.base.Threat`) with its own attack.
+
+    ``options`` are that attack's keyword arguments: :func:`attack_patch`'s for a
+    :class:`~lirpa_patch.threats.patch.PatchThreat`, :func:`attack_sparse`'s for a
+    :class:`~lirpa_patch.threats.sparse.SparseThreat`, :func:`attack_rows`'s by default.
+    The result's ``threat_model`` is ``threat``.
+    """
+    if not callable(getattr(threat, "attack", None)) or not hasattr(type(threat), "rows_per_image"):
+        raise UsageError(f"threat must be a lirpa_patch Threat (e.g. PatchThreat(2), SparseThreat(4)), got {threat!r}",
+                         param="threat")
+    result = threat.attack(model, images, labels, **options)
+    result.threat_model = threat
+    return result
+
+
+def attack_rows(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    threat: Any,
+    *,
+    steps: int = 20,
+    restarts: int = 3,
+    step_size: float = 0.25,
+    loss: Loss = "margin",
+    domain: Optional[PixelDomain] = None,
+    chunk_size: int = DEFAULT_ATTACK_CHUNK,
+    device: str | torch.device = "cpu",
+    indices: Optional[Sequence[int]] = None,
+    seed: int = 0,
+    progress: Optional[AttackProgress] = None,
+    location_index: Optional[torch.Tensor] = None,
+) -> AttackResult:
+    """Attack every row of ``threat`` whose feasible set is a box: the default :meth:`Threat.attack`.
+
+    For every row of every correctly classified image, sign-gradient descent inside the
+    row's box (its perturbation's ``bounds``), from the clean image (IFGSM) first, then
+    from random corners and uniform noise (``restarts`` starts in all); an image's rows
+    stop once one of them breaks it. Options as :func:`attack_patch`; ``location_index``
+    (rows to attack in depth) is accepted and changes nothing: every row is attacked in depth.
+    """
+    _check_attack_options(steps, restarts, step_size, loss, chunk_size)
+    check_inputs(images, labels, chunk_size)
+    start = time.perf_counter()
+    device = torch.device(device)
+    was_training = model.training
+    model = model.to(device).eval()
+    images = images.detach().to(device=device, dtype=torch.float32)
+    labels = labels.to(device=device, dtype=torch.long)
+    threat.prepare(images.shape[-2:])
+    n, n_rows = images.shape[0], threat.rows_per_image
+    idx = list(range(n)) if indices is None else [int(i) for i in indices]
+    generator = torch.Generator().manual_seed(seed)
+    logits = predict(model, images, max(1, min(256, chunk_size)))
+    margin_spec(labels, logits.shape[1])  # label range check
+    preds = logits.argmax(1)
+    best = _Best(images)
+    done = preds != labels
+    todo = torch.nonzero(~done).flatten()
+    img_all, row_all = todo.repeat_interleave(n_rows), torch.arange(n_rows, device=device).repeat(todo.numel())
+    for r in range(restarts):
+        live = ~done[img_all]
+        img_r, row_r = img_all[live], row_all[live]
+        for s in range(0, img_r.numel(), chunk_size):
+            img, row = img_r[s: s + chunk_size], row_r[s: s + chunk_size]
+            x, ptb = threat.rows_at(images, img, row, domain=domain)
+            lo, hi = ptb.bounds(x)
+            x, lo, hi = x.detach().clone(), lo.detach(), hi.detach()
+            u = torch.rand(x.shape, generator=generator).to(device)
+            content = x.clone() if r == 0 else (torch.where(u < 0.5, lo, hi) if r % 2 else lo + u * (hi - lo))
+            ones = torch.ones(x.shape[0], 1, 1, 1, dtype=torch.bool, device=device)
+            with torch.enable_grad():
+                margin, pred, content = _descend(model, x, labels[img], ones, content, lo, hi, steps=steps,
+                                                 step_size=step_size, loss=loss, group=img, done=done, per_row=True)
+            ran = torch.isfinite(margin)
+            best.offer(img[ran], margin[ran], pred[ran], labels[img][ran], lambda q, c=content[ran]: c[q],
+                       where=row[ran])
+            if progress is not None:
+                progress(f"restart {r + 1}/{restarts}", min(s + chunk_size, img_r.numel()), img_r.numel())
+    model.train(was_training)
+    results = _records(idx, labels.cpu(), preds.cpu(), best,
+                       lambda k: threat.locate(int(best.where[k])) if best.where[k] >= 0 else None)
+    return AttackResult(
+        images=results, adversarial=best.adversarial, threat=threat.name, shape=threat.shape,
+        num_locations=n_rows, seconds=time.perf_counter() - start, threat_model=threat,
+        settings={"steps": steps, "restarts": restarts, "step_size": step_size, "loss": loss, "chunk": chunk_size,
+                  "seed": seed},
     )
 
 
