@@ -145,6 +145,7 @@ class ThreatItem:
     size: Optional[tuple[int, int]] = None
     shape: Any = None  # PatchShape
     k: Optional[int] = None
+    threat: Any = None  # the lirpa_patch Threat, prepared for the image size
 
 
 def _load_mask(path: Path):
@@ -227,16 +228,20 @@ def parse_threats(patch: str, shape: str, sparse: Optional[str]) -> Threats:
 def threat_items(threats: Threats, image_shape: Sequence[int]) -> list[ThreatItem]:
     """The threats to run on images ``(C, H, W)``: sizes x shapes (checked to fit), or budgets."""
     from lirpa_patch.shapes import make_shape
+    from lirpa_patch.threats import PatchThreat, SparseThreat
     from lirpa_patch.threats.sparse import check_budget
 
     if threats.sparse:
-        return [ThreatItem(label=f"k={check_budget(k, image_shape)}", value=str(k), k=k) for k in threats.ks]
+        return [ThreatItem(label=f"k={check_budget(k, image_shape)}", value=str(k), k=k, threat=SparseThreat(k))
+                for k in threats.ks]
     items = []
     for size in threats.sizes:
         for spec in threats.shape_specs:
             shape = make_shape(spec, size, image_size=image_shape[1:])
             value = f"{size[0]}x{size[1]}"
-            items.append(ThreatItem(label=f"{value} {shape.name}", value=value, size=size, shape=shape))
+            threat = PatchThreat(size, shape)
+            threat.prepare(image_shape[1:])
+            items.append(ThreatItem(label=f"{value} {shape.name}", value=value, size=size, shape=shape, threat=threat))
     return items
 
 

@@ -103,7 +103,7 @@ def _attack(model: str, threats: "_run.Threats", *, locations_from: Optional[str
             worst: int) -> None:
     import torch
 
-    from lirpa_patch.attacks import attack_patch, attack_sparse
+    from lirpa_patch.attacks import attack as attack_images
     from lirpa_patch.engine import bound_model, certify as certify_images
     from lirpa_patch.evaluation import attack_report
 
@@ -127,15 +127,15 @@ def _attack(model: str, threats: "_run.Threats", *, locations_from: Optional[str
             kwargs = _run.attack_kwargs(item, steps=steps, restarts=restarts, step_size=step_size,
                                         candidates=candidates, loss=loss, chunk=chunk)
             task = progress.task(item.label)
-            if item.k is not None:
-                results[item.label] = attack_sparse(run.net, images, labels, k=item.k, device=device,
+            extra = []
+            if item.threat.location_set is None:  # rows that are no places: the threat's attack alone
+                results[item.label] = attack_images(run.net, images, labels, item.threat, device=device,
                                                     indices=run.indices, seed=seed, progress=task, **kwargs)
                 continue
-            extra = []
             if worst > 0:
                 if bounded is None:
                     bounded = bound_model(run.net, run.image_shape, device)
-                cert = certify_images(run.net, images, labels, shape=item.shape, method=method, chunk_size=chunk,
+                cert = certify_images(run.net, images, labels, item.threat, method=method, chunk_size=chunk,
                                       max_memory=memory, device=device, indices=run.indices, bounded=bounded,
                                       keep_location_margins=True)
                 margins = cert.location_margins.nan_to_num(nan=float("inf"))
@@ -143,8 +143,8 @@ def _attack(model: str, threats: "_run.Threats", *, locations_from: Optional[str
             if locations_from is not None:
                 extra.append(_report_locations(locations_from, item, run.image_shape[1:], run.indices))
             location_index = torch.cat(extra, dim=1) if extra else None
-            results[item.label] = attack_patch(run.net, images, labels, shape=item.shape, location_index=location_index,
-                                               device=device, indices=run.indices, seed=seed, progress=task, **kwargs)
+            results[item.label] = attack_images(run.net, images, labels, item.threat, location_index=location_index,
+                                                device=device, indices=run.indices, seed=seed, progress=task, **kwargs)
 
     doc = attack_report(results, _run.run_info(run, model=model, data=data, start=start, num=num,
                                                item=items[0] if len(items) == 1 else None, method=method,

@@ -127,13 +127,9 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
             common = dict(method=method, chunk_size=chunk, max_memory=memory, device=where, indices=run.indices,
                           bounded=bounded, progress=progress.task(label), exhaustive=exhaustive,
                           intermediate=intermediate)
-            if item.k is not None:
-                results[item.label] = distributed.certify(run.net, run.dataset.images, run.dataset.labels, k=item.k,
-                                                          **common)
-            else:
-                results[item.label] = distributed.certify(run.net, run.dataset.images, run.dataset.labels,
-                                                          shape=item.shape, keep_location_margins=pictures_wanted,
-                                                          groups=groups, **common)
+            per_location = pictures_wanted and item.threat.location_set is not None  # heatmaps draw locations
+            results[item.label] = distributed.certify(run.net, run.dataset.images, run.dataset.labels, item.threat,
+                                                      keep_location_margins=per_location, groups=groups, **common)
     distributed.shutdown()
     if not primary:
         return

@@ -67,7 +67,7 @@ def _evaluate(model: str, threats: "_run.Threats", *, html: Optional[str], plots
               threads: Optional[int], output: Optional[str], no_check: bool, quiet: bool, steps, restarts, step_size, candidates, loss,
               worst: int) -> int:
     from lirpa_patch.engine import bound_model
-    from lirpa_patch.evaluation import evaluate_patch, evaluate_sparse, evaluation_report
+    from lirpa_patch.evaluation import evaluate as evaluate_images, evaluation_report
 
     from . import pictures, render
 
@@ -94,11 +94,7 @@ def _evaluate(model: str, threats: "_run.Threats", *, html: Optional[str], plots
                           bounded=bounded,
                           seed=seed, attack_options=kwargs, certify_progress=bars.task(f"{item.label}: certify"),
                           attack_progress=attack_bars.task(item.label))
-            if item.k is not None:
-                evaluations.append(evaluate_sparse(run.net, images, labels, k=item.k, **common))
-            else:
-                evaluations.append(evaluate_patch(run.net, images, labels, size=item.size, shape=item.shape,
-                                                  worst_locations=worst, **common))
+            evaluations.append(evaluate_images(run.net, images, labels, item.threat, worst_locations=worst, **common))
 
     doc = evaluation_report(evaluations, _run.run_info(
         run, model=model, data=data, start=start, num=num, item=items[0] if len(items) == 1 else None, method=method,
@@ -166,7 +162,7 @@ def _page(doc, evaluations, items, run, xlabel: str):
     if len(summary["sweep"]) > 1:
         for name in dict.fromkeys(r["shape"] or "sparse" for r in summary["rows"]):
             page.image(_curve(doc, name, xlabel), f"accuracy against {xlabel} ({name})")
-    shown = [(e, item) for e, item in zip(evaluations, items) if item.k is None]
+    shown = [(e, item) for e, item in zip(evaluations, items) if e.certified.location_margins is not None]
     if shown:
         page.heading("Worst certified margin per location")
         page.paragraph("Left: the image with its worst patch location outlined. Right: at every location (drawn at "

@@ -391,7 +391,9 @@ def certify(
 def _threat_of(threat: Optional[Threat], size, shape, locations: Optional[Locations], k: Optional[int]) -> Threat:
     """The threat :func:`certify` was given, or the one its older keywords describe."""
     if threat is None:
-        return SparseThreat(check_k(k)) if k is not None else PatchThreat(size, shape, locations)
+        if k is not None:
+            return SparseThreat(check_k(k))
+        return PatchThreat(None if isinstance(shape, PatchShape) else size, shape, locations)
     if k is not None:
         raise UsageError("give either threat= or k=, not both", param="k")
     if not isinstance(threat, Threat):

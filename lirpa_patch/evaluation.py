@@ -28,7 +28,7 @@ from .domain import PixelDomain
 from .engine import CertifyResult, ProgressFn, certify
 from .errors import UsageError
 from .report import REPORT_VERSION, RunInfo, _number, _run_fields
-from .shapes import PatchShape, SizeLike, parse_size
+from .shapes import PatchShape, SizeLike
 from .threats.base import Threat
 from .threats.patch import PatchThreat
 from .threats.sparse import SparseThreat
@@ -197,21 +197,13 @@ def evaluate(
 def evaluate_patch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, size: SizeLike | str = 2,
                    shape: str | PatchShape | torch.Tensor = "square", **kwargs: Any) -> Evaluation:
     """``evaluate(model, images, labels, PatchThreat(size, shape), ...)`` (the older spelling)."""
-    return evaluate(model, images, labels, _patch_threat(size, shape), **kwargs)
+    return evaluate(model, images, labels, PatchThreat(size, shape), **kwargs)
 
 
 def evaluate_sparse(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, k: int,
                     **kwargs: Any) -> Evaluation:
     """``evaluate(model, images, labels, SparseThreat(k), ...)`` (the older spelling)."""
     return evaluate(model, images, labels, SparseThreat(k), **kwargs)
-
-
-def _patch_threat(size: SizeLike | str, shape: str | PatchShape | torch.Tensor) -> PatchThreat:
-    """The patch threat of ``size`` and ``shape``, keeping the size also when ``shape`` is built already."""
-    threat = PatchThreat(size, shape)
-    if threat.size is None and threat.shape.name != "custom":
-        threat.size = parse_size(size)
-    return threat
 
 
 # --------------------------------------------------------------------------- reports

@@ -127,9 +127,8 @@ def first_linear_backward(node, last_lA, last_uA, weight: torch.Tensor, bias: Op
     """Stock-format ``(A per input, lbias, ubias)`` of the first linear layer ``y = x W^T + b``, or None.
 
     ``last_lA``/``last_uA`` are ``(S, R, O)`` (or None); ``weight`` ``(O, J)``; ``bias`` ``(O,)``.
+    The perturbation supplies the rule (its ``linear_backward``; None: the stock bound).
     """
-    from ..threats.patch import PatchPerturbation, _elements_of_pixel
-
     coefs = [a for a in (last_lA, last_uA) if a is not None]
     if not coefs or any(type(a) is not torch.Tensor or a.dim() != 3 for a in coefs):
         return None
@@ -138,40 +137,13 @@ def first_linear_backward(node, last_lA, last_uA, weight: torch.Tensor, bias: Op
         return None
     root, _ = found
     ptb = getattr(root, "perturbation", None)
-    if not isinstance(ptb, PatchPerturbation) or ptb.virtual or getattr(ptb, "_rows", None) is None:
+    rule = getattr(ptb, "linear_backward", None)
+    if rule is None or getattr(ptb, "virtual", False):
         return None
     state = _input_state(node, root)
     if state is None or state[1] is not ptb:
         return None
-    st = state[0]
-    rows = ptb._rows
-    if st.x.dim() != 2 or st.x.shape[-1] != weight.shape[1] or coefs[0].shape[1] != rows.rows:
+    sides = rule(state[0], last_lA, last_uA, weight, bias)
+    if sides is None:
         return None
-    hw = rows.size[0] * rows.size[1]
-    el_pix = ptb._element_pixels(st.src.reshape(-1))  # (J,)
-    table = _elements_of_pixel(el_pix, hw)
-    pix = rows.pix[rows.row_loc]  # (R, P)
-    elems = table[torch.where(pix >= 0, pix, hw)].reshape(rows.rows, -1)  # (R, E)
-    valid = elems >= 0
-    e = elems.clamp(min=0)
-    lo, hi = torch.minimum(st.m_lo, st.m_hi), torch.maximum(st.m_lo, st.m_hi)
-    lo, hi = lo.reshape(lo.shape[0], -1), hi.reshape(hi.shape[0], -1)
-    bi = rows.row_img if lo.shape[0] > 1 else torch.zeros_like(rows.row_img)
-    zero = torch.zeros((), dtype=lo.dtype, device=lo.device)
-    lo_e = torch.where(valid, lo[bi[:, None], e], zero)  # (R, E), <= 0
-    hi_e = torch.where(valid, hi[bi[:, None], e], zero)  # (R, E), >= 0
-    clean = st.x.matmul(weight.t())  # (B, O)
-    if bias is not None:
-        clean = clean + bias
-    clean = clean[rows.row_img]  # (R, O)
-    columns = weight.t()[e]  # (R, E, O)
-
-    def side(A: Optional[torch.Tensor], sign: int) -> torch.Tensor | float:
-        if A is None:
-            return 0.0
-        a = torch.einsum("sro,reo->sre", A, columns)
-        low, high = (lo_e, hi_e) if sign < 0 else (hi_e, lo_e)
-        move = a.clamp(min=0) * low + a.clamp(max=0) * high
-        return torch.einsum("sro,ro->sr", A, clean) + move.sum(dim=-1)
-
-    return [(None, None)] * len(node.inputs), side(last_lA, -1), side(last_uA, +1)
+    return [(None, None)] * len(node.inputs), sides[0], sides[1]

@@ -612,6 +612,49 @@ class PatchPerturbation(BoxPerturbation):
         upper = torch.baddbmm(mid, radius, weights_abs)
         return lower.transpose(0, 1).reshape(rows.rows, -1), upper.transpose(0, 1).reshape(rows.rows, -1)
 
+    def linear_backward(self, st: ElementState, last_lA, last_uA, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor]):
+        """CROWN's bias terms ``(lbias, ubias)`` ``(S, R)`` at the first linear layer ``y = x W^T + b`` whose
+        input state is ``st``, exact for the patch box (each row moves only its patch pixels'
+        columns); None when the rule does not apply (the stock bound is used).
+
+        ``last_lA``/``last_uA``: ``(S, R, O)`` or None; ``weight`` ``(O, J)``; ``bias`` ``(O,)``.
+        """
+        if getattr(self, "_rows", None) is None:
+            return None
+        rows = self._rows
+        some = last_lA if last_lA is not None else last_uA
+        if st.x.dim() != 2 or st.x.shape[-1] != weight.shape[1] or some.shape[1] != rows.rows:
+            return None
+        hw = rows.size[0] * rows.size[1]
+        el_pix = self._element_pixels(st.src.reshape(-1))  # (J,)
+        table = _elements_of_pixel(el_pix, hw)
+        pix = rows.pix[rows.row_loc]  # (R, P)
+        elems = table[torch.where(pix >= 0, pix, hw)].reshape(rows.rows, -1)  # (R, E)
+        valid = elems >= 0
+        e = elems.clamp(min=0)
+        lo, hi = torch.minimum(st.m_lo, st.m_hi), torch.maximum(st.m_lo, st.m_hi)
+        lo, hi = lo.reshape(lo.shape[0], -1), hi.reshape(hi.shape[0], -1)
+        bi = rows.row_img if lo.shape[0] > 1 else torch.zeros_like(rows.row_img)
+        zero = torch.zeros((), dtype=lo.dtype, device=lo.device)
+        lo_e = torch.where(valid, lo[bi[:, None], e], zero)  # (R, E), <= 0
+        hi_e = torch.where(valid, hi[bi[:, None], e], zero)  # (R, E), >= 0
+        clean = st.x.matmul(weight.t())  # (B, O)
+        if bias is not None:
+            clean = clean + bias
+        clean = clean[rows.row_img]  # (R, O)
+        columns = weight.t()[e]  # (R, E, O)
+
+        def side(A: Optional[torch.Tensor], sign: int) -> torch.Tensor | float:
+            if A is None:
+                return 0.0
+            a = torch.einsum("sro,reo->sre", A, columns)
+            low, high = (lo_e, hi_e) if sign < 0 else (hi_e, lo_e)
+            move = a.clamp(min=0) * low + a.clamp(max=0) * high
+            return torch.einsum("sro,ro->sr", A, clean) + move.sum(dim=-1)
+
+        return side(last_lA, -1), side(last_uA, +1)
+
     def mix_conv(self, node, st: ElementState, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         rows = self._rows
         x = st.x
@@ -753,18 +796,24 @@ class PatchThreat(Threat):
     """The patch threat: one row per location of a patch of one shape (paper eq. 11).
 
     Args:
-        size, shape: the patch (see :func:`~lirpa_patch.shapes.make_shape`); ``shape`` may
-            also be a :class:`PatchShape` or a 2-D mask.
+        size, shape: the patch (see :func:`~lirpa_patch.shapes.make_shape`; ``size`` defaults
+            to 2); ``shape`` may also be a :class:`PatchShape` (``size`` then only names it) or
+            a 2-D mask.
         locations: an explicit :class:`Locations` set (default: every valid position,
             resolved on the image size).
     """
 
     name = "patch"
 
-    def __init__(self, size: SizeLike | str = 2, shape: str | PatchShape | torch.Tensor | np.ndarray = "square",
+    def __init__(self, size: Optional[SizeLike | str] = None,
+                 shape: str | PatchShape | torch.Tensor | np.ndarray = "square",
                  locations: Optional[Locations] = None) -> None:
-        self.size: Optional[tuple[int, int]] = None if isinstance(shape, PatchShape) else parse_size(size)
-        self.shape: PatchShape = shape if isinstance(shape, PatchShape) else make_shape(shape, size)
+        if not isinstance(shape, PatchShape):
+            size = 2 if size is None else size
+            shape = make_shape(shape, size)
+        self.shape: PatchShape = shape
+        self.size: Optional[tuple[int, int]] = None if size is None else parse_size(size)
+        """The patch size asked for, ``(h, w)`` (None: a built shape given without it)."""
         self.locations: Optional[Locations] = locations
 
     def prepare(self, image_size: Sequence[int]) -> None:
@@ -782,13 +831,11 @@ class PatchThreat(Threat):
 
     @property
     def label(self) -> str:
-        if self.size is None:
-            return f"{self.shape.name} ({self.shape.pixel_text()} pixels)"
-        return f"{self.size[0]}x{self.size[1]} {self.shape.name}"
+        return f"{self.value} {self.shape.name}"
 
     @property
     def value(self) -> str:
-        if self.size is None:
+        if self.size is None or self.shape.name == "custom":
             return f"{self.shape.pixel_count} px"
         return f"{self.size[0]}x{self.size[1]}"
 
