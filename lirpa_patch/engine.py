@@ -1,7 +1,7 @@
 """The certification engine (paper eq. 11), one for every threat.
 
-A *threat* (:class:`~lirpa_patch.threats.patch.PatchThreat`,
-:class:`~lirpa_patch.threats.sparse.SparseThreat`) says which rows an image has (one
+A *threat* (any :class:`~lirpa_patch.threats.base.Threat`: :class:`~lirpa_patch.threats.patch.PatchThreat`,
+:class:`~lirpa_patch.threats.sparse.SparseThreat`, or one of your own) says which rows an image has (one
 per patch location; one for the sparse threat) and builds the auto_LiRPA
 perturbation for some of them. The engine does the rest, the same way for all:
 
@@ -19,11 +19,56 @@ The engine orchestrates; the parts live beside it: the auto_LiRPA module of a mo
 (:mod:`lirpa_patch.building`), the certified margins of rows, differentiable, which the
 trainer uses too (:mod:`lirpa_patch.margins`), and what certification returns
 (:mod:`lirpa_patch.results`). Their public names are importable from here as before.
+
+What :func:`certify`'s options do:
+
+*Methods.* ``method`` names a cascade (:mod:`lirpa_patch.cascade`): IBP bounds every row;
+``"crown"`` then bounds with CROWN only the rows IBP leaves below zero, ``"alpha-crown"``
+then bounds with alpha-CROWN only the rows CROWN leaves below zero. An image is certified
+exactly when every row is certified by some method of the chain: the same images as running
+the strongest method (combined with the cheaper ones) on every row. ``chunk_size`` rows go
+to each ``compute_bounds`` call of every method; by default :func:`rows_per_call` sizes them
+by ``max_memory`` per method. ``intermediate`` says how CROWN and alpha-CROWN bound the
+pre-activations: ``"crown"``, ``"ibp"`` (CROWN-IBP: far cheaper on convolutional networks,
+looser), or ``"auto"`` (measured per model on the first rows that reach CROWN); the result's
+``extra["cascade"]`` says which was used. In a cascade an image is done (for ``progress``)
+when its answer is final, and rows count every bound computed. ``exhaustive`` keeps
+bounding the rows of an image after one of its rows failed the strongest method (every row
+gets the strongest method's margin, e.g. for heatmaps); otherwise such an image is settled
+(not certified) and its other rows keep their cheaper bound.
+
+*Location groups.* For a threat with groups (:meth:`~lirpa_patch.threats.base.Threat.block_levels`:
+patch locations, :mod:`lirpa_patch.threats.blocks`), ``groups`` blocks of ``groups x groups``
+adjacent locations (a power of two) are bounded by their union first and split only where
+they do not certify; with IBP alone a block is not split either when its bound is above the
+smallest location margin of its image found so far (it cannot lower the image's worst
+margin). ``"auto"`` (default) uses blocks of 2 (from two images on) until they have bounded
+more than :data:`AUTO_ROW_SHARE` of the rows that bounding every location would; ``None`` or
+0 bounds every location, as does ``keep_location_margins``. Certified decisions are the same
+either way, and so is the worst margin of an image that is not certified.
+
+*Reusing a bounded module.* ``bounded``, a ``BoundedModule`` of ``model`` from
+:func:`bound_model`, saves building one per call. **Build it again after any change of the
+model** other than its parameters' values (those it shares): a replaced parameter or
+submodule, a changed buffer or tensor attribute, new code or hooks. Those are detected for a
+module from :func:`bound_model` (UsageError), as is any change of the logits on ``images``;
+Python state the model's ``forward`` reads from elsewhere is not. Without ``bounded`` every
+call builds its own auto_LiRPA module of ``model`` as it is now (nothing is kept between calls).
+
+*Worst margins.* ``worst_margin`` of an image is the minimum, over its rows and other
+classes, of the tightest bound computed for each row: always a valid lower bound of its
+worst margin. A row decided by a cheaper method (IBP, a location group, or CROWN before
+alpha-CROWN) keeps that method's bound, so for a certified image it is the smallest bound
+that was needed (> 0), which may be below what the strongest method would give; for an
+image that is not certified it is the strongest method's minimum when ``exhaustive`` (or
+when the chain is IBP alone). ``keep_location_margins`` bounds every row on its own and
+returns each row's tightest bound in ``CertifyResult.location_margins`` ``(N, L)``.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -56,6 +101,7 @@ from .results import CertifyResult, ImageResult, _image_results  # noqa: F401  (
 from .shapes import PatchShape, SizeLike
 from .spec import certifies, margin_spec
 from .threats.base import Threat
+from .threats.blocks import children as _children
 from .threats.patch import PatchThreat
 from .threats.sparse import SparseThreat, check_k
 
@@ -141,17 +187,6 @@ class _Worst:
         self.row[sel.cpu()] = row[pos[sel]].cpu()
         self.cls[sel.cpu()] = cls[pos[sel]].cpu()
         self.grouped[sel.cpu()] = grouped[pos[sel]].cpu() if grouped is not None else False
-
-
-def _children(child_of: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For pending ``parents`` ``(P,)``: ``(which (U,), unit (U,))``: every finer unit of each, by parent position."""
-    order = torch.argsort(child_of, stable=True)
-    counts = torch.bincount(child_of, minlength=int(parents.max()) + 1 if parents.numel() else 0)
-    starts = torch.cumsum(counts, 0) - counts
-    n = counts[parents]
-    which = torch.repeat_interleave(torch.arange(parents.numel(), device=parents.device), n)
-    offset = torch.arange(int(n.sum()), device=parents.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
-    return which, order[starts[parents][which] + offset]
 
 
 def _grouped(bounded, threat: Threat, levels, images, labels, worst, batch: torch.Tensor, *,
@@ -250,78 +285,32 @@ def certify(
     exhaustive: Optional[bool] = None,
     intermediate: str = "auto",
 ) -> CertifyResult:
-    """Certify images against a threat: every patch location (paper eq. 11), or any ``k`` pixels.
+    """Certify images against a threat: every patch location (paper eq. 11), any ``k`` pixels, or any
+    :class:`~lirpa_patch.threats.base.Threat` (the module docstring says what each option does).
 
     Args:
         model: maps images ``(N, C, H, W)`` in ``[0, 1]`` to logits ``(N, K)``
             (wrap ONNX or layout-specific models in :class:`~lirpa_patch.models.ImageModel`).
-        images: ``(N, C, H, W)`` float in the pixel domain (default ``[0, 1]``).
-        labels: ``(N,)`` int64.
-        threat: any :class:`~lirpa_patch.threats.base.Threat`, e.g.
-            :class:`~lirpa_patch.threats.patch.PatchThreat` or
-            :class:`~lirpa_patch.threats.sparse.SparseThreat`; by default the patch
-            given by ``size``, ``shape`` and ``locations``, or the sparse threat when
-            ``k`` is given (the older keywords).
-        size, shape: the patch (see :func:`~lirpa_patch.shapes.make_shape`).
-        locations: explicit location set; default every valid position.
-        k: the sparse threat's pixel budget (instead of a patch).
-        method: ``"ibp"`` (default), ``"crown"`` or ``"alpha-crown"``: a cascade
-            (:mod:`lirpa_patch.cascade`). IBP bounds every row; ``"crown"`` then bounds with
-            CROWN only the rows IBP leaves below zero, ``"alpha-crown"`` then bounds with
-            alpha-CROWN only the rows CROWN leaves below zero. An image is certified exactly
-            when every row is certified by some method of the chain: the same images as
-            running the strongest method (combined with the cheaper ones) on every row.
-        chunk_size: rows per ``compute_bounds`` call of every method; default sized by
-            ``max_memory`` per method (:func:`rows_per_call`).
-        max_memory: bytes of working tensors per call when ``chunk_size`` is not given.
+        images: ``(N, C, H, W)`` float in the pixel domain (default ``[0, 1]``); labels: ``(N,)`` int64.
+        threat: e.g. :class:`~lirpa_patch.threats.patch.PatchThreat` or
+            :class:`~lirpa_patch.threats.sparse.SparseThreat`; by default the patch of ``size``,
+            ``shape`` and ``locations`` (every valid position), or the sparse threat of ``k``.
+        method: ``"ibp"`` (default), ``"crown"`` or ``"alpha-crown"``: a cascade (*Methods*).
+        chunk_size: rows per ``compute_bounds`` call; default sized by ``max_memory`` bytes per call.
         indices: dataset index of each image, for the report (default ``0..N-1``).
         domain: pixel domain of ``images`` (default ``[0, 1]``, no normalization).
-        bounded: a prebuilt ``BoundedModule`` of ``model`` from :func:`bound_model`, to save
-            building one per call. **Build it again after any change of the model** other
-            than its parameters' values (those it shares): a replaced parameter or submodule,
-            a changed buffer or tensor attribute, new code or hooks. Those are detected for a
-            module from :func:`bound_model` (UsageError), as is any change of the logits on
-            ``images``; Python state the model's ``forward`` reads from elsewhere is not.
-        progress: callback ``(images_done, rows_done)``; its ``start(images, rows)``, when it
-            has one, first receives the totals (see :data:`ProgressFn`). In a cascade an image
-            is done when its answer is final, and rows count every bound computed.
-        groups: location groups for a patch threat's IBP pass (:mod:`lirpa_patch.threats.blocks`):
-            blocks of ``groups x groups`` adjacent locations (a power of two) are bounded by
-            their union first and split only where they do not certify; with IBP alone a
-            block is not split either when its bound is above the smallest location margin
-            of its image found so far (it cannot lower the image's worst margin).
-            ``"auto"`` (default) uses blocks of 2 (from two images on) until they have bounded
-            more than :data:`AUTO_ROW_SHARE` of the rows that bounding every location would; ``None``
-            or 0 bounds every location. Certified decisions are the same either way, and
-            so is the worst margin of an image that is not certified.
-        keep_location_margins: also return every row's worst margin (patch threat: every
-            location's), ``CertifyResult.location_margins`` ``(N, L)`` (for heatmaps); every
-            location is then bounded on its own (no ``groups``): each row's tightest bound
-            computed (see ``worst_margin`` below).
-        exhaustive: in a cascade, keep bounding the rows of an image after one of its rows
-            failed the strongest method (every row gets the strongest method's margin, e.g.
-            for heatmaps). By default (None) only with ``keep_location_margins``; otherwise
-            such an image is settled (not certified) and its other rows keep their cheaper bound.
-        intermediate: how CROWN and alpha-CROWN bound the pre-activations: ``"crown"``,
-            ``"ibp"`` (CROWN-IBP: far cheaper on convolutional networks, looser), or ``"auto"``
-            (default: measured per model on the first rows that reach CROWN; see
-            :mod:`lirpa_patch.cascade`). The result's ``extra["cascade"]`` says which was used.
-
-    ``worst_margin`` of an image is the minimum, over its rows and other classes, of the
-    tightest bound computed for each row: always a valid lower bound of its worst margin.
-    Without ``bounded`` every call builds its own auto_LiRPA module of ``model`` as it is now
-    (nothing is kept between calls).
-
-    A row decided by a cheaper method (IBP, a location group, or CROWN before alpha-CROWN)
-    keeps that method's bound, so for a certified image it is the smallest bound that was
-    needed (> 0), which may be below what the strongest method would give; for an image
-    that is not certified it is the strongest method's minimum when ``exhaustive`` (or
-    when the chain is IBP alone).
+        bounded: a ``BoundedModule`` of ``model`` from :func:`bound_model` (*Reusing a bounded module*).
+        progress: ``(images_done, rows_done)`` callback (:data:`ProgressFn`).
+        groups: location groups for the IBP pass (*Location groups*): ``"auto"``, a power of two, or None.
+        keep_location_margins: also return every row's worst margin, ``location_margins`` ``(N, L)``.
+        exhaustive: in a cascade, bound every row of an image that failed (default: with
+            ``keep_location_margins``).
+        intermediate: ``"crown"``, ``"ibp"`` or ``"auto"``: how CROWN bounds the pre-activations
+            (:mod:`lirpa_patch.cascade`).
 
     Returns:
-        A :class:`CertifyResult` with one :class:`ImageResult` per image; ``extra["cascade"]``
-        (:class:`~lirpa_patch.cascade.CascadeStats`) holds the rows each method bounded and
-        certified and its time.
+        A :class:`CertifyResult`: one :class:`ImageResult` per image (*Worst margins*),
+        ``threat_model``, and in ``extra`` the cascade's statistics and what the threat diagnosed.
     """
     key, mode = check_method(method), check_intermediate(intermediate)
     exhaustive = bool(keep_location_margins) if exhaustive is None else exhaustive
@@ -329,63 +318,89 @@ def certify(
     check_inputs(images, labels, chunk_size)
     if max_memory < 1:
         raise UsageError(f"max_memory must be positive, got {max_memory}", param="max_memory")
-    start = time.perf_counter()
-    device = torch.device(device)
-    was_training = model.training
+    start, device, was_training = time.perf_counter(), torch.device(device), model.training
     model = model.to(device).eval()
     stats = CascadeStats(list(CHAINS[key]), exhaustive=bool(exhaustive))
     try:
+        job = _Job.of(model, images, labels, threat, device, indices, bounded)
+        ibp_chunk = chunk_size if chunk_size is not None else rows_per_call(job.bounded, max_memory, "ibp")
+        kept = torch.full((job.n_img, job.n_rows), float("nan")) if keep_location_margins else None
+        tracker = Pending(job.worst, keep=key != "ibp", kept=kept)
+        start_progress(progress, len(job.todo), len(job.todo) * job.n_rows)
+        ibp_start = time.perf_counter()
+        with torch.no_grad():
+            groups_used = _ibp_pass(job.bounded, threat, job.images, job.labels, tracker, job.todo,
+                                    num_classes=job.num_classes, domain=domain, chunk_size=ibp_chunk,
+                                    progress=progress, cascade=key != "ibp",
+                                    groups=None if keep_location_margins else groups)
+            ibp = stats.stages["ibp"]
+            ibp.rows, ibp.chunk, ibp.seconds = len(job.todo) * job.n_rows, int(ibp_chunk), time.perf_counter() - ibp_start
+            ibp.settled = ibp.rows - tracker.unsettled
+            if key != "ibp":
+                crown_chunk = chunk_size if chunk_size is not None else rows_per_call(
+                    job.bounded, min(max_memory, CROWN_WORKING_SET), "crown")
+                _refine_pass(job.bounded, threat, job.images, job.labels, tracker, job.worst, kept, ibp.rows,
+                             stats=stats, num_classes=job.num_classes, domain=domain, intermediate=mode,
+                             chunk=int(crown_chunk), todo=len(job.todo), progress=progress)
+    finally:
+        model.train(was_training)
+    return job.result(key, stats, groups_used, kept, keep_location_margins, int(ibp_chunk),
+                      time.perf_counter() - start)
+
+
+@dataclass
+class _Job:
+    """What :func:`certify` prepares before bounding: the inputs on the device, the model's predictions,
+    the bounded module, the images to bound and their running minima; and the result it becomes."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    threat: Threat
+    idx: list[int]
+    n_img: int
+    n_rows: int
+    num_classes: int
+    preds: torch.Tensor
+    correct: torch.Tensor
+    bounded: BoundedModule
+    todo: list[int]
+    worst: "_Worst"
+
+    @classmethod
+    def of(cls, model, images, labels, threat: Threat, device, indices, bounded) -> "_Job":
         images = images.to(device=device, dtype=torch.float32)
         labels = labels.to(device=device, dtype=torch.long)
         threat.prepare(images.shape[-2:])
-        n_img, n_rows = images.shape[0], threat.rows_per_image
+        n_img = images.shape[0]
         idx = list(range(n_img)) if indices is None else [int(i) for i in indices]
         if len(idx) != n_img:
             raise UsageError(f"indices has {len(idx)} entries for {n_img} images", param="indices")
         logits = predict(model, images)
-        num_classes = logits.shape[1]
-        margin_spec(labels, num_classes)  # validates the label range with a clear message
-        preds = logits.argmax(1)
-        correct = preds == labels
+        margin_spec(labels, logits.shape[1])  # validates the label range with a clear message
         if bounded is None:
             bounded = bound_model(model, images.shape[1:], device)
         else:
             _check_bounded(model, bounded, images, logits)
-        ibp_chunk = chunk_size if chunk_size is not None else rows_per_call(bounded, max_memory, "ibp")
-        worst = _Worst(n_img, device)
-        kept = torch.full((n_img, n_rows), float("nan")) if keep_location_margins else None
-        tracker = Pending(worst, keep=key != "ibp", kept=kept)
-        todo = torch.nonzero(correct).flatten().tolist()
-        start_progress(progress, len(todo), len(todo) * n_rows)
-        ibp_start = time.perf_counter()
-        with torch.no_grad():
-            groups_used = _ibp_pass(bounded, threat, images, labels, tracker, todo, num_classes=num_classes,
-                                    domain=domain, chunk_size=ibp_chunk, progress=progress, cascade=key != "ibp",
-                                    groups=None if keep_location_margins else groups)
-            ibp = stats.stages["ibp"]
-            ibp.rows, ibp.chunk, ibp.seconds = len(todo) * n_rows, int(ibp_chunk), time.perf_counter() - ibp_start
-            ibp.settled = ibp.rows - tracker.unsettled
-            if key != "ibp":
-                crown_chunk = chunk_size if chunk_size is not None else rows_per_call(
-                    bounded, min(max_memory, CROWN_WORKING_SET), "crown")
-                _refine_pass(bounded, threat, images, labels, tracker, worst, kept, len(todo) * n_rows, stats=stats,
-                             num_classes=num_classes, domain=domain, intermediate=mode, chunk=int(crown_chunk),
-                             todo=len(todo), progress=progress)
-    finally:
-        model.train(was_training)
-    results = _image_results(idx, labels, preds, correct, worst.value, worst.cls, num_classes,
-                             lambda k_: threat.locate(int(worst.row[k_])), grouped=worst.grouped)
-    extra: dict = {"cascade": stats.to_dict(), **threat.diagnose(bounded)}
-    if groups_used[0]:
-        extra["location_groups"] = dict(zip(("block", "images", "rows_bounded"), groups_used),
-                                         rows_per_location=len(todo) * n_rows)
-    location_set = threat.location_set
-    return CertifyResult(
-        images=results, shape=threat.shape, num_locations=len(location_set) if location_set is not None else 0,
-        method=key, seconds=time.perf_counter() - start, chunk_size=int(ibp_chunk), extra=extra,
-        head=head_of(bounded).describe(), location_margins=kept,
-        locations=location_set if keep_location_margins else None, threat_model=threat,
-    )
+        preds = logits.argmax(1)
+        return cls(images=images, labels=labels, threat=threat, idx=idx, n_img=n_img, n_rows=threat.rows_per_image,
+                   num_classes=logits.shape[1], preds=preds, correct=preds == labels, bounded=bounded,
+                   todo=torch.nonzero(preds == labels).flatten().tolist(), worst=_Worst(n_img, device))
+
+    def result(self, key: str, stats: CascadeStats, groups_used: tuple[int, int, int], kept, keep_location_margins,
+               chunk: int, seconds: float) -> CertifyResult:
+        threat, worst = self.threat, self.worst
+        results = _image_results(self.idx, self.labels, self.preds, self.correct, worst.value, worst.cls,
+                                 self.num_classes, lambda k_: threat.locate(int(worst.row[k_])), grouped=worst.grouped)
+        extra: dict = {"cascade": stats.to_dict(), **threat.diagnose(self.bounded)}
+        if groups_used[0]:
+            extra["location_groups"] = dict(zip(("block", "images", "rows_bounded"), groups_used),
+                                             rows_per_location=len(self.todo) * self.n_rows)
+        location_set = threat.location_set
+        return CertifyResult(
+            images=results, shape=threat.shape, num_locations=len(location_set) if location_set is not None else 0,
+            method=key, seconds=seconds, chunk_size=chunk, extra=extra, head=head_of(self.bounded).describe(),
+            location_margins=kept, locations=location_set if keep_location_margins else None, threat_model=threat,
+        )
 
 
 def _threat_of(threat: Optional[Threat], size, shape, locations: Optional[Locations], k: Optional[int]) -> Threat:

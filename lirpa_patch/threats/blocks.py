@@ -21,7 +21,7 @@ import torch
 
 from ..locations import Locations
 
-__all__ = ["BlockLevel", "block_levels"]
+__all__ = ["BlockLevel", "block_levels", "children"]
 
 
 @dataclass
@@ -85,3 +85,14 @@ def block_levels(locations: Locations, size: int) -> list[BlockLevel]:
         parent = None if i == 0 else built[i - 1][2][first]
         levels.append(BlockLevel(s, blocks, first, parent, child_of, group))
     return levels
+
+
+def children(child_of: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For pending ``parents`` ``(P,)``: ``(which (U,), unit (U,))``: every finer unit of each, by parent position."""
+    order = torch.argsort(child_of, stable=True)
+    counts = torch.bincount(child_of, minlength=int(parents.max()) + 1 if parents.numel() else 0)
+    starts = torch.cumsum(counts, 0) - counts
+    n = counts[parents]
+    which = torch.repeat_interleave(torch.arange(parents.numel(), device=parents.device), n)
+    offset = torch.arange(int(n.sum()), device=parents.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    return which, order[starts[parents][which] + offset]
