@@ -151,6 +151,7 @@ def _load_mask(path: Path):
     """A 2-D boolean mask from a .npy file (0/1 integers or floats accepted)."""
     import numpy as np
 
+    from lirpa_patch._messages import first_line
     from lirpa_patch.errors import DataError, UsageError
 
     if not path.is_file():
@@ -158,8 +159,7 @@ def _load_mask(path: Path):
     try:
         mask = np.load(path, allow_pickle=False)
     except Exception as exc:  # ValueError, OSError, EOFError, ... on a bad file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot read mask file {path} ({reason}); expected a .npy boolean array") from None
+        raise DataError(f"cannot read mask file {path} ({first_line(exc)}); expected a .npy boolean array") from None
     if not isinstance(mask, np.ndarray):
         raise DataError(f"mask file {path} holds several arrays; expected one 2-D boolean .npy array")
     if mask.ndim != 2:

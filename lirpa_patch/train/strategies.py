@@ -58,7 +58,8 @@ from auto_LiRPA.perturbations import PerturbationLpNorm
 from torch import nn
 from torch.nn import functional as F
 
-from ..building import _quiet, bound_model
+from .._messages import quiet
+from ..building import bound_model
 from ..margins import lower_margins
 from ..head import head_of, merge_head
 from ..domain import PixelDomain
@@ -484,7 +485,7 @@ class PooledLocations(Strategy):
         ptb.virtual = self._virtual
         x = BoundedTensor(ptb.rows_for(images), ptb)
         try:
-            with _quiet():
+            with quiet():
                 for seg, window in zip(self.bounded_segments[:-1], self.windows):
                     lb, ub = seg.compute_bounds(x=(x,), method="IBP")
                     ptb._lp_states = {}  # per-call descriptions hold autograd graphs: drop them

@@ -63,6 +63,7 @@ from torch.nn import functional as F
 from .. import devices, distributed, outputs
 from ..engine import SPARSE_CHUNK, CertifyResult, ProgressFn, bound_model
 from ..domain import PixelDomain
+from .._messages import first_line
 from ..errors import DataError, UsageError
 from ..locations import Locations, all_locations
 from ..shapes import PatchShape, make_shape, parse_size
@@ -683,7 +684,7 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
-            raise UsageError(f"the checkpoint does not fit this model: {str(exc).splitlines()[0]}",
+            raise UsageError(f"the checkpoint does not fit this model: {first_line(exc)}",
                              param="state") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
