@@ -1,7 +1,9 @@
 """Certified training against patches (paper §4.2, App. A.1-A.3).
 
-* :class:`Trainer` / :class:`TrainConfig`: the training loop around any ``nn.Module``
-  (:mod:`.trainer`).
+* :class:`Trainer`: the training loop around any ``nn.Module`` (:mod:`.trainer`);
+  :class:`TrainConfig`, what defines a run (:mod:`.config`); :class:`EpochMetrics` and
+  :class:`MetricsLog`, what it reports (:mod:`.metrics`); :func:`load_checkpoint`
+  (:mod:`.checkpoints`).
 * strategies ``all``, ``random``, ``guided``, ``pool`` (:mod:`.strategies`); the guided
   U-net (:mod:`.unet`); warm-up and learning-rate schedules (:mod:`.schedules`).
 * :func:`export_onnx`: ONNX export with the normalization folded in, checked with
@@ -27,16 +29,10 @@ from .strategies import (
     Strategy,
     make_strategy,
 )
-from .trainer import (
-    EpochMetrics,
-    MetricsLog,
-    TrainConfig,
-    Trainer,
-    TrainEvent,
-    config_from_dict,
-    load_checkpoint,
-    margin_logits,
-)
+from .checkpoints import load_checkpoint
+from .config import TrainConfig, config_from_dict
+from .metrics import EpochMetrics, MetricsLog, TrainEvent
+from .trainer import Trainer, margin_logits
 from .unet import MarginUNet
 
 __all__ = [
