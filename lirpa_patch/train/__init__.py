@@ -8,6 +8,8 @@
   U-net (:mod:`.unet`); warm-up and learning-rate schedules (:mod:`.schedules`).
 * :func:`export_onnx`: ONNX export with the normalization folded in, checked with
   onnxruntime (:mod:`.export`).
+* :func:`plan_from_options` / :func:`plan_from_checkpoint`: the policy of a run (its data
+  selection, configuration and architecture; :mod:`.plan`).
 * :func:`train_val_split`: which images train and which validate (:mod:`.splits`);
   the App. A.1 presets and CIFAR-10 normalization (:mod:`.presets`).
 """
@@ -32,6 +34,7 @@ from .strategies import (
 from .checkpoints import load_checkpoint
 from .config import TrainConfig, config_from_dict
 from .metrics import EpochMetrics, MetricsLog, TrainEvent
+from .plan import TrainPlan, TrainSetup, plan_from_checkpoint, plan_from_options
 from .trainer import Trainer, margin_logits
 from .unet import MarginUNet
 
@@ -55,6 +58,8 @@ __all__ = [
     "Strategy",
     "TrainConfig",
     "TrainEvent",
+    "TrainPlan",
+    "TrainSetup",
     "Trainer",
     "WarmupSchedule",
     "config_from_dict",
@@ -63,6 +68,8 @@ __all__ = [
     "load_checkpoint",
     "make_strategy",
     "margin_logits",
+    "plan_from_checkpoint",
+    "plan_from_options",
     "preset_for",
     "preset_normalization",
     "saved_selection",
