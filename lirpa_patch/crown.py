@@ -35,6 +35,7 @@ import torch
 from auto_LiRPA import BoundedModule, BoundedTensor
 from auto_LiRPA import bound_ops as _ops
 
+from . import choices
 from ._messages import quiet
 from .errors import UsageError
 from .ops.activation import alpha_margin
@@ -42,7 +43,7 @@ from .ops.graph import all_nodes, before_mixing, mixing_types, path_ops, reaches
 
 __all__ = ["ALPHA_ITERATIONS", "ALPHA_LR", "INTERMEDIATE", "check_intermediate", "crown_margins"]
 
-INTERMEDIATE: tuple[str, ...] = ("auto", "crown", "ibp")
+INTERMEDIATE: tuple[str, ...] = choices.INTERMEDIATE
 """How CROWN bounds the pre-activations: ``"crown"`` (full CROWN), ``"ibp"`` (IBP; CROWN-IBP),
 or ``"auto"`` (the engine measures which, see :mod:`lirpa_patch.cascade`)."""
 

@@ -58,6 +58,7 @@ from auto_LiRPA.perturbations import PerturbationLpNorm
 from torch import nn
 from torch.nn import functional as F
 
+from .. import choices
 from .._messages import quiet
 from ..building import bound_model
 from ..margins import lower_margins
@@ -69,7 +70,7 @@ from ..threats.patch import PatchPerturbation
 from ..spec import margin_spec, other_classes
 from .unet import MarginUNet
 
-STRATEGY_NAMES: tuple[str, ...] = ("all", "random", "guided", "pool", "guided-per-label")
+STRATEGY_NAMES: tuple[str, ...] = choices.STRATEGIES
 """Names accepted by :func:`make_strategy`."""
 
 
