@@ -2,7 +2,7 @@
 
 This module imports nothing, so the command line can offer the choices (and
 ``lirpa-patch --help`` list them) without importing torch: it loads this file on its own
-(``lirpa_patch_cli._choices``). The modules that take each choice define what it means;
+(``cli/_choices.py``). The modules that take each choice define what it means;
 where one keeps its own table of the names, it is built from the tuple here or a test
 checks that the two agree (``tests/test_choices.py``).
 """
