@@ -36,7 +36,7 @@ def preset_for(channels: int, preset: str = "auto") -> str:
     if preset == "auto":
         return "cifar" if channels == 3 else "mnist"
     if preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r}; choose auto, {', '.join(PRESETS)}", param="preset")
+        raise UsageError(f"unknown preset {preset!r}; choose {', '.join(PRESET_NAMES)}", param="preset")
     return preset
 
 
