@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import click
 from rich.markup import escape
 
+from . import _choices as choices
 from ._console import InputError, err_console, parse_bytes, parse_floats, parse_shape
 from .launch import NPROC_HELP, world_from_env
 
@@ -62,7 +63,7 @@ def model_data_options(*, method: bool = True, nproc: bool = False) -> Callable:
         ]
         if method:
             options.append(click.option(
-                "--method", type=click.Choice(["ibp", "crown", "alpha-crown"], case_sensitive=False), default="ibp",
+                "--method", type=click.Choice(choices.METHODS, case_sensitive=False), default="ibp",
                 help="Bound method: ibp (fast, loose); crown: IBP on every location, then CROWN only where IBP "
                 "cannot certify; alpha-crown: then alpha-CROWN (optimized CROWN) only where CROWN cannot. "
                 "Same certified images as the strongest method on every location."))
@@ -70,7 +71,7 @@ def model_data_options(*, method: bool = True, nproc: bool = False) -> Callable:
             click.option("--input-shape", "input_shape", default=None, metavar="DIMS",
                          help="Per-sample input shape of the model, batch dim excluded (e.g. 784x1, 1x28x28). "
                          "Read from ONNX files; required for .pt/.pth models."),
-            click.option("--layout", type=click.Choice(["nchw", "nhwc", "flat"], case_sensitive=False), default=None,
+            click.option("--layout", type=click.Choice(choices.LAYOUTS, case_sensitive=False), default=None,
                          show_default="inferred from the input shape",
                          help="How images (N, C, H, W) are laid out for the model."),
             click.option("--mean", default=None, metavar="M[,M,M]",
@@ -85,7 +86,7 @@ def model_data_options(*, method: bool = True, nproc: bool = False) -> Callable:
                          "the rows per call from the model's activation sizes."),
             click.option("--chunk", type=click.IntRange(min=1), default=None, show_default="sized by --max-memory",
                          help=CHUNK_HELP),
-            click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu",
+            click.option("--device", type=click.Choice(choices.DEVICES, case_sensitive=False), default="cpu",
                          help="Where to compute" + (" (cuda: the process's own GPU under torchrun or --nproc)."
                                                     if nproc else ".")),
             *([click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N", show_default="1",
@@ -152,6 +153,7 @@ def _load_mask(path: Path):
     """A 2-D boolean mask from a .npy file (0/1 integers or floats accepted)."""
     import numpy as np
 
+    from lirpa_patch._messages import first_line
     from lirpa_patch.errors import DataError, UsageError
 
     if not path.is_file():
@@ -159,8 +161,7 @@ def _load_mask(path: Path):
     try:
         mask = np.load(path, allow_pickle=False)
     except Exception as exc:  # ValueError, OSError, EOFError, ... on a bad file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot read mask file {path} ({reason}); expected a .npy boolean array") from None
+        raise DataError(f"cannot read mask file {path} ({first_line(exc)}); expected a .npy boolean array") from None
     if not isinstance(mask, np.ndarray):
         raise DataError(f"mask file {path} holds several arrays; expected one 2-D boolean .npy array")
     if mask.ndim != 2:
@@ -448,7 +449,7 @@ def attack_options(*, worst_default: int) -> Callable:
                          help="Patch: locations per image attacked in depth after a sweep of every location (those "
                          "the sweep finds weakest); 'all' attacks every location in depth. Sparse: pixels evaluated "
                          "per greedy step."),
-            click.option("--loss", type=click.Choice(["margin", "ce"], case_sensitive=False), default=None,
+            click.option("--loss", type=click.Choice(choices.LOSSES, case_sensitive=False), default=None,
                          show_default="margin", help="What the attack minimises: the margin logit[label] - max "
                          "other logit, or the paper's cross-entropy (maximised)."),
             click.option("--worst", "worst", type=click.IntRange(min=0), default=worst_default,

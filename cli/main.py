@@ -146,6 +146,7 @@ class _Group(click.Group):
                 message = flag_message(str(exc), getattr(exc, "param", None), command, getattr(exc, "related", ()))
                 _report(message, exc)
                 ctx.exit(2 if isinstance(exc, errors.UsageError) else 1)
+            # lirpa_patch._messages.first_line(exc, default=""), written out: importing the library imports torch
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             if _out_of_memory(exc):
                 hint = getattr(command, "memory_hint", "")

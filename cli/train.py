@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from . import _choices as choices
 from ._console import InputError, console, err_console, library_warnings_silenced, param_as, parse_floats
 from .launch import NPROC_HELP, is_primary, launch_or_none
 
@@ -137,8 +138,7 @@ class _Display:
 @click.option("--val-size", type=click.IntRange(min=0), default=None,
               show_default="sample: the held-out digits 4000-4999; else 10% of the training images, at most 5000",
               help="Hold out the last N training images for validation (0: no validation).")
-@click.option("--arch", type=click.Choice(["mlp", "cnn2", "cnn4", "cnn4conv11", "cnn4conv13", "cnn5wide"],
-                                         case_sensitive=False), default="mlp",
+@click.option("--arch", type=click.Choice(choices.ARCHITECTURES, case_sensitive=False), default="mlp",
               help="Architecture of the paper's App. A.1 (cnn4conv11/cnn4conv13: Table 7's CNNs for the "
               "sparse threat, cnn4 with an 11x11 / 13x13 first convolution).")
 @click.option("--width", type=click.IntRange(min=1), default=None,
@@ -146,7 +146,7 @@ class _Display:
 @click.option("--patch", default="2x2", metavar="HxW", help="Patch size.")
 @click.option("--shape", default="square", metavar="SHAPE",
               help="Patch shape: square, rectangle, line, hline, vline, diamond, parallelogram, rectangle:HxW.")
-@click.option("--strategy", type=click.Choice(["all", "random", "guided", "pool", "guided-per-label"], case_sensitive=False),
+@click.option("--strategy", type=click.Choice(choices.STRATEGIES, case_sensitive=False),
               default="random", help=_STRATEGY_HELP)
 @click.option("--patches", "-k", type=click.IntRange(min=1), default=10, help=_PATCHES_HELP)
 @click.option("--sparse", type=click.IntRange(min=1), default=None, metavar="K",
@@ -159,7 +159,7 @@ class _Display:
               "pools 2x2 blocks of locations after the first and third. auto: 2x2 blocks after the last ReLU "
               "before the first linear layer (after the convolutions; after the first ReLU of an MLP).")
 @click.option("--unet-width", type=click.IntRange(min=1), default=16, help="Base width of the guided U-net.")
-@click.option("--preset", type=click.Choice(["auto", "mnist", "cifar"]), default="auto",
+@click.option("--preset", type=click.Choice(choices.PRESETS), default="auto",
               show_default="mnist for 1 channel, cifar for 3",
               help="Defaults of App. A.1: mnist (lr 5e-4, 100 epochs, 1 natural + 61 warm-up), cifar (lr 1e-3, "
               "200 epochs, 10 natural + 121 warm-up, CIFAR-10 normalization, crop 4 + flip).")
@@ -192,7 +192,7 @@ class _Display:
 @click.option("--final-eval/--no-final-eval", default=True,
               help="Certify the whole validation split at the end.")
 @click.option("--seed", type=int, default=0, help="Seed: a CPU run with the same seed repeats exactly.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"], case_sensitive=False), default="cpu",
+@click.option("--device", type=click.Choice(choices.DEVICES, case_sensitive=False), default="cpu",
               help="Device (cuda: the process's own GPU under torchrun or --nproc).")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N", show_default="1",
               help=NPROC_HELP + " --batch-size stays the images per optimizer step, over all processes.")
@@ -243,17 +243,13 @@ def train(**opts: Any) -> None:
     from lirpa_patch import distributed
     from lirpa_patch.data import source_files
     from lirpa_patch.domain import check_normalization
-    from lirpa_patch.models.adapter import ImageModel
-    from lirpa_patch.models.architectures import DEFAULT_WIDTHS, build_architecture
     from lirpa_patch.devices import keep_freed_memory
     from lirpa_patch.outputs import check_outputs, check_writable
-    from lirpa_patch.shapes import check_pixels
     from lirpa_patch.train import (
-        MetricsLog, Trainer, TrainConfig, config_from_dict, export_onnx, load_checkpoint, preset_for,
-        preset_normalization, saved_selection, train_val_split,
+        EpochMetrics, MetricsLog, export_onnx, load_checkpoint, plan_from_checkpoint, plan_from_options,
+        train_val_split,
     )
     from lirpa_patch.train.splits import SELECTION_KEYS
-    from lirpa_patch.train.trainer import EpochMetrics
 
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
@@ -261,20 +257,25 @@ def train(**opts: Any) -> None:
     group = distributed.init(opts["device"])  # None in a single process; several: rank 0 alone writes
     primary = is_primary()
     check_normalization(mean, std)  # both or neither, before any data is read
-    if opts["sparse"] is None and not opts["resume"]:
-        check_pixels(opts["patch"])  # a patch no image can hold fails before the data is read
 
-    # 1. what the run reads and writes: a checkpoint to continue, the data selection, the outputs
-    resumed = None
+    # 1. what the run reads and writes: the plan (a checkpoint to continue, or the options), the outputs
     if opts["resume"]:
         with param_as({"path": "resume", "state": "resume"}):
-            resumed = load_checkpoint(opts["resume"])
-    if resumed is not None:
-        selection = saved_selection(dict(resumed.get("meta", {}).get("data_selection", {})))
+            plan = plan_from_checkpoint(load_checkpoint(opts["resume"]), epochs=opts["epochs"],
+                                        chunk_size=opts["chunk"], device=opts["device"])
     else:
-        selection = {key: opts[key] for key in SELECTION_KEYS}
-    selection["start"] = selection["start"] or 0
-    selection["val_start"] = selection["val_start"] or 0
+        plan = plan_from_options(
+            {key: opts[key] for key in SELECTION_KEYS}, architecture=opts["arch"], width=opts["width"],
+            preset=opts["preset"], mean=mean, std=std,
+            patch=opts["patch"], shape=opts["shape"], strategy=opts["strategy"].lower(), patches=opts["patches"],
+            temperature=opts["temperature"], pool=_parse_pool(opts["pool"]), unet_width=opts["unet_width"],
+            epochs=opts["epochs"], warmup=opts["warmup"], warmup_start=opts["warmup_start"], lr=opts["lr"],
+            lr_step=opts["lr_step"], lr_decay=opts["lr_decay"], batch_size=opts["batch_size"],
+            natural_weight=opts["natural_weight"], crop=opts["crop"], flip=opts["flip"], chunk_size=opts["chunk"],
+            eval_every=opts["eval_every"], eval_images=opts["eval_images"], seed=opts["seed"],
+            device=opts["device"], sparse=opts["sparse"] or 0,
+        )
+    selection = plan.selection
     check_outputs(
         {"out": out, "checkpoint": checkpoint, "metrics": metrics_path},
         {"data": source_files(selection["data"]),
@@ -294,60 +295,20 @@ def train(**opts: Any) -> None:
     # 2. training and validation images: the library's split policy; say which is which
     with library_warnings_silenced():
         splits = train_val_split(**selection)
-    train_x, train_y = splits.train.images, splits.train.labels
-    val = (splits.val.images, splits.val.labels) if splits.val is not None else None
-    channels = int(train_x.shape[1])
-    image_shape = tuple(int(v) for v in train_x.shape[1:])
 
-    # 3. configuration and architecture: the checkpoint's, or the preset's with the options
-    if resumed is not None:
-        overrides: dict[str, Any] = {"device": opts["device"]}
-        if opts["epochs"] is not None:
-            overrides["epochs"] = opts["epochs"]
-        if opts["chunk"] is not None:
-            overrides["chunk_size"] = opts["chunk"]  # memory, not results
-        config = config_from_dict(resumed["config"], **overrides)
-        arch = resumed["meta"]["architecture"]
-    else:
-        preset = preset_for(channels, opts["preset"])
-        chosen = {k: opts[k] for k in ("epochs", "warmup", "warmup_start", "lr", "crop", "flip") if opts[k] is not None}
-        config = TrainConfig.for_dataset(
-            preset, patch=opts["patch"], shape=opts["shape"], strategy=opts["strategy"].lower(),
-            patches=opts["patches"], temperature=opts["temperature"], pool=_parse_pool(opts["pool"]),
-            unet_width=opts["unet_width"], lr_step=opts["lr_step"], lr_decay=opts["lr_decay"],
-            batch_size=opts["batch_size"], natural_weight=opts["natural_weight"], chunk_size=opts["chunk"],
-            eval_every=opts["eval_every"], eval_images=opts["eval_images"], seed=opts["seed"],
-            device=opts["device"], sparse=opts["sparse"] or 0, **chosen,
-        )
-        mean, std = preset_normalization(preset, channels, mean, std)
-        labels = torch.cat([train_y, val[1]]) if val is not None else train_y
-        num_classes = splits.num_classes or max(2, int(labels.max()) + 1)
-        arch = {
-            "name": opts["arch"].lower(), "width": opts["width"], "in_channels": channels,
-            "image_size": list(image_shape[1:]), "num_classes": num_classes,
-            "mean": list(mean) if mean else None, "std": list(std) if std else None,
-        }
-    config.validate()
-
-    torch.manual_seed(config.seed)
-    net = build_architecture(arch["name"], arch["in_channels"], arch["image_size"], arch["num_classes"],
-                             width=arch["width"])
-    model = ImageModel(net, image_shape=image_shape, mean=arch["mean"], std=arch["std"])
-    meta = {"architecture": arch, "data_selection": splits.selection}
+    # 3. configuration and architecture (the checkpoint's, or the preset's with the options), the trainer
+    setup = plan.resolve(splits)
+    config, arch = setup.config, setup.architecture
     with library_warnings_silenced(), param_as({"state": "resume"}):
-        trainer = Trainer(model, config, train_x, train_y, *(val if val is not None else (None, None)),
-                          num_classes=arch["num_classes"], meta=meta)
-        if resumed is not None:
-            trainer.load_state_dict(resumed)
+        trainer = setup.trainer()
 
-    width = arch["width"] or DEFAULT_WIDTHS[arch["name"]]
     err_console.print(splits.description, highlight=False, markup=False, soft_wrap=True)
     err_console.print(
-        f"[bold]train[/] {arch['name']} (width {width}, {arch['num_classes']} classes) | "
+        f"[bold]train[/] {arch['name']} (width {setup.width}, {arch['num_classes']} classes) | "
         + (f"any {config.sparse} pixels | " if config.sparse else
            f"patch {config.patch} {config.shape} ({len(trainer.locations)} locations) | ")
         + f"{trainer.strategy.describe()} | {config.epochs} epochs, warm-up {config.warmup_start}+{config.warmup}, "
-        f"lr {config.lr:g}" + (f" | resuming at epoch {trainer.epoch}" if resumed is not None else ""),
+        f"lr {config.lr:g}" + (f" | resuming at epoch {trainer.epoch}" if plan.resuming else ""),
         highlight=False,
     )
     if group is not None:
@@ -374,7 +335,7 @@ def train(**opts: Any) -> None:
         train_seconds = time.perf_counter() - start
 
         final = None
-        if opts["final_eval"] and val is not None:
+        if opts["final_eval"] and splits.val is not None:
             t0 = time.perf_counter()
             with library_warnings_silenced():
                 final = trainer.evaluate()
@@ -388,8 +349,8 @@ def train(**opts: Any) -> None:
     if not primary:
         return
     with library_warnings_silenced(), param_as({"path": "out"}):
-        check = val[0][:64] if val is not None else train_x[:64]
-        diff = export_onnx(trainer.model, out, image_shape, check_images=check)
+        check = (splits.val if splits.val is not None else splits.train).images[:64]
+        diff = export_onnx(trainer.model, out, trainer.image_shape, check_images=check)
 
     console.print(f"[bold green]Wrote[/] {out} (onnxruntime matches PyTorch, max |logit diff| {diff:.2g})",
                   highlight=False)

@@ -7,24 +7,18 @@ a module a caller passes back (``bounded=``) is checked against the model as it 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Iterator, Sequence
 
 import torch
 from auto_LiRPA import BoundedModule
 
+from ._messages import first_line, quiet
+from ._messages import quiet as _quiet  # noqa: F401  (engine.py and margins.py import it from here)
 from .errors import ModelError, UsageError
 from .head import strip_monotone_output
 from .ops.graph import prepare
 from .ops.registry import bound_opts, custom_ops
 from .provenance import attach, changes_since_built
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 @contextlib.contextmanager
@@ -82,7 +76,7 @@ def bound_model(
     dummy = torch.zeros(1, *[int(v) for v in image_shape], device=device)
     unsupported: list[str] = []
     try:
-        with _quiet(), _unsupported_ops(unsupported):
+        with quiet(), _unsupported_ops(unsupported):
             bounded = BoundedModule(stripped_model, dummy, bound_opts=bound_opts({"conv_mode": conv_mode}),
                                     device=str(device), custom_ops=custom_ops())
     except Exception as exc:  # auto_LiRPA raises assorted errors for unsupported graphs
@@ -90,8 +84,8 @@ def bound_model(
             raise ModelError(
                 f"auto_LiRPA cannot bound this model: it has no bounds for the op(s) {', '.join(unsupported)}; "
                 f"replace them in the model (auto_LiRPA.register_custom_op can add an op)") from exc
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ModelError(f"auto_LiRPA cannot bound this model: {type(exc).__name__}: {first}") from exc
+        raise ModelError(
+            f"auto_LiRPA cannot bound this model: {type(exc).__name__}: {first_line(exc, default='')}") from exc
     prepare(bounded)
     object.__setattr__(bounded, "_lp_stripped", list(stripped))
     if next(bounded.parameters(), None) is None:
@@ -115,7 +109,7 @@ def _check_bounded(model: torch.nn.Module, bounded: BoundedModule, images: torch
         raise UsageError(f"the model changed after bounded was built ({what}): build it again with "
                          "bound_model(model, ...)", param="bounded")
     few = images[: min(8, images.shape[0])]
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet():
         ours = bounded(few).float()
         if bounded.__dict__.get("_lp_stripped"):  # the module bounds the logits before a final Softmax
             logits = strip_monotone_output(model)[0](few)

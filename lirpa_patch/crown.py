@@ -29,20 +29,21 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import warnings
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from auto_LiRPA import BoundedModule, BoundedTensor
 from auto_LiRPA import bound_ops as _ops
 
+from . import choices
+from ._messages import quiet
 from .errors import UsageError
 from .ops.activation import alpha_margin
 from .ops.graph import all_nodes, before_mixing, mixing_types, path_ops, reaches_input
 
 __all__ = ["ALPHA_ITERATIONS", "ALPHA_LR", "INTERMEDIATE", "check_intermediate", "crown_margins"]
 
-INTERMEDIATE: tuple[str, ...] = ("auto", "crown", "ibp")
+INTERMEDIATE: tuple[str, ...] = choices.INTERMEDIATE
 """How CROWN bounds the pre-activations: ``"crown"`` (full CROWN), ``"ibp"`` (IBP; CROWN-IBP),
 or ``"auto"`` (the engine measures which, see :mod:`lirpa_patch.cascade`)."""
 
@@ -60,13 +61,6 @@ def check_intermediate(value) -> str:
         raise UsageError(f"intermediate must be one of {', '.join(INTERMEDIATE)}, got {value!r}",
                          param="intermediate")
     return key
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def _given_bounds_keyword() -> str:
@@ -112,7 +106,7 @@ def _ibp_bounds(bounded: BoundedModule, x: torch.Tensor, ptb, final: Optional[st
     if not names:
         return {}
     ptb.virtual = False
-    with _quiet():
+    with quiet():
         bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method="IBP", final_node_name=final)
     out = {}
     for name in names:
@@ -182,7 +176,7 @@ def crown_margins(
             if intermediate == "ibp":
                 fixed = {n: (lo.detach(), hi.detach()) for n, (lo, hi) in found.items() if n in pre}
             else:  # CROWN's intermediate bounds, then fixed
-                with torch.no_grad(), _quiet():
+                with torch.no_grad(), quiet():
                     bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=C, method="CROWN", bound_upper=False,
                                            final_node_name=final, **kwargs)
                 fixed = {n: (bounded[n].lower.detach(), bounded[n].upper.detach()) for n in pre}
@@ -190,7 +184,7 @@ def crown_margins(
             if bias is not None:
                 bias = bias.detach()
         else:
-            with _quiet():
+            with quiet():
                 lb, _ = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=C, method="CROWN",
                                                bound_upper=False, final_node_name=final, **kwargs)
         if bias is not None:
@@ -233,7 +227,7 @@ def _alpha_crown(bounded: BoundedModule, x: torch.Tensor, ptb, C: torch.Tensor, 
         p.requires_grad_(False)
     bx = (BoundedTensor(x.detach(), ptb),)
     try:
-        with _quiet(), contextlib.redirect_stdout(io.StringIO()):
+        with quiet(), contextlib.redirect_stdout(io.StringIO()):
             with torch.no_grad():
                 init(bx, **{share: False}, method="backward", c=C, final_node_name=final, **{given: fixed})
             with torch.enable_grad(), alpha_margin():

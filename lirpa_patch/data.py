@@ -63,6 +63,7 @@ from typing import Any, BinaryIO, Optional, Union
 import numpy as np
 import torch
 
+from ._messages import first_line
 from .errors import DataError, UsageError
 
 _SAMPLE = "sample"
@@ -296,7 +297,7 @@ def _read_npz(f: BinaryIO, what: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         archive = np.load(f, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{what} is not a readable .npz archive ({_why(exc)})") from None
+        raise DataError(f"{what} is not a readable .npz archive ({first_line(exc)})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise DataError(f"{what} is a single .npy array; expected an .npz with arrays x and y")
     with archive:
@@ -310,7 +311,7 @@ def _read_npz(f: BinaryIO, what: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             return archive["x"], archive["y"]
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            raise DataError(f"{what} has a corrupt array ({_why(exc)})") from None
+            raise DataError(f"{what} has a corrupt array ({first_line(exc)})") from None
 
 
 def _load_dir(path: Path, split: Optional[str]) -> tuple[np.ndarray, np.ndarray, str]:
@@ -368,7 +369,7 @@ def _read_idx(path: Path) -> np.ndarray:
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"cannot read {path}: {_why(exc)}") from None
+        raise DataError(f"cannot read {path}: {first_line(exc)}") from None
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_TYPES or raw[3] == 0:
         raise DataError(
             f"{path} is not an IDX file (bad magic number 0x{raw[:4].hex() or '0'})"
@@ -425,7 +426,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
     except Exception as exc:  # unpickling can raise almost anything on a bad file
-        raise DataError(f"cannot unpickle CIFAR-10 batch {path} ({_why(exc)})") from None
+        raise DataError(f"cannot unpickle CIFAR-10 batch {path} ({first_line(exc)})") from None
     if not isinstance(batch, dict):
         raise DataError(f"{path} is not a CIFAR-10 batch (expected a pickled dict)")
     batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
@@ -510,7 +511,3 @@ def _check_int(what: str, value: Any) -> None:
         raise UsageError(f"{what} must be an integer, got {value!r}", param=what)
 
 
-def _why(exc: BaseException) -> str:
-    """A one-line reason from an exception."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -47,6 +47,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import devices
+from ._messages import first_line
 from .engine import CertifyResult, ProgressFn, certify as certify_engine, start_progress
 from .errors import LirpaPatchError, UsageError
 
@@ -81,10 +82,8 @@ class PeerLost(LirpaPatchError):
     @classmethod
     def from_error(cls, error: BaseException) -> "PeerLost":
         """From the error a collective raised (gloo/NCCL: connection closed, timeout, ...)."""
-        text = str(error).strip()
-        first = text.splitlines()[0] if text else type(error).__name__
         return cls(f"lost contact with the other processes of the job: one stopped without reporting why "
-                   f"(killed? out of memory?): {first}")
+                   f"(killed? out of memory?): {first_line(error)}")
 
 
 @dataclass
@@ -191,8 +190,7 @@ def init(device: str | torch.device = "cpu", *, timeout: Optional[timedelta] = N
                                 world_size=world, **kwargs)
         objects = dist.new_group(backend="gloo") if backend != "gloo" else None
     except (RuntimeError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LirpaPatchError(f"cannot join the other processes of the job: {first}") from None
+        raise LirpaPatchError(f"cannot join the other processes of the job: {first_line(exc)}") from None
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     _GROUP = Group(rank, world, devices.local_rank(), backend, dist.PrefixStore(f"lirpa_patch/{restart}", store),
                    objects)
@@ -333,13 +331,14 @@ def outcome_of(value: Any = None, error: Optional[BaseException] = None) -> _Out
     """This rank's outcome for :func:`all_gather`: ``value``, or ``error`` (one line)."""
     if error is None:
         return _Outcome(True, value)
-    text = str(error).strip()
+    first = first_line(error, default="")
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        text = "out of memory" + (f" ({text.splitlines()[0]})" if text else "")
+        message = "out of memory" + (f" ({first})" if first else "")
     elif not isinstance(error, LirpaPatchError):
-        text = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-    return _Outcome(False, message=text.splitlines()[0] if text else type(error).__name__,
-                    usage=isinstance(error, UsageError))
+        message = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    else:
+        message = first or type(error).__name__
+    return _Outcome(False, message=message, usage=isinstance(error, UsageError))
 
 
 def all_gather(value: Any) -> list:

@@ -65,6 +65,9 @@ ARCHITECTURES: dict[str, str] = {
 }
 """Architecture names accepted by :func:`build_architecture`, with a one-line summary."""
 
+ARCHITECTURE_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)
+"""The names of :data:`ARCHITECTURES`, in order."""
+
 DEFAULT_WIDTHS: dict[str, int] = {"mlp": 255, "cnn2": 1, "cnn4": 1, "cnn4conv11": 1, "cnn4conv13": 1, "cnn5wide": 16}
 
 _FIRST_KERNEL: dict[str, int] = {"cnn4": 3, "cnn4conv11": 11, "cnn4conv13": 13}

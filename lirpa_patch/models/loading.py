@@ -10,17 +10,15 @@ Every failure is a :class:`ModelError` (the file or model is bad) or a
 
 from __future__ import annotations
 
-import contextlib
 import io
-import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn
 
+from .._messages import first_line, quiet
 from ..errors import ModelError, UsageError
 
 PathLike = Union[str, Path]
@@ -49,27 +47,9 @@ class LoadedModel:
     num_classes: int | None = None
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence warnings and onnx2torch's logger while loading."""
-    logger = logging.getLogger("onnx2torch")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
 def _one_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception message, or its type name."""
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if line:
-            return line[:300]
-    return type(exc).__name__
+    """The first non-empty line of an exception message (at most 300 characters), or its type name."""
+    return first_line(exc)[:300]
 
 
 def _shape_tuple(shape: Sequence[int], what: str) -> tuple[int, ...]:
@@ -363,7 +343,7 @@ def load_model(path: PathLike | nn.Module, *, input_shape: Sequence[int] | None 
         UsageError: ``input_shape`` missing where required or not accepted by the model.
     """
     shape = _shape_tuple(input_shape, "input_shape") if input_shape is not None else None
-    with _quiet():
+    with quiet("onnx2torch"):
         if isinstance(path, nn.Module):
             if shape is None:
                 raise UsageError("input_shape is required when passing an nn.Module", param="input_shape")

@@ -1,11 +1,15 @@
 """Certified training against patches (paper §4.2, App. A.1-A.3).
 
-* :class:`Trainer` / :class:`TrainConfig`: the training loop around any ``nn.Module``
-  (:mod:`.trainer`).
+* :class:`Trainer`: the training loop around any ``nn.Module`` (:mod:`.trainer`);
+  :class:`TrainConfig`, what defines a run (:mod:`.config`); :class:`EpochMetrics` and
+  :class:`MetricsLog`, what it reports (:mod:`.metrics`); :func:`load_checkpoint`
+  (:mod:`.checkpoints`).
 * strategies ``all``, ``random``, ``guided``, ``pool`` (:mod:`.strategies`); the guided
   U-net (:mod:`.unet`); warm-up and learning-rate schedules (:mod:`.schedules`).
 * :func:`export_onnx`: ONNX export with the normalization folded in, checked with
   onnxruntime (:mod:`.export`).
+* :func:`plan_from_options` / :func:`plan_from_checkpoint`: the policy of a run (its data
+  selection, configuration and architecture; :mod:`.plan`).
 * :func:`train_val_split`: which images train and which validate (:mod:`.splits`);
   the App. A.1 presets and CIFAR-10 normalization (:mod:`.presets`).
 """
@@ -27,16 +31,11 @@ from .strategies import (
     Strategy,
     make_strategy,
 )
-from .trainer import (
-    EpochMetrics,
-    MetricsLog,
-    TrainConfig,
-    Trainer,
-    TrainEvent,
-    config_from_dict,
-    load_checkpoint,
-    margin_logits,
-)
+from .checkpoints import load_checkpoint
+from .config import TrainConfig, config_from_dict
+from .metrics import EpochMetrics, MetricsLog, TrainEvent
+from .plan import TrainPlan, TrainSetup, plan_from_checkpoint, plan_from_options
+from .trainer import Trainer, margin_logits
 from .unet import MarginUNet
 
 __all__ = [
@@ -59,6 +58,8 @@ __all__ = [
     "Strategy",
     "TrainConfig",
     "TrainEvent",
+    "TrainPlan",
+    "TrainSetup",
     "Trainer",
     "WarmupSchedule",
     "config_from_dict",
@@ -67,6 +68,8 @@ __all__ = [
     "load_checkpoint",
     "make_strategy",
     "margin_logits",
+    "plan_from_checkpoint",
+    "plan_from_options",
     "preset_for",
     "preset_normalization",
     "saved_selection",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import io
 import os
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import outputs
+from .._messages import first_line, quiet
 from ..errors import ModelError, UsageError
 
 PathLike = Union[str, os.PathLike]
@@ -139,15 +139,14 @@ def export_onnx(
         raise ModelError(f"folding the normalization changed the logits by {fold_diff:.3g}")
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             torch.onnx.export(
                 module, (torch.zeros(1, *shape),), buffer, dynamo=False, opset_version=opset,
                 input_names=["image"], output_names=["logits"],
                 dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
             )
     except Exception as exc:
-        raise ModelError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise ModelError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc, default='')}") from None
     wrapper = ImageModel(module, image_shape=shape)
     ort_diff = check_against_onnxruntime(wrapper, buffer.getvalue(), check_images)  # before writing anything
     if path.parent != Path("") and not path.parent.exists():

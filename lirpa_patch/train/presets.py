@@ -20,6 +20,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """The :class:`~lirpa_patch.train.TrainConfig` values each preset sets."""
 
+PRESET_NAMES: tuple[str, ...] = ("auto", *PRESETS)
+"""The names :func:`preset_for` accepts: ``"auto"`` (chosen by the images' channels) and every preset."""
+
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, float, float] = (0.2471, 0.2435, 0.2616)
 
@@ -33,7 +36,7 @@ def preset_for(channels: int, preset: str = "auto") -> str:
     if preset == "auto":
         return "cifar" if channels == 3 else "mnist"
     if preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r}; choose auto, {', '.join(PRESETS)}", param="preset")
+        raise UsageError(f"unknown preset {preset!r}; choose {', '.join(PRESET_NAMES)}", param="preset")
     return preset
 
 

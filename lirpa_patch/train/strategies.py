@@ -58,7 +58,9 @@ from auto_LiRPA.perturbations import PerturbationLpNorm
 from torch import nn
 from torch.nn import functional as F
 
-from ..building import _quiet, bound_model
+from .. import choices
+from .._messages import quiet
+from ..building import bound_model
 from ..margins import lower_margins
 from ..head import head_of, merge_head
 from ..domain import PixelDomain
@@ -68,7 +70,7 @@ from ..threats.patch import PatchPerturbation
 from ..spec import margin_spec, other_classes
 from .unet import MarginUNet
 
-STRATEGY_NAMES: tuple[str, ...] = ("all", "random", "guided", "pool", "guided-per-label")
+STRATEGY_NAMES: tuple[str, ...] = choices.STRATEGIES
 """Names accepted by :func:`make_strategy`."""
 
 
@@ -484,7 +486,7 @@ class PooledLocations(Strategy):
         ptb.virtual = self._virtual
         x = BoundedTensor(ptb.rows_for(images), ptb)
         try:
-            with _quiet():
+            with quiet():
                 for seg, window in zip(self.bounded_segments[:-1], self.windows):
                     lb, ub = seg.compute_bounds(x=(x,), method="IBP")
                     ptb._lp_states = {}  # per-call descriptions hold autograd graphs: drop them

@@ -40,41 +40,55 @@ metrics are summed over the processes, :meth:`evaluate` certifies its images spl
 same way, and :meth:`fit` saves checkpoints on rank 0 only.
 
 The library never prints: progress goes to the ``callback`` of :meth:`Trainer.fit`.
+
+The run's definition lives in :mod:`.config` (:class:`TrainConfig`), what it reports in
+:mod:`.metrics` (:class:`EpochMetrics`, :class:`TrainEvent`, :class:`MetricsLog`) and its
+checkpoints in :mod:`.checkpoints`; their names are importable from here too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import math
-import numbers
-import os
 import time
 import weakref
-from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import devices, distributed, outputs
+from .. import devices, distributed
 from ..engine import SPARSE_CHUNK, CertifyResult, ProgressFn, bound_model
 from ..domain import PixelDomain
 from ..errors import DataError, UsageError
 from ..locations import Locations, all_locations
-from ..shapes import PatchShape, make_shape, parse_size
+from ..outputs import PathLike
+from ..shapes import PatchShape, make_shape
 from ..provenance import changes_since_built
 from ..spec import certifies, check_labels, other_classes
-from .presets import PRESETS
+from .checkpoints import CHECKPOINT_VERSION, load_checkpoint, restore, save_checkpoint, trainer_state
+from .config import TrainConfig, config_from_dict
+from .metrics import Callback, EpochMetrics, MetricsLog, TrainEvent
 from .schedules import StepDecay, WarmupSchedule
 from .strategies import BoundContext, Strategy, make_strategy
 
-PathLike = Union[str, os.PathLike]
-
-CHECKPOINT_VERSION = 1
+__all__ = [  # the loop here; the config, metrics and checkpoints from their modules, importable here as before
+    "CHECKPOINT_VERSION",
+    "CHUNK_BYTES",
+    "CHUNK_ROWS",
+    "Callback",
+    "EpochMetrics",
+    "MetricsLog",
+    "TrainConfig",
+    "TrainEvent",
+    "Trainer",
+    "automatic_chunk",
+    "config_from_dict",
+    "load_checkpoint",
+    "margin_logits",
+]
 
 CHUNK_BYTES = 64 * 2**20
 """What one bound tensor of a chunk may hold when ``chunk_size`` is automatic: larger chunks
@@ -110,166 +124,6 @@ def automatic_chunk(model: nn.Module, image_shape: tuple[int, int, int], device:
     return int(min(CHUNK_ROWS[1], max(CHUNK_ROWS[0], CHUNK_BYTES // per_row)))
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (saved in the checkpoint).
-
-    Attributes:
-        patch: patch size ``"HxW"`` (or ``n``).
-        shape: patch shape name (see :mod:`lirpa_patch.shapes`).
-        strategy: ``all``, ``random``, ``guided``, ``pool`` or ``guided-per-label`` (:mod:`.strategies`).
-        patches: ``k``: locations per image (random, guided) or per other class (guided-per-label).
-        temperature: guided sampling temperature ``T``.
-        pool: bound-pooling windows after successive ReLUs (``pool`` strategy); empty: 2x2
-            blocks after the last ReLU before the first linear layer.
-        unet_width: base width of the guided U-net.
-        epochs: total epochs.
-        warmup_start: epochs of natural training (strength 0) before the ramp.
-        warmup: epochs over which the patch interval grows from ``[x, x]`` to full.
-        lr: Adam learning rate (classifier and U-net).
-        lr_step, lr_decay: after the warm-up, ``lr *= lr_decay`` every ``lr_step`` epochs.
-        batch_size: images per optimizer step.
-        natural_weight: ``w`` of the mixed loss ``(1 - w) robust + w natural``.
-        crop: random crop after zero padding by this many pixels, i.e. random shifts of up
-            to ``crop`` pixels, per image (0: off; the CIFAR preset uses 4).
-        flip: random horizontal flip, per image (the CIFAR preset flips).
-        chunk_size: most (image, location) rows per ``compute_bounds`` call, and
-            most rows with gradients per micro-batch. None (the default): sized from the
-            model's widest layer, about :data:`CHUNK_BYTES` per bound tensor, between
-            :data:`CHUNK_ROWS` rows (:attr:`Trainer.chunk_size`).
-        eval_every: certify the validation subset every this many epochs (0: never).
-        eval_images: size of that subset (first images of the validation set).
-        seed: seeds shuffling, augmentation, sampling and the U-net's initialisation.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-        sparse: ``k`` of the sparse threat (any ``k`` pixels change); 0 trains against
-            patches. When set, the strategy is
-            :class:`~lirpa_patch.train.sparse_strategy.SparsePixels` and evaluation
-            uses :func:`~lirpa_patch.engine.certify_sparse`.
-    """
-
-    patch: str = "2x2"
-    shape: str = "square"
-    strategy: str = "random"
-    patches: int = 10
-    temperature: float = 1.0
-    pool: tuple[int, ...] = ()
-    unet_width: int = 16
-    epochs: int = 100
-    warmup_start: int = 1
-    warmup: int = 61
-    lr: float = 5e-4
-    lr_step: int = 10
-    lr_decay: float = 0.5
-    batch_size: int = 256
-    natural_weight: float = 0.0
-    crop: int = 0
-    flip: bool = False
-    chunk_size: Optional[int] = None
-    eval_every: int = 1
-    eval_images: int = 200
-    seed: int = 0
-    device: str = "cpu"
-    sparse: int = 0
-
-    @classmethod
-    def for_dataset(cls, dataset: Literal["mnist", "cifar"], **overrides: Any) -> "TrainConfig":
-        """The paper's defaults for ``"mnist"`` or ``"cifar"`` (App. A.1, :mod:`.presets`), with ``overrides``."""
-        if dataset not in PRESETS:
-            raise UsageError(f"unknown preset {dataset!r}; choose {' or '.join(PRESETS)}", param="dataset")
-        return cls(**{**PRESETS[dataset], **overrides})
-
-    def validate(self) -> None:
-        """Raise :class:`UsageError` (naming the field as ``param``) for out-of-range values."""
-        for name in ("epochs", "warmup_start", "warmup", "lr_step", "batch_size", "crop", "chunk_size", "patches",
-                     "unet_width", "eval_every", "eval_images", "seed", "sparse"):
-            value = getattr(self, name)
-            if name == "chunk_size" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise UsageError(f"{name} must be an integer, got {value!r}", param=name)
-        for name in ("lr", "lr_decay", "natural_weight", "temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise UsageError(f"{name} must be a finite number, got {value!r}", param=name)
-        h, w = parse_size(self.patch)
-        self.patch = f"{h}x{w}"
-        try:
-            self.pool = tuple(int(p) for p in self.pool)
-        except (TypeError, ValueError):
-            raise UsageError(f"pool must be a list of window sizes, got {self.pool!r}", param="pool") from None
-        checks = [
-            ("epochs", self.epochs >= 1, "at least 1"),
-            ("warmup", self.warmup >= 0, ">= 0"),
-            ("warmup_start", self.warmup_start >= 0, ">= 0"),
-            ("lr", self.lr > 0, "positive"),
-            ("lr_step", self.lr_step >= 0, ">= 0"),
-            ("lr_decay", 0 < self.lr_decay <= 1, "in (0, 1]"),
-            ("batch_size", self.batch_size >= 1, "at least 1"),
-            ("natural_weight", 0.0 <= self.natural_weight <= 1.0, "in [0, 1]"),
-            ("chunk_size", self.chunk_size is None or self.chunk_size >= 1, "at least 1 (or None: automatic)"),
-            ("patches", self.patches >= 1, "at least 1"),
-            ("temperature", self.temperature > 0, "positive"),
-            ("unet_width", self.unet_width >= 1, "at least 1"),
-            ("eval_every", self.eval_every >= 0, ">= 0"),
-            ("eval_images", self.eval_images >= 0, ">= 0"),
-            ("crop", self.crop >= 0, ">= 0"),
-            ("sparse", self.sparse >= 0, ">= 0 (0: patches)"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise UsageError(f"{name} must be {rule}, got {getattr(self, name)}", param=name)
-
-
-@dataclass
-class EpochMetrics:
-    """One row of the metrics log (``kind="epoch"``), or the final evaluation (``kind="final"``).
-
-    Train-side values are averages over the epoch's images; ``train_certified``
-    is the fraction whose worst margin at the strategy's locations (and the
-    batch's strength) is >= 0. Validation values come from :func:`certify` with
-    IBP over every location (None when not evaluated this epoch).
-    """
-
-    kind: str = "epoch"
-    epoch: int = 0
-    lr: Optional[float] = None
-    strength: Optional[float] = None
-    loss: Optional[float] = None
-    robust_loss: Optional[float] = None
-    natural_loss: Optional[float] = None
-    unet_mse: Optional[float] = None
-    train_accuracy: Optional[float] = None
-    train_certified: Optional[float] = None
-    val_images: int = 0
-    val_clean_accuracy: Optional[float] = None
-    val_certified_accuracy: Optional[float] = None
-    rows: int = 0
-    epoch_seconds: Optional[float] = None
-    eval_seconds: Optional[float] = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class TrainEvent:
-    """What the trainer reports to the ``callback``.
-
-    ``kind``: ``"batch"`` after every optimizer step (``batch`` of ``num_batches``,
-    ``strength``, running ``loss``), ``"epoch"`` after every epoch (``metrics``).
-    """
-
-    kind: Literal["batch", "epoch"]
-    epoch: int
-    epochs: int
-    batch: int = 0
-    num_batches: int = 0
-    strength: float = 0.0
-    loss: float = 0.0
-    metrics: Optional[EpochMetrics] = None
-
-
-Callback = Callable[[TrainEvent], None]
 
 
 def margin_logits(worst: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -640,23 +494,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """Everything needed to continue exactly: weights, optimizers, schedulers, RNG, history."""
-        aux = self.strategy.auxiliary
-        return {
-            "version": CHECKPOINT_VERSION,
-            "epoch": self.epoch,
-            "config": _config_dict(self.config),
-            "meta": self.meta,
-            "num_classes": self.num_classes,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "aux": aux.state_dict() if aux is not None else None,
-            "aux_optimizer": self.aux_optimizer.state_dict() if self.aux_optimizer is not None else None,
-            "aux_scheduler": self.aux_scheduler.state_dict() if self.aux_scheduler is not None else None,
-            "generator": self.generator.get_state(),
-            "history": [m.to_dict() for m in self.history],
-        }
+        """Everything needed to continue exactly: weights, optimizers, schedulers, RNG, history
+        (:func:`~lirpa_patch.train.checkpoints.trainer_state`)."""
+        return trainer_state(self)
 
     def save(self, path: PathLike) -> Path:
         """Write :meth:`state_dict` to ``path`` as :mod:`lirpa_patch.outputs` writes every output.
@@ -665,74 +505,16 @@ class Trainer:
         interrupted save keeps the previous checkpoint); a symlink is written through;
         ``/dev/null`` or a FIFO is written into.
         """
-        with outputs.open_output(path, what="the checkpoint") as f:
-            torch.save(self.state_dict(), f)
-        return Path(path)
+        return save_checkpoint(self.state_dict(), path)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict` (from a trainer built with the same model and config)."""
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise UsageError(f"unsupported checkpoint version {state.get('version')!r}", param="state")
-        saved = state["config"]
-        for key in ("patch", "shape", "strategy", "patches", "seed"):
-            if str(saved.get(key)) != str(getattr(self.config, key)):
-                raise UsageError(
-                    f"the checkpoint was trained with {key}={saved.get(key)!r}, not {getattr(self.config, key)!r}",
-                    param="state",
-                )
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise UsageError(f"the checkpoint does not fit this model: {str(exc).splitlines()[0]}",
-                             param="state") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        aux = self.strategy.auxiliary
-        if aux is not None and state.get("aux") is not None:
-            aux.load_state_dict(state["aux"])
-            self.aux_optimizer.load_state_dict(state["aux_optimizer"])
-            self.aux_scheduler.load_state_dict(state["aux_scheduler"])
-        self.generator.set_state(state["generator"])
-        self.epoch = int(state["epoch"])
-        self.history = [EpochMetrics(**m) for m in state.get("history", [])]
+        """Restore a :meth:`state_dict` (from a trainer built with the same model and config;
+        :func:`~lirpa_patch.train.checkpoints.restore`)."""
+        restore(self, state)
 
     def resume(self, path: PathLike) -> None:
         """Continue from a checkpoint written by :meth:`save` (see :func:`load_checkpoint`)."""
         self.load_state_dict(load_checkpoint(path))
-
-
-def _config_dict(config: TrainConfig) -> dict:
-    d = asdict(config)
-    d["pool"] = list(config.pool)
-    return d
-
-
-def config_from_dict(values: dict, **overrides: Any) -> TrainConfig:
-    """A :class:`TrainConfig` from a checkpoint's ``config`` (unknown keys ignored), with ``overrides``."""
-    names = {f.name for f in fields(TrainConfig)}
-    kept = {k: v for k, v in values.items() if k in names}
-    if "pool" in kept:
-        kept["pool"] = tuple(kept["pool"])
-    return replace(TrainConfig(**kept), **overrides)
-
-
-def load_checkpoint(path: PathLike) -> dict:
-    """Read a checkpoint written by :meth:`Trainer.save`.
-
-    Raises:
-        UsageError: the file is missing or is not a lirpa-patch training checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist", param="path")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch's message is a page long (with ANSI colours): one line instead
-        raise UsageError(f"{path} is not a lirpa-patch training checkpoint (torch.load cannot read it)",
-                         param="path") from None
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise UsageError(f"{path} is not a lirpa-patch training checkpoint", param="path")
-    return state
 
 
 def _device(name: str) -> torch.device:
@@ -770,55 +552,3 @@ def _sum_over_ranks(step: dict) -> dict:
     out = {k: (None if step[k] is None else float(v)) for k, v in zip(keys, values.tolist())}
     out["rows"] = int(round(out["rows"]))
     return out
-
-
-# --------------------------------------------------------------------------- metrics file
-
-_COLUMNS = [f.name for f in fields(EpochMetrics)]
-
-
-class MetricsLog:
-    """Append :class:`EpochMetrics` rows to a ``.jsonl`` (one JSON object a line) or ``.csv`` file.
-
-    The format follows the suffix (``.csv``: CSV with a header; anything else: JSONL).
-    An existing file is appended to (a resumed run continues its log); a symlink is
-    followed, and a FIFO or ``/dev/null`` is written into. The file stays open (one
-    flushed line per row) until :meth:`close`; use it as a context manager.
-    """
-
-    def __init__(self, path: PathLike) -> None:
-        self.path = Path(path)
-        self.csv = self.path.suffix.lower() == ".csv"
-        try:
-            if not self.path.parent.exists():
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            regular = not self.path.exists() or self.path.is_file()
-            needs_header = self.csv and (not regular or not self.path.exists() or self.path.stat().st_size == 0)
-            self._file = open(self.path, "a", newline="", encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot write metrics file {self.path}: {exc.strerror or exc}", param="path") from None
-        if needs_header:
-            self._write(lambda f: csv.writer(f).writerow(_COLUMNS))
-
-    def _write(self, emit: Callable[[Any], None]) -> None:
-        try:
-            emit(self._file)
-            self._file.flush()
-        except OSError as exc:
-            raise UsageError(f"cannot write metrics file {self.path}: {exc.strerror or exc}", param="path") from None
-
-    def append(self, metrics: EpochMetrics) -> None:
-        record = metrics.to_dict()
-        if self.csv:
-            self._write(lambda f: csv.writer(f).writerow(["" if record[c] is None else record[c] for c in _COLUMNS]))
-        else:
-            self._write(lambda f: f.write(json.dumps(record) + "\n"))
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> "MetricsLog":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
