@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import click
 
-from . import _run
+from . import _choices as choices, _run
 from ._console import console, err_console, library_warnings_silenced
 from .launch import is_primary, launch_or_none
 
@@ -38,7 +38,7 @@ from .launch import is_primary, launch_or_none
               help="With --method crown/alpha-crown: keep bounding an image's locations after one failed the "
               "strongest method (every location's margin). By default such an image is settled at once (not "
               "certified); heatmaps and --html always bound every location.")
-@click.option("--intermediate", type=click.Choice(["auto", "crown", "ibp"], case_sensitive=False), default="auto",
+@click.option("--intermediate", type=click.Choice(choices.INTERMEDIATE, case_sensitive=False), default="auto",
               help="How CROWN bounds the hidden layers: crown (full CROWN), ibp (CROWN-IBP: much faster on "
               "convolutional nets, looser), or auto (measured per model: ibp only where full CROWN would take "
               "over 2 min per image and CROWN-IBP stays close). The report says which was used.")

@@ -26,7 +26,7 @@ LAYOUTS: tuple[str, ...] = ("nchw", "nhwc", "flat")
 """How a model takes images (:data:`lirpa_patch.threats.box.LAYOUTS`)."""
 
 LOSSES: tuple[str, ...] = ("margin", "ce")
-"""What an attack minimises (:data:`lirpa_patch.attack.Loss`)."""
+"""What an attack minimises (:data:`lirpa_patch.attacks.Loss`)."""
 
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 """Kinds of device (:func:`lirpa_patch.devices.resolve`; ``"cuda:1"`` names one GPU)."""

@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from auto_LiRPA import BoundedModule, BoundedTensor
 
-from .building import _quiet
+from ._messages import quiet as _quiet
 from .cascade import CHAINS
 from .crown import check_intermediate, crown_margins
 from .domain import PixelDomain

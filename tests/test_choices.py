@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import pytest
 
-from lirpa_patch import attack, choices, crown, margins
+from lirpa_patch import attacks, choices, crown, margins
 from lirpa_patch.models.architectures import ARCHITECTURE_NAMES, ARCHITECTURES, build_architecture
 from lirpa_patch.threats.box import LAYOUTS
 from lirpa_patch.train.presets import PRESET_NAMES, PRESETS
@@ -87,7 +87,7 @@ def test_the_layouts_are_those_of_the_box_threat():
 
 
 def test_the_losses_are_those_an_attack_takes():
-    assert choices.LOSSES == typing.get_args(attack.Loss)
+    assert choices.LOSSES == typing.get_args(attacks.Loss)
 
 
 def test_train_help_does_not_import_torch():

@@ -1,8 +1,8 @@
 """The Threat protocol: a third threat is one new class, and every entry point takes it.
 
-``RegionPatch`` below is that class: a square patch that may only go where it lies
-inside a region of the image. It implements :class:`lirpa_patch.Threat` with the
-package's :class:`PatchPerturbation` and nothing else changes: ``certify``,
+``RegionPatch`` (``tests/toy_threats.py``) is that class: a square patch that may only go
+where it lies inside a region of the image. It implements :class:`lirpa_patch.Threat` with
+the package's :class:`PatchPerturbation` and nothing else changes: ``certify``,
 ``attack``, ``evaluate`` and the report builders take it as they take the threats
 the package ships, and its certificates hold against attacks at every location.
 """
@@ -10,71 +10,17 @@ the package ships, and its certificates hold against attacks at every location.
 from __future__ import annotations
 
 import json
-from typing import Optional, Sequence
-
 import pytest
 import torch
 
-from lirpa_patch import (
-    PatchPerturbation,
-    PatchThreat,
-    SparseThreat,
-    Threat,
-    UsageError,
-    attack,
-    certify,
-    evaluate,
-)
+from lirpa_patch import PatchThreat, SparseThreat, UsageError, attack, certify, evaluate
 from lirpa_patch.evaluation import attack_report, evaluation_report
-from lirpa_patch.locations import Locations, all_locations
 from lirpa_patch.report import RunInfo, build_report, to_json
-from lirpa_patch.shapes import make_shape
 from tests.attacks import assert_worst_margins_sound, attack_patch as reference_patch_attack, rounding_tolerance
 from tests.toy_models import toy_images, toy_model
+from tests.toy_threats import RegionPatch
 
 SIZE = 10
-
-
-class RegionPatch(Threat):
-    """A ``size x size`` patch anywhere inside ``region`` ``(H, W)`` bool: one row per such location."""
-
-    name = "region-patch"
-
-    def __init__(self, size: int, region: torch.Tensor) -> None:
-        self.size, self.region = size, region.bool()
-        self.locations: Optional[Locations] = None
-
-    def prepare(self, image_size: Sequence[int]) -> None:
-        every = all_locations(make_shape("square", self.size), image_size)
-        inside = ~(every.masks & ~self.region).flatten(1).any(1)
-        self.locations = every.subset(torch.nonzero(inside).flatten())
-
-    @property
-    def rows_per_image(self) -> int:
-        return len(self.locations)
-
-    @property
-    def label(self) -> str:
-        return f"{self.size}x{self.size} in region"
-
-    @property
-    def location_set(self) -> Optional[Locations]:
-        return self.locations
-
-    def perturbation(self, images, rows, *, domain, strength, stand_in=False):
-        index = torch.arange(len(self.locations))[rows]
-        ptb = PatchPerturbation(locations=self.locations, index=index, domain=domain, strength=strength)
-        return ptb.rows_for(images, stand_in=stand_in), ptb
-
-    def rows_at(self, images, img, row, *, domain, strength=1.0, stand_in=False):
-        ptb = PatchPerturbation(locations=self.locations, index=row, domain=domain, strength=strength)
-        return ptb.rows_at(images, img, stand_in=stand_in), ptb
-
-    def locate(self, row: int) -> Optional[dict]:
-        return self.locations.describe(int(row))
-
-    def describe(self) -> dict:
-        return {"threat": self.name, "size": self.size, "region_pixels": int(self.region.sum())}
 
 
 def _left_half() -> torch.Tensor:

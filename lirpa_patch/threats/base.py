@@ -118,6 +118,14 @@ class Threat(ABC):
     def describe(self) -> dict:
         """A JSON-ready description, ``{"threat": name, ...}``."""
 
+    @classmethod
+    def from_description(cls, description: dict) -> "Threat":
+        """The threat :meth:`describe` described (to resume training against it); threats that
+        cannot be rebuilt from their description raise :class:`~lirpa_patch.errors.UsageError`."""
+        from ..errors import UsageError
+
+        raise UsageError(f"a {cls.__name__} cannot be rebuilt from its description", param="threat")
+
     def report_fields(self, extra: Optional[dict] = None) -> dict[str, Any]:
         """The fields a certification report's summary shows for this threat, after ``"threat"``;
         ``extra`` is the result's ``extra`` (default: :meth:`describe` without its ``"threat"`` key)."""

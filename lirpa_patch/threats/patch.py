@@ -878,6 +878,13 @@ class PatchThreat(Threat):
             out["num_locations"] = len(self.locations)
         return out
 
+    @classmethod
+    def from_description(cls, description: dict) -> "PatchThreat":
+        if description.get("size") is None:
+            raise UsageError(f"a {description.get('shape')} patch without a size cannot be rebuilt from its description",
+                             param="threat")
+        return cls(description["size"], description["shape"])
+
     def report_fields(self, extra: Optional[dict] = None) -> dict:
         shape = self.shape
         return {

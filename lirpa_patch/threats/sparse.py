@@ -362,6 +362,10 @@ class SparseThreat(Threat):
     def value(self) -> str:
         return str(self.k)
 
+    @classmethod
+    def from_description(cls, description: dict) -> "SparseThreat":
+        return cls(description["k"])
+
     def report_fields(self, extra: Optional[dict] = None) -> dict:
         return {"sparse_k": self.k, "pixel_count": self.k, "patch": None, "shape": None, "num_locations": None,
                 "sparse_fallback": dict((extra or {}).get("fallback", {}))}

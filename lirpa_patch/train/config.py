@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Optional
 
 from ..errors import UsageError
 from ..shapes import parse_size
+from ..threats.base import Threat
+from ..threats.patch import PatchThreat
+from ..threats.registry import threat_from_description
+from ..threats.sparse import SparseThreat
 from .presets import PRESETS
 
 
@@ -22,6 +26,12 @@ class TrainConfig:
     """Everything that defines a training run (saved in the checkpoint).
 
     Attributes:
+        threat: what to train against: any :class:`~lirpa_patch.threats.base.Threat`
+            (e.g. ``PatchThreat("5x5")``, ``SparseThreat(4)``). None (the default): the patch
+            of ``patch`` and ``shape``, or the sparse threat of ``sparse`` (the older fields,
+            kept). :meth:`threat_model` gives the threat either way. A threat whose rows are
+            places on the image (patch locations) trains with ``strategy``; any other bounds
+            every row of every image (:class:`~lirpa_patch.train.strategies.EveryRow`).
         patch: patch size ``"HxW"`` (or ``n``).
         shape: patch shape name (see :mod:`lirpa_patch.shapes`).
         strategy: ``all``, ``random``, ``guided``, ``pool`` or ``guided-per-label`` (:mod:`.strategies`).
@@ -78,6 +88,24 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     sparse: int = 0
+    threat: Optional[Threat] = None
+
+    def __post_init__(self) -> None:
+        if self.threat is None:
+            return
+        if not isinstance(self.threat, Threat):
+            raise UsageError(f"threat must be a lirpa_patch Threat (e.g. PatchThreat(2), SparseThreat(4)), "
+                             f"got {self.threat!r}", param="threat")
+        if self.sparse:
+            raise UsageError("give either threat= or sparse=, not both", param="sparse")
+
+    def threat_model(self) -> Threat:
+        """The threat this run trains against: ``threat``, or the one the older fields describe."""
+        if self.threat is not None:
+            return self.threat
+        if self.sparse:
+            return SparseThreat(self.sparse)
+        return PatchThreat(self.patch, self.shape)
 
     @classmethod
     def for_dataset(cls, dataset: Literal["mnist", "cifar"], **overrides: Any) -> "TrainConfig":
@@ -129,9 +157,11 @@ class TrainConfig:
 
 
 def config_dict(config: TrainConfig) -> dict:
-    """``config`` as the JSON-friendly dict a checkpoint stores (``pool`` a list)."""
-    d = asdict(config)
+    """``config`` as the JSON-friendly dict a checkpoint stores (``pool`` a list, ``threat`` its
+    description, :meth:`~lirpa_patch.threats.base.Threat.describe`)."""
+    d = {f.name: getattr(config, f.name) for f in fields(config)}
     d["pool"] = list(config.pool)
+    d["threat"] = None if config.threat is None else config.threat.describe()
     return d
 
 
@@ -141,4 +171,6 @@ def config_from_dict(values: dict, **overrides: Any) -> TrainConfig:
     kept = {k: v for k, v in values.items() if k in names}
     if "pool" in kept:
         kept["pool"] = tuple(kept["pool"])
+    if kept.get("threat") is not None and not isinstance(kept["threat"], Threat):
+        kept["threat"] = threat_from_description(kept["threat"])
     return replace(TrainConfig(**kept), **overrides)

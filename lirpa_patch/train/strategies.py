@@ -61,11 +61,12 @@ from torch.nn import functional as F
 from .. import choices
 from .._messages import quiet
 from ..building import bound_model
-from ..margins import lower_margins
+from ..margins import lower_margins, threat_margins
 from ..head import head_of, merge_head
 from ..domain import PixelDomain
 from ..errors import UsageError
 from ..locations import Locations
+from ..threats.base import Threat
 from ..threats.patch import PatchPerturbation
 from ..spec import margin_spec, other_classes
 from .unet import MarginUNet
@@ -257,6 +258,33 @@ class AllLocations(Strategy):
     def worst_margins(self, images, labels, *, strength, generator):
         worst, _, rows = _worst_at(self.ctx, images, labels, None, strength)
         return Margins(worst=worst, rows=rows)
+
+
+class EveryRow(Strategy):
+    """Every row of ``threat`` (any :class:`~lirpa_patch.threats.base.Threat`) bounded, the worst kept:
+    the strategy of a threat whose rows are not places on the image (the sparse threat's one
+    row per image, a threat of your own)."""
+
+    name = "every-row"
+
+    def __init__(self, threat: Threat) -> None:
+        self.threat = threat
+
+    def setup(self, ctx: BoundContext) -> None:
+        super().setup(ctx)
+        self.threat.prepare(ctx.image_shape[1:])
+
+    def grad_rows_per_image(self) -> int:
+        return self.threat.rows_per_image
+
+    def worst_margins(self, images, labels, *, strength, generator):
+        lb = threat_margins(self.ctx.bounded, self.threat, images, labels, slice(None),
+                            num_classes=self.ctx.num_classes, method="ibp", domain=self.ctx.domain,
+                            strength=strength)  # (N, r, K - 1)
+        return Margins(worst=lb.min(dim=1).values, rows=images.shape[0] * lb.shape[1])
+
+    def describe(self) -> str:
+        return f"every row of {self.threat.label}"
 
 
 class RandomLocations(Strategy):
@@ -573,3 +601,13 @@ def make_strategy(
     if key == "pool":
         return PooledLocations(pool)
     raise UsageError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}", param="strategy")
+
+
+def strategy_for(threat: Threat, config) -> Strategy:
+    """The strategy a :class:`~lirpa_patch.train.Trainer` with ``config`` trains against ``threat`` with
+    (prepared for the image size): ``config.strategy`` over its locations when its rows are
+    places on the image (:attr:`~lirpa_patch.threats.base.Threat.location_set`), else :class:`EveryRow`."""
+    if threat.location_set is None:
+        return EveryRow(threat)
+    return make_strategy(config.strategy, patches=config.patches, temperature=config.temperature, pool=config.pool,
+                         unet_width=config.unet_width)

@@ -63,16 +63,17 @@ from .. import devices, distributed
 from ..engine import SPARSE_CHUNK, CertifyResult, ProgressFn, bound_model
 from ..domain import PixelDomain
 from ..errors import DataError, UsageError
-from ..locations import Locations, all_locations
+from ..locations import Locations
 from ..outputs import PathLike
-from ..shapes import PatchShape, make_shape
+from ..shapes import PatchShape
+from ..threats.base import Threat
 from ..provenance import changes_since_built
 from ..spec import certifies, check_labels, other_classes
 from .checkpoints import CHECKPOINT_VERSION, load_checkpoint, restore, save_checkpoint, trainer_state
 from .config import TrainConfig, config_from_dict
 from .metrics import Callback, EpochMetrics, MetricsLog, TrainEvent
 from .schedules import StepDecay, WarmupSchedule
-from .strategies import BoundContext, Strategy, make_strategy
+from .strategies import BoundContext, Strategy, strategy_for
 
 __all__ = [  # the loop here; the config, metrics and checkpoints from their modules, importable here as before
     "CHECKPOINT_VERSION",
@@ -226,19 +227,16 @@ class Trainer:
 
             check_budget(config.sparse, self.image_shape, param="sparse")
         self.domain = domain
-        self.shape: PatchShape = make_shape(config.shape, config.patch, image_size=self.image_shape[1:])
-        self.locations: Locations = all_locations(self.shape, self.image_shape[1:]).to(self.device)
+        self.threat: Threat = config.threat_model()
+        """What this run trains against (:meth:`TrainConfig.threat_model`), prepared for the image size."""
+        self.threat.prepare(self.image_shape[1:])
+        self.shape: Optional[PatchShape] = self.threat.shape
+        self.locations: Optional[Locations] = (
+            self.threat.location_set.to(self.device) if self.threat.location_set is not None else None)
         self.bounded = bound_model(self.model, self.image_shape, self.device)
         self.chunk_size = config.chunk_size or automatic_chunk(self.model, self.image_shape, self.device)
         """Rows per bound computation: ``config.chunk_size``, or sized from the model's widest layer."""
-        if strategy is None and config.sparse:
-            from .sparse_strategy import SparsePixels
-
-            strategy = SparsePixels(config.sparse)
-        self.strategy = strategy if strategy is not None else make_strategy(
-            config.strategy, patches=config.patches, temperature=config.temperature, pool=config.pool,
-            unet_width=config.unet_width,
-        )
+        self.strategy = strategy if strategy is not None else strategy_for(self.threat, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.strategy.setup(BoundContext(
@@ -462,10 +460,10 @@ class Trainer:
         num: Optional[int] = None,
         progress: Optional[ProgressFn] = None,
     ) -> CertifyResult:
-        """Certify (IBP, every location, full patch range) the first ``num`` images.
+        """Certify (IBP, every row of :attr:`threat`: every patch location, full patch range) the first ``num`` images.
 
-        Against the sparse threat (``config.sparse``) instead: IBP with the exact top-k
-        first layer, full valid range. Defaults to the validation set given to the
+        Against any other threat (:attr:`threat`): IBP on every row, full strength (the sparse
+        threat: the exact top-k first layer, full valid range). Defaults to the validation set given to the
         constructor. Under torch.distributed every process must call it (each certifies
         its share of the images; every process gets the whole result).
         """
@@ -477,17 +475,10 @@ class Trainer:
             images, labels = images[:num], labels[:num]
         was_training = self.model.training
         try:
-            if self.config.sparse:
-                from ..threats.sparse import SparseThreat
-
-                return distributed.certify(
-                    self.model, images, labels, SparseThreat(self.config.sparse), chunk_size=SPARSE_CHUNK,
-                    method="ibp", device=self.device, domain=self.domain, bounded=self._bounded_as_is(), progress=progress,
-                )
+            per_call = self.chunk_size if self.threat.rows_per_image > 1 else min(self.chunk_size, SPARSE_CHUNK)
             return distributed.certify(
-                self.model, images, labels, shape=self.shape, locations=self.locations, method="ibp",
-                chunk_size=self.chunk_size, device=self.device, domain=self.domain, bounded=self._bounded_as_is(),
-                progress=progress,
+                self.model, images, labels, self.threat, method="ibp", chunk_size=per_call, device=self.device,
+                domain=self.domain, bounded=self._bounded_as_is(), progress=progress,
             )
         finally:
             self.model.train(was_training)
