@@ -236,6 +236,10 @@ class Trainer:
         self.bounded = bound_model(self.model, self.image_shape, self.device)
         self.chunk_size = config.chunk_size or automatic_chunk(self.model, self.image_shape, self.device)
         """Rows per bound computation: ``config.chunk_size``, or sized from the model's widest layer."""
+        if strategy is None and config.sparse:  # the older field: its strategy, EveryRow of the sparse threat
+            from .sparse_strategy import SparsePixels
+
+            strategy = SparsePixels(config.sparse)
         self.strategy = strategy if strategy is not None else strategy_for(self.threat, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
