@@ -246,6 +246,20 @@ def _records(indices: Sequence[int], labels: torch.Tensor, preds: torch.Tensor, 
     return out
 
 
+def _on_device(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    """``(model, images, labels)`` on ``device``: the model in eval mode, the images detached float32,
+    the labels int64 (restore the model's mode with ``model.train(was_training)``)."""
+    return (model.to(device).eval(), images.detach().to(device=device, dtype=torch.float32),
+            labels.to(device=device, dtype=torch.long))
+
+
+def _predictions(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The model's predictions ``(N,)`` on ``images`` (labels checked against the number of classes)."""
+    logits = predict(model, images, max(1, min(256, chunk_size)))
+    margin_spec(labels, logits.shape[1])  # label range check
+    return logits.argmax(1)
+
+
 def _check_attack_options(steps: int, restarts: int, step_size: float, loss: str, chunk_size: int) -> None:
     if steps < 0:
         raise UsageError(f"steps must be >= 0, got {steps}", param="steps")
@@ -388,12 +402,8 @@ def attack_patch(
         raise UsageError("candidates are picked by the sweep: use candidates=0 or None with sweep=False",
                          param="candidates")
     check_inputs(images, labels, chunk_size)
-    start = time.perf_counter()
-    device = torch.device(device)
-    was_training = model.training
-    model = model.to(device).eval()
-    images = images.detach().to(device=device, dtype=torch.float32)
-    labels = labels.to(device=device, dtype=torch.long)
+    start, device, was_training = time.perf_counter(), torch.device(device), model.training
+    model, images, labels = _on_device(model, images, labels, device)
     patch_shape = shape if isinstance(shape, PatchShape) else make_shape(shape, size)
     if locations is None:
         locations = all_locations(patch_shape, images.shape[-2:])
@@ -414,9 +424,7 @@ def attack_patch(
     generator = torch.Generator().manual_seed(seed)
     lo, hi = _box(domain, images.shape[1], images)
 
-    logits = predict(model, images, max(1, min(256, chunk_size)))
-    margin_spec(labels, logits.shape[1])  # label range check
-    preds = logits.argmax(1)
+    preds = _predictions(model, images, labels, chunk_size)
     todo = torch.nonzero(preds == labels).flatten().cpu()
     best = _Best(images)
     done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -564,19 +572,13 @@ def attack_rows(
     """
     _check_attack_options(steps, restarts, step_size, loss, chunk_size)
     check_inputs(images, labels, chunk_size)
-    start = time.perf_counter()
-    device = torch.device(device)
-    was_training = model.training
-    model = model.to(device).eval()
-    images = images.detach().to(device=device, dtype=torch.float32)
-    labels = labels.to(device=device, dtype=torch.long)
+    start, device, was_training = time.perf_counter(), torch.device(device), model.training
+    model, images, labels = _on_device(model, images, labels, device)
     threat.prepare(images.shape[-2:])
     n, n_rows = images.shape[0], threat.rows_per_image
     idx = list(range(n)) if indices is None else [int(i) for i in indices]
     generator = torch.Generator().manual_seed(seed)
-    logits = predict(model, images, max(1, min(256, chunk_size)))
-    margin_spec(labels, logits.shape[1])  # label range check
-    preds = logits.argmax(1)
+    preds = _predictions(model, images, labels, chunk_size)
     best = _Best(images)
     done = preds != labels
     todo = torch.nonzero(~done).flatten()
@@ -677,20 +679,14 @@ def attack_sparse(
                          param="k")
     if candidates < 1:
         raise UsageError(f"candidates must be at least 1, got {candidates}", param="candidates")
-    start = time.perf_counter()
-    device = torch.device(device)
-    was_training = model.training
-    model = model.to(device).eval()
-    images = images.detach().to(device=device, dtype=torch.float32)
-    labels = labels.to(device=device, dtype=torch.long)
+    start, device, was_training = time.perf_counter(), torch.device(device), model.training
+    model, images, labels = _on_device(model, images, labels, device)
     n = images.shape[0]
     idx = list(range(n)) if indices is None else [int(i) for i in indices]
     generator = torch.Generator().manual_seed(seed)
     lo, hi = _box(domain, images.shape[1], images)
 
-    logits = predict(model, images, max(1, min(256, chunk_size)))
-    margin_spec(labels, logits.shape[1])
-    preds = logits.argmax(1)
+    preds = _predictions(model, images, labels, chunk_size)
     todo = torch.nonzero(preds == labels).flatten()
     best = _Best(images)
     cand = min(candidates, pixels)

@@ -31,6 +31,7 @@ from .report import REPORT_VERSION, RunInfo, _number, _run_fields
 from .shapes import PatchShape, SizeLike
 from .threats.base import Threat
 from .threats.patch import PatchThreat
+from .threats.registry import threat_from_description
 from .threats.sparse import SparseThreat
 
 DEFAULT_WORST_LOCATIONS = 8
@@ -218,13 +219,13 @@ def _threat_fields(threat: Optional[Threat], keys: Sequence[str]) -> dict[str, A
     return {**{key: fields.get(key) for key in keys}, **{k: v for k, v in fields.items() if k not in known}}
 
 
-def _attack_threat(result: AttackResult) -> Optional[Threat]:
+def _attack_threat(result: AttackResult) -> Threat:
     """The threat an attack result is about (rebuilt from its fields when it does not hold it)."""
     if result.threat_model is not None:
         return result.threat_model
-    if result.threat == "sparse":
-        return SparseThreat(result.k)
-    return PatchThreat(shape=result.shape)
+    if result.shape is not None:
+        return PatchThreat(shape=result.shape)
+    return threat_from_description({"threat": result.threat, "k": result.k})
 
 
 def _attack_summary(result: AttackResult) -> dict[str, Any]:

@@ -181,7 +181,7 @@ from . import outputs
 from .results import CertifyResult
 from .threats.base import Threat
 from .threats.patch import PatchThreat
-from .threats.sparse import SparseThreat
+from .threats.registry import threat_from_description
 
 REPORT_VERSION = 1
 
@@ -422,8 +422,8 @@ def build_sparse_report(result: CertifyResult, run: RunInfo) -> dict[str, Any]:
 
 def _threat_of(result: CertifyResult) -> Threat:
     """The threat of a result that does not hold it (built by hand), from its fields."""
-    if result.extra.get("threat") == "sparse":
-        return SparseThreat(int(result.extra["k"]))
+    if "threat" in result.extra:  # what the threat's diagnosis recorded (the sparse threat's)
+        return threat_from_description(result.extra)
     return PatchThreat(shape=result.shape)
 
 
