@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all docs bench clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q -n 2 --runslow
+
+docs: install
+	$(BIN)/pip install "pdoc>=14"
+	$(BIN)/python docs/build.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_report.json demo_report.html

@@ -2,7 +2,7 @@
 
 The processes share the images (certify) or every batch (train) over gloo on the CPU;
 the results are those of one process. The end-to-end tests start real processes
-(torchrun, as the README documents it, and ``--nproc``) on the bundled sample.
+(torchrun, as docs/distributed.md documents it, and ``--nproc``) on the bundled sample.
 """
 
 from __future__ import annotations
@@ -171,8 +171,8 @@ def test_every_option_reaches_lirpa_patch_under_the_documented_torchrun_command(
             assert args.training_script == "/venv/bin/lirpa-patch" and args.training_script_args == ours, name
 
 
-def test_the_readme_torchrun_commands_pass_every_argument_to_lirpa_patch():
-    text = (ROOT / "README.md").read_text()
+def test_the_documented_torchrun_commands_pass_every_argument_to_lirpa_patch():
+    text = (ROOT / "docs" / "distributed.md").read_text()
     commands = [" ".join(line.rstrip("\\").strip() for line in block.splitlines())
                 for block in re.findall(r"^(torchrun .*?(?:\\\n.*?)*)$", text, flags=re.M)]
     assert len(commands) >= 3
@@ -227,7 +227,7 @@ def _lirpa(*args) -> list:
 
 
 def _torchrun(*args) -> list:
-    """The README's command: ``torchrun --nproc-per-node 2 -- "$(command -v lirpa-patch)" ...``."""
+    """The documented command: ``torchrun --nproc-per-node 2 -- "$(command -v lirpa-patch)" ...``."""
     return [BIN / "torchrun", "--nproc-per-node", "2", "--", BIN / "lirpa-patch", *args]
 
 

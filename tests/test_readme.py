@@ -1,6 +1,7 @@
-"""The README's Python blocks run exactly as shown, and the documented CLI reproduction matches the CLI.
+"""The Python blocks of the README and of docs/ run exactly as shown, and the documented CLI reproduction
+matches the CLI.
 
-Each ```python block of README.md runs as a script of its own, in a fresh Python process (as
+Each ```python block of README.md and docs/*.md runs as a script of its own, in a fresh Python process (as
 a user runs it: nothing imported before its first line, so a block that imports auto_LiRPA
 before lirpa_patch needs the start-up hook), in a scratch folder that sees the repository's
 ``onnx_models/`` (the blocks use the bundled data and models only).
@@ -20,11 +21,15 @@ from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+API = ROOT / "docs" / "python-api.md"
 TIMING = {"seconds", "images_per_second"}
 
 
 def python_blocks() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+    """Every ```python block of the README and of docs/*.md, in that order."""
+    return [block for page in DOCS
+            for block in re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.S | re.M)]
 
 
 @pytest.fixture
@@ -34,7 +39,7 @@ def scratch(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def test_the_readme_has_python_blocks():
+def test_the_documentation_has_python_blocks():
     assert len(python_blocks()) >= 4
 
 
@@ -69,7 +74,7 @@ def test_readme_reproduction_gives_the_cli_report(scratch):
 
     from lirpa_patch_cli.main import app
 
-    command = re.search(r"`(lirpa-patch certify [^`]*)`", README.read_text()).group(1).split()[2:]
+    command = re.search(r"`(lirpa-patch certify [^`]*)`", API.read_text()).group(1).split()[2:]
     assert command[-2:] == ["-o", "report.json"]
     result = CliRunner().invoke(app, ["certify", *command[:-2], "-o", "cli.json", "--quiet"])
     assert result.exit_code == 0, result.output
