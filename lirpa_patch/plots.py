@@ -247,12 +247,13 @@ def margin_histogram_png(edges: torch.Tensor, certified: torch.Tensor, uncertifi
     return _png(fig)
 
 
-def patch_png(image: torch.Tensor, mask: torch.Tensor, *, title: Optional[str] = None) -> bytes:
-    """A small picture of an image ``(C, H, W)`` with a location ``mask`` ``(H, W)`` outlined."""
+def patch_png(image: torch.Tensor, mask: Optional[torch.Tensor], *, title: Optional[str] = None) -> bytes:
+    """A small picture of an image ``(C, H, W)`` with a location ``mask`` ``(H, W)`` outlined (None: none)."""
     fig = _figure(1.8, 2.0)
     ax = fig.subplots()
     _show_image(ax, image)
-    _outline(ax, mask, width=1.5)
+    if mask is not None:
+        _outline(ax, mask, width=1.5)
     if title:
         ax.set_title(title, fontsize=7)
     return _png(fig)
