@@ -73,7 +73,7 @@ def summary_rows(sections: Sequence[Section]) -> list[dict[str, Any]]:
         n = s.result.num_images
         counts = {"clean": s.result.num_correct}
         if s.attacked is not None:
-            counts["empirical"] = s.result.num_correct - sum(bool(a.success) for a in s.attacked.images)
+            counts["empirical"] = sum(bool(a.robust) for a in s.attacked.images)
         counts["certified"] = s.result.num_certified
         row: dict[str, Any] = {"threat": s.label, "images": n}
         for name, k in counts.items():
@@ -129,13 +129,11 @@ def add_per_class(page, sections: Sequence[Section], num_classes: Optional[int])
     rows = []
     for c in range(k):
         n = int(per[0].images[c]) if c < per[0].num_classes else 0
-        if n == 0:
-            continue
 
         def share(count: int) -> str:
-            return f"{count}/{n} ({render.percent(count / n)})"
+            return f"{count}/{n} ({render.percent(count / n)})" if n else "-"
 
-        rows.append([c, n, share(int(per[0].correct[c]))] +
+        rows.append([c, n, share(int(per[0].correct[c]) if n else 0)] +
                     [share(int(p.certified[c]) if c < p.num_classes else 0) for p in per])
     page.heading("Accuracy per class", element_id="per-class-heading")
     page.table(header, rows, element_id="per-class")
