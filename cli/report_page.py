@@ -99,6 +99,8 @@ def add_headline(page, sections: Sequence[Section], summary: Mapping[str, Any]) 
     first = rows[0]
     shown = measures(rows)
     threat = f" against {first['threat']}" if len(rows) == 1 else f" ({first['threat']}; every threat below)"
+    page.heading("Clean, empirical and certified accuracy" if "empirical" in shown else "Certified accuracy",
+                 element_id="headline-heading")
     page.paragraph(", ".join(f"{m}: {_count(first[m], first['images'])}" for m in shown) + threat,
                    css_class="headline", element_id="headline")
     page.table(["threat", "images", *shown, "time"],
