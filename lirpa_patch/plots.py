@@ -123,9 +123,14 @@ def _image_axes(ax, locations: Locations) -> None:
     ax.set_yticks([])
 
 
-def _variant_title(locations: Locations, size: tuple[int, int]) -> str:
-    many = len(locations.shape.variants) > 1
-    return f"{locations.shape.name} {size[0]}x{size[1]}" if many else f"{locations.shape.name}"
+def _variant_title(locations: Locations, v: int) -> str:
+    """``"square"``; ``"rectangle 2x8"`` for a shape of several variants; ``"parallelogram 4x7 #2"``
+    when variants share a size (a shape and its mirror)."""
+    sizes = [(int(m.shape[0]), int(m.shape[1])) for m in locations.shape.variants]
+    if len(sizes) == 1:
+        return locations.shape.name
+    text = f"{locations.shape.name} {sizes[v][0]}x{sizes[v][1]}"
+    return f"{text} #{v + 1}" if sizes.count(sizes[v]) > 1 else text
 
 
 def heatmap_png(
@@ -172,12 +177,15 @@ def heatmap_png(
     for ax, (v, size, grid, extent) in zip(axes[1:], grids):
         mappable = ax.imshow(grid.numpy(), cmap=cmap, norm=norm, interpolation="nearest", extent=extent)
         _image_axes(ax, locations)
-        ax.set_title(f"margin per location\n{_variant_title(locations, size)}", fontsize=8)
+        ax.set_title(f"margin per location\n{_variant_title(locations, v)}", fontsize=8)
         if worst is not None and int(locations.variant[worst]) == v:
             ax.plot([float(locations.left[worst]) + (size[1] - 1) / 2], [float(locations.top[worst]) + (size[0] - 1) / 2],
                     marker="x", color="black", markersize=8, mew=2)
     if mappable is not None:
-        fig.colorbar(mappable, ax=list(axes[1:]), shrink=0.8, label="certified margin")
+        bar = fig.colorbar(mappable, ax=list(axes[1:]), shrink=0.8, label="certified margin")
+        if norm.vmin < 0 < norm.vmax:  # both signs: each half of the bar has its own scale, label both
+            ticks = [norm.vmin, norm.vmin / 2, 0.0, norm.vmax / 2, norm.vmax]
+            bar.set_ticks(ticks, labels=[f"{t:.2g}" for t in ticks])
     if title:
         fig.suptitle(title, fontsize=9)
     return _png(fig)
@@ -208,14 +216,14 @@ def location_map_png(decertified: torch.Tensor, worst: torch.Tensor, locations: 
     top_norm = Normalize(0.0, max(float(decertified.max()) if decertified.numel() else 0.0, 1e-6))
     count_norm = Normalize(0.0, max(float(worst.max()) if worst.numel() else 0.0, 1.0))
     shown = [None, None]
-    for col, ((_, size, grid, extent), (_, _, counts_grid, _)) in enumerate(zip(fractions, counts)):
+    for col, ((v, _, grid, extent), (_, _, counts_grid, _)) in enumerate(zip(fractions, counts)):
         shown[0] = axes[0][col].imshow(grid.numpy(), cmap="Reds", norm=top_norm, interpolation="nearest",
                                        extent=extent)
         shown[1] = axes[1][col].imshow(counts_grid.numpy(), cmap="Purples", norm=count_norm,
                                        interpolation="nearest", extent=extent)
         for row in (0, 1):
             _image_axes(axes[row][col], locations)
-        axes[0][col].set_title(_variant_title(locations, size), fontsize=8)
+        axes[0][col].set_title(_variant_title(locations, v), fontsize=8)
     axes[0][0].set_ylabel("decertified by a patch here", fontsize=8)
     axes[1][0].set_ylabel("worst location of images", fontsize=8)
     if shown[0] is not None:

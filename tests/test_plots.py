@@ -107,3 +107,12 @@ def test_a_sortable_table_has_a_filter_box_and_an_inline_script():
     assert '<table id="images" class="sortable">' in text and 'data-table="images"' in text
     assert "<script>" in text and 'class="gallery" id="grid"' in text
     assert "http" not in text.replace("http-equiv", "")
+
+
+def test_variant_panels_are_titled_apart_even_when_mirrors_share_a_size():
+    from lirpa_patch.plots import _variant_title
+
+    locations = all_locations(make_shape("parallelogram", 4, image_size=(28, 28)), (28, 28))
+    titles = [_variant_title(locations, v) for v in range(len(locations.shape.variants))]
+    assert len(set(titles)) == len(titles) and all(t.startswith("parallelogram") for t in titles)
+    assert _variant_title(all_locations(make_shape("square", 2), (8, 8)), 0) == "square"
