@@ -8,6 +8,8 @@ import base64
 import csv
 import io
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -245,3 +247,10 @@ def test_a_table_that_is_an_input_of_the_run_is_refused(tmp_path):
     result = invoke("certify", model, *EVALUATE_DIGITS, "--table", model)
     assert result.exit_code == 2 and "--table" in result.stderr
     assert model.read_bytes() == Path(MODEL).read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to parse JavaScript")
+def test_the_inline_script_is_valid_javascript(certify_page, tmp_path):
+    script = tmp_path / "page.js"
+    script.write_text("".join(certify_page.scripts))
+    subprocess.run(["node", "--check", str(script)], check=True, capture_output=True)
