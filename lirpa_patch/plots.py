@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from .errors import UsageError
 from .locations import Locations
 
 MAX_VARIANT_PANELS = 6
@@ -384,7 +385,7 @@ class HtmlReport:
         cls = ""
         if sortable:
             if not element_id:
-                raise ValueError("a sortable table needs an element_id (its filter box names it)")
+                raise UsageError("a sortable table needs an element_id (its filter box names it)", param="element_id")
             self._scripted = True
             cls = ' class="sortable"'
             self._parts.append(f'<p><input class="filter" type="search" data-table="{html.escape(element_id)}" '

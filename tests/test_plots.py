@@ -116,3 +116,10 @@ def test_variant_panels_are_titled_apart_even_when_mirrors_share_a_size():
     titles = [_variant_title(locations, v) for v in range(len(locations.shape.variants))]
     assert len(set(titles)) == len(titles) and all(t.startswith("parallelogram") for t in titles)
     assert _variant_title(all_locations(make_shape("square", 2), (8, 8)), 0) == "square"
+
+
+def test_a_sortable_table_without_an_element_id_is_refused():
+    from lirpa_patch.errors import UsageError
+
+    with pytest.raises(UsageError, match="element_id"):
+        HtmlReport("t").table(["a"], [[1]], sortable=True)
