@@ -288,7 +288,7 @@ def check_model_exists(model: str) -> None:
         raise InputError(f"model file not found: {model}")
 
 
-_WHAT = {"output": "the report", "html": "the HTML report"}
+_WHAT = {"output": "the report", "html": "the HTML report", "table": "the table"}
 
 _FOLDER_WRITES = {"heatmaps": (".png",), "plots": (".png",), "save_adversarial": (".png", ".npz")}
 """The kinds of file each folder option writes (names chosen from the run: image indices, labels)."""

@@ -16,6 +16,7 @@ import click
 from . import _choices as choices, _run
 from ._console import console, err_console, library_warnings_silenced
 from .launch import is_primary, launch_or_none
+from .table_file import check_table_path, table_option
 
 
 @click.command("certify", context_settings={"show_default": True})
@@ -24,8 +25,10 @@ from .launch import is_primary, launch_or_none
               help="Write, per image and patch shape, the image with its worst location outlined beside a "
               "heatmap of the worst certified margin at every location (PNG; DIR is created if missing).")
 @click.option("--html", "html", default=None, metavar="FILE",
-              help="Write one self-contained HTML report: the tables, accuracy curves of a sweep and "
-              "heatmaps of the closest calls (pictures embedded).")
+              help="Write one self-contained HTML report (pictures embedded): accuracies with counts and 95% "
+              "intervals, per class, margin histograms, where on the image patches decertify images, a "
+              "sortable table of every image, the most broken images, heatmaps, curves of a sweep.")
+@table_option
 @click.option("--groups", default="auto", metavar="auto|off|N",
               help="Location groups: bound blocks of NxN adjacent locations (N a power of two) by their union "
               "first and split only blocks that do not certify (with IBP alone, nor blocks above the image's "
@@ -43,7 +46,7 @@ from .launch import is_primary, launch_or_none
               "convolutional nets, looser), or auto (measured per model: ibp only where full CROWN would take "
               "over 2 min per image and CROWN-IBP stays close). The report says which was used.")
 def certify(model: str, patch: str, shape: str, sparse: Optional[str], heatmaps: Optional[str], html: Optional[str],
-            groups: str, exhaustive: bool, intermediate: str, **opts: Any) -> None:
+            table: Optional[str], groups: str, exhaustive: bool, intermediate: str, **opts: Any) -> None:
     """Certify MODEL against adversarial patches at every location of every image.
 
     MODEL is an ONNX file, a TorchScript file or a pickled torch.nn.Module (.pt/.pth).
@@ -66,10 +69,11 @@ def certify(model: str, patch: str, shape: str, sparse: Optional[str], heatmaps:
     if heatmaps is not None and threats.sparse:
         raise click.UsageError("--heatmaps shows patch locations; it does not apply to --sparse")
     groups_value = _parse_groups(groups)
+    check_table_path(table)
     _run.parse_memory(opts["max_memory"])
     launch_or_none(click.get_current_context(), opts.pop("nproc"))  # --nproc N: this command line in N processes
     with library_warnings_silenced():
-        _certify(model, threats, heatmaps=heatmaps, html=html, groups=groups_value,
+        _certify(model, threats, heatmaps=heatmaps, html=html, table=table, groups=groups_value,
                  exhaustive=exhaustive or None, intermediate=intermediate.lower(), **opts)
 
 
@@ -89,7 +93,8 @@ certify.param_flags = {**_run.PARAM_FLAGS, "groups": "--groups"}
 certify.memory_hint = "lower --max-memory (or --chunk)"
 
 
-def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], html: Optional[str], groups,
+def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], html: Optional[str],
+             table: Optional[str], groups,
              exhaustive: Optional[bool], intermediate: str, data: str,
              start: int, num: Optional[int], method: str, input_shape: Optional[str], layout: Optional[str],
              mean: Optional[str], std: Optional[str], max_memory: Optional[str], chunk: Optional[int], device: str,
@@ -98,7 +103,7 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
     from lirpa_patch.devices import resolve
     from lirpa_patch.engine import bound_model
 
-    from . import pictures, render
+    from . import pictures, render, report_page, table_file
 
     # 1. options that need nothing loaded; an output that is an input of the run is refused here
     method, device = method.lower(), _run.check_device(device.lower())
@@ -106,7 +111,7 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
     job = distributed.init(where)  # None in a single process
     primary = is_primary()  # rank 0 alone prints and writes
     memory = _run.parse_memory(max_memory)
-    _run.check_paths({"output": output, "html": html}, {"heatmaps": heatmaps}, model=model, data=data,
+    _run.check_paths({"output": output, "html": html, "table": table}, {"heatmaps": heatmaps}, model=model, data=data,
                      mask_file=threats.mask_file)
     _run.seed_everything(seed)
 
@@ -149,10 +154,11 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
             docs[value] = report.build_transfer_report({i.shape.name: results[i.label] for i in group}, info(group[0]))
     if threats.sweep:
         doc = report.build_sweep_report(docs, info(items[0]), results[items[0].label])
-        table = render.sweep_table(doc)
+        shown = render.sweep_table(doc)
     else:
         doc = next(iter(docs.values()))
-        table = render.transfer_table(doc) if "shapes" in doc else render.summary_table(doc["summary"])
+        shown = render.transfer_table(doc) if "shapes" in doc else render.summary_table(doc["summary"])
+    sections = [report_page.Section(item.label, results[item.label]) for item in items]
 
     written = []
     if output is not None:
@@ -161,47 +167,38 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
         with _run.status("Drawing heatmaps...", run.interactive):
             count = sum(pictures.write_heatmaps(heatmaps, results[i.label], run.dataset.images, i.label) for i in items)
         written.append(f"{count} heatmaps in {heatmaps}")
+    if table is not None:
+        written.append(table_file.write_table(table, report_page.summary_rows(sections)))
     if html is not None:
         with _run.status("Writing the HTML report...", run.interactive):
-            written.append(pictures.write_html(html, _page(doc, items, results, run, threats)))
-    console.print(table)
+            written.append(pictures.write_html(html, _page(doc, items, sections, run, threats)))
+    console.print(shown)
     render.warn_below_chance(err_console, results[items[0].label].clean_accuracy, run.loaded.num_classes)
     if not quiet:
         for what in written:
             err_console.print(f"Wrote {what}", highlight=False, markup=False, soft_wrap=True)
 
 
-def _page(doc, items, results, run, threats):
-    """The HTML page of a certify run: run facts, the results table, curves, heatmaps."""
+def _page(doc, items, sections, run, threats):
+    """The HTML page of a certify run (:mod:`lirpa_patch_cli.report_page`): the headline, the curves
+    of a sweep, then where the model is weak."""
     from lirpa_patch.plots import HtmlReport
     from lirpa_patch.report import sweep_rows
 
-    from . import pictures, render
+    from . import pictures, report_page
 
     summary = doc["summary"]
     page = HtmlReport(f"lirpa-patch certify: {summary['model']}")
-    page.table(["run", ""], pictures.run_facts(summary))
-    rows = summary["rows"] if "rows" in summary else sweep_rows({items[0].value: doc})
-    page.heading("Certified accuracy")
-    page.table(["threat", "shape", "pixels", "clean", "certified"],
-               [[r["value"] if r["shape"] else f"k={r['value']}", r["shape"] or "any pixels",
-                 render.pixel_text({"pixel_counts": r["pixel_counts"] or [r["value"]], "pixel_count": r["value"]}),
-                 render.percent(r["clean_accuracy"]), render.percent(r["certified_accuracy"])] for r in rows])
+    report_page.add_headline(page, sections, summary)
     if threats.sweep:
+        rows = summary["rows"] if "rows" in summary else sweep_rows({items[0].value: doc})
         values = summary["sweep"]
         xlabel = "pixels changed (k)" if threats.sparse else "patch size"
-        for name in dict.fromkeys(r["shape"] for r in rows):
-            page.image(pictures.curve(rows, values, {"clean": "clean_accuracy", "certified": "certified_accuracy"},
+        page.heading("Certified accuracy against the threat")
+        page.gallery([(pictures.curve(rows, values, {"clean": "clean_accuracy", "certified": "certified_accuracy"},
                                       xlabel=xlabel, shape=name), f"certified accuracy against {xlabel}")
-    if not threats.sparse:
-        page.heading("Worst certified margin per location")
-        page.paragraph("Left: the image with its worst patch location outlined. Right: at every location (drawn "
-                       "at the patch's centre) the smallest certified margin over the other classes; blue is "
-                       "certified, red is not. Shown: the closest calls.")
-        for item in items:
-            result = results[item.label]
-            for i in pictures.examples(result):
-                page.image(pictures.heatmap(result, run.dataset.images, i, item.label), item.label)
+                      for name in dict.fromkeys(r["shape"] for r in rows)])
+    report_page.add_analysis(page, sections, run.dataset.images, run.loaded.num_classes)
     return page
 
 

@@ -15,6 +15,7 @@ import click
 
 from . import _run
 from ._console import console, err_console, library_warnings_silenced
+from .table_file import check_table_path, table_option
 
 SOUNDNESS_EXIT = 3
 """Exit status when an attack breaks a certified image (a soundness bug)."""
@@ -24,13 +25,16 @@ SOUNDNESS_EXIT = 3
 @_run.model_data_options()
 @_run.attack_options(worst_default=8)
 @click.option("--html", "html", default=None, metavar="FILE",
-              help="Write one self-contained HTML report: the table, accuracy curves (sweeps) and "
-              "heatmaps of the closest calls (pictures embedded).")
+              help="Write one self-contained HTML report (pictures embedded): accuracies with counts and 95% "
+              "intervals, per class, margin histograms, where on the image patches decertify images, a "
+              "sortable table of every image, the most broken images, adversarial examples beside their clean "
+              "images, heatmaps, curves of a sweep.")
+@table_option
 @click.option("--plots", "plots", default=None, metavar="DIR",
               help="Write accuracy_<shape>.png (clean, empirical and certified accuracy against the swept "
               "patch size or k) into DIR.")
-def evaluate(model: str, patch: str, shape: str, sparse: Optional[str], html: Optional[str], plots: Optional[str],
-             **opts: Any) -> None:
+def evaluate(model: str, patch: str, shape: str, sparse: Optional[str], html: Optional[str], table: Optional[str],
+             plots: Optional[str], **opts: Any) -> None:
     """Evaluate MODEL: clean, empirical (attacked) and certified accuracy per threat.
 
     The layout of the paper's Tables 2 and 5. Every threat is certified and attacked
@@ -48,11 +52,12 @@ def evaluate(model: str, patch: str, shape: str, sparse: Optional[str], html: Op
     _run.single_process("evaluate")  # no share of the images per process: not under torchrun
     threats = _run.parse_threats(patch, shape, sparse)
     _run.check_candidates(opts["candidates"])
+    check_table_path(table)
     if threats.sparse and click.get_current_context().get_parameter_source("step_size") \
             is not click.core.ParameterSource.DEFAULT:
         raise click.UsageError("--step-size applies to patch attacks; it does not apply to --sparse")
     with library_warnings_silenced():
-        code = _evaluate(model, threats, html=html, plots=plots, **opts)
+        code = _evaluate(model, threats, html=html, table=table, plots=plots, **opts)
     if code:
         click.get_current_context().exit(code)
 
@@ -61,7 +66,8 @@ evaluate.param_flags = {**_run.PARAM_FLAGS, "candidates": "--candidates", "resta
                         "steps": "--steps", "step_size": "--step-size"}
 
 
-def _evaluate(model: str, threats: "_run.Threats", *, html: Optional[str], plots: Optional[str], data: str, start: int,
+def _evaluate(model: str, threats: "_run.Threats", *, html: Optional[str], table: Optional[str],
+              plots: Optional[str], data: str, start: int,
               num: Optional[int], method: str, input_shape: Optional[str], layout: Optional[str], mean: Optional[str],
               std: Optional[str], max_memory: Optional[str], chunk: Optional[int], device: str, seed: int,
               threads: Optional[int], output: Optional[str], no_check: bool, quiet: bool, steps, restarts, step_size, candidates, loss,
@@ -69,11 +75,11 @@ def _evaluate(model: str, threats: "_run.Threats", *, html: Optional[str], plots
     from lirpa_patch.engine import bound_model
     from lirpa_patch.evaluation import evaluate as evaluate_images, evaluation_report
 
-    from . import pictures, render
+    from . import pictures, render, report_page, table_file
 
     method, device = method.lower(), _run.check_device(device.lower())
     memory = _run.parse_memory(max_memory)
-    _run.check_paths({"output": output, "html": html}, {"plots": plots}, model=model, data=data,
+    _run.check_paths({"output": output, "html": html, "table": table}, {"plots": plots}, model=model, data=data,
                      mask_file=threats.mask_file)
     _run.seed_everything(seed)
     run = _run.load(model=model, data=data, start=start, num=num, input_shape=input_shape, layout=layout, mean=mean,
@@ -113,8 +119,12 @@ def _evaluate(model: str, threats: "_run.Threats", *, html: Optional[str], plots
             png = _curve(doc, name, xlabel)
             outputs.write_output(root / f"accuracy_{pictures.slug(name)}.png", png, what="a plot")
         written.append(f"plots in {plots}")
+    sections = [report_page.Section(e.name, e.certified, e.attacked) for e in evaluations]
+    if table is not None:
+        written.append(table_file.write_table(table, report_page.summary_rows(sections)))
     if html is not None:
-        written.append(pictures.write_html(html, _page(doc, evaluations, items, run, xlabel)))
+        with _run.status("Writing the HTML report...", run.interactive):
+            written.append(pictures.write_html(html, _page(doc, sections, run, xlabel)))
     console.print(render.evaluation_table(doc))
     render.warn_below_chance(err_console, evaluations[0].certified.clean_accuracy, run.loaded.num_classes)
     if not quiet:
@@ -139,38 +149,29 @@ def _curve(doc, shape_name: str, xlabel: str) -> bytes:
                                                          "certified": "certified_accuracy"}, xlabel=xlabel)
 
 
-def _page(doc, evaluations, items, run, xlabel: str):
+def _page(doc, sections, run, xlabel: str):
+    """The HTML page of an evaluate run (:mod:`lirpa_patch_cli.report_page`): soundness first, the
+    headline, the curves of a sweep, then where the model is weak and the adversarial examples."""
     from lirpa_patch.plots import HtmlReport
 
-    from . import pictures, render
+    from . import report_page
 
     summary = doc["summary"]
     page = HtmlReport(f"lirpa-patch evaluate: {summary['model']}")
-    page.table(["run", ""], pictures.run_facts(summary))
     if summary["num_violations"]:
         page.paragraph(f"SOUNDNESS VIOLATION: {summary['num_violations']} certified image(s) broken by the attack.",
                        css_class="alert")
         for v in doc["violations"]:
             page.paragraph(f"{v['evaluation']}: image {v['index']} certified with worst margin "
                            f"{v['certified_margin']:.6g}, attacked margin {v['attacked_margin']:.6g}", css_class="alert")
-    page.heading("Clean, empirical and certified accuracy")
-    page.table(["threat", "clean", "empirical", "certified", "violations"],
-               [[r["name"], render.percent(r["clean_accuracy"]), render.percent(r["empirical_accuracy"]),
-                 render.percent(r["certified_accuracy"]), r["num_violations"]] for r in summary["rows"]])
+    report_page.add_headline(page, sections, summary)
     page.paragraph("Empirical: correct and not broken by the attack (an upper bound of robust accuracy). Certified: "
                    "proved for every patch content at every location (a lower bound).")
     if len(summary["sweep"]) > 1:
-        for name in dict.fromkeys(r["shape"] or "sparse" for r in summary["rows"]):
-            page.image(_curve(doc, name, xlabel), f"accuracy against {xlabel} ({name})")
-    shown = [(e, item) for e, item in zip(evaluations, items) if e.certified.location_margins is not None]
-    if shown:
-        page.heading("Worst certified margin per location")
-        page.paragraph("Left: the image with its worst patch location outlined. Right: at every location (drawn at "
-                       "the patch's centre) the smallest certified margin over the other classes; blue is certified, "
-                       "red is not. Shown: the closest calls.")
-        for e, item in shown:
-            for i in pictures.examples(e.certified):
-                page.image(pictures.heatmap(e.certified, run.dataset.images, i, item.label), item.label)
+        page.heading("Accuracy against the threat")
+        page.gallery([(_curve(doc, name, xlabel), f"accuracy against {xlabel} ({name})")
+                      for name in dict.fromkeys(r["shape"] or "sparse" for r in summary["rows"])])
+    report_page.add_analysis(page, sections, run.dataset.images, run.loaded.num_classes)
     return page
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 HTML_EXAMPLES = 4
-"""Heatmaps per (threat, shape) in an HTML page: the closest calls, uncertified and certified."""
+"""Heatmaps per (threat, shape) in an HTML page: the most broken uncertified and the closest certified images."""
 
 
 def slug(text: str) -> str:
@@ -43,11 +43,14 @@ def write_heatmaps(folder: str, result, images, label: str) -> int:
 
 
 def examples(result, count: int = HTML_EXAMPLES) -> list[int]:
-    """Images worth showing: the correct ones closest to the boundary, half uncertified, half certified."""
-    correct = [i for i, r in enumerate(result.images) if r.correct and r.worst_margin is not None]
-    broken = sorted((i for i in correct if not result.images[i].certified), key=lambda i: result.images[i].worst_margin,
-                    reverse=True)
-    safe = sorted((i for i in correct if result.images[i].certified), key=lambda i: result.images[i].worst_margin)
+    """Images worth a heatmap: half the most confidently broken (most negative worst margin) uncertified
+    ones, half the certified ones closest to breaking (smallest margin); more of either when the other runs out."""
+    from lirpa_patch.analysis import most_broken
+
+    margins = [r.worst_margin if r.correct else None for r in result.images]
+    broken = most_broken(margins, [r.certified for r in result.images], count)
+    safe = sorted((i for i, r in enumerate(result.images) if r.certified and r.worst_margin is not None),
+                  key=lambda i: result.images[i].worst_margin)
     chosen = broken[: count // 2]
     chosen += safe[: count - len(chosen)]
     chosen += broken[count // 2 :][: count - len(chosen)]  # too few certified: more uncertified

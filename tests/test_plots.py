@@ -75,3 +75,51 @@ def test_drawing_leaves_pyplot_unloaded():
             "print('matplotlib.pyplot' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_certified_heatmap_has_no_red_in_its_colour_scale():
+    from lirpa_patch.plots import _diverging
+
+    cmap, norm = _diverging(torch.tensor([0.2, 1.5, float("nan")]))
+    red, _, blue, _ = cmap(norm(0.2))
+    assert norm.vmin == 0.0 and blue >= red  # the smallest positive margin is a pale blue, never red
+    cmap, norm = _diverging(torch.tensor([-1.0, 2.0]))
+    assert norm(0.0) == pytest.approx(0.5)  # both signs: white at 0
+
+
+def test_location_map_histogram_and_patch_pictures_are_pngs():
+    from lirpa_patch.analysis import location_map, margin_histogram
+    from lirpa_patch.plots import location_map_png, margin_histogram_png, patch_png
+
+    locations = all_locations(make_shape("rectangle", 2), (10, 10))
+    where = location_map(torch.randn(5, len(locations)))
+    assert location_map_png(where.decertified, where.worst, locations, title="2 rectangle").startswith(PNG)
+    hist = margin_histogram([-1.0, 0.5, None], [False, True, False])
+    assert margin_histogram_png(hist.edges, hist.certified, hist.uncertified).startswith(PNG)
+    assert patch_png(torch.rand(1, 10, 10), locations.masks[0], title="4003").startswith(PNG)
+
+
+def test_a_sortable_table_has_a_filter_box_and_an_inline_script():
+    page = HtmlReport("t")
+    page.table(["index", "margin"], [[1, "0.5"], [2, "-0.1"]], element_id="images", sortable=True)
+    page.gallery([(curve_png(["1"], {"a": [0.5]}, xlabel="k"), "one")], element_id="grid")
+    text = page.render()
+    assert '<table id="images" class="sortable">' in text and 'data-table="images"' in text
+    assert "<script>" in text and 'class="gallery" id="grid"' in text
+    assert "http" not in text.replace("http-equiv", "")
+
+
+def test_variant_panels_are_titled_apart_even_when_mirrors_share_a_size():
+    from lirpa_patch.plots import _variant_title
+
+    locations = all_locations(make_shape("parallelogram", 4, image_size=(28, 28)), (28, 28))
+    titles = [_variant_title(locations, v) for v in range(len(locations.shape.variants))]
+    assert len(set(titles)) == len(titles) and all(t.startswith("parallelogram") for t in titles)
+    assert _variant_title(all_locations(make_shape("square", 2), (8, 8)), 0) == "square"
+
+
+def test_a_sortable_table_without_an_element_id_is_refused():
+    from lirpa_patch.errors import UsageError
+
+    with pytest.raises(UsageError, match="element_id"):
+        HtmlReport("t").table(["a"], [[1]], sortable=True)
