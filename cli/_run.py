@@ -341,10 +341,24 @@ class Loaded:
     net: Any  # ImageModel on the device, eval mode
     max_diff: Optional[float]
     interactive: bool
+    quiet: bool = False
 
     @property
     def indices(self) -> list[int]:
         return self.dataset.indices.tolist()
+
+    @property
+    def lines(self) -> bool:
+        """Progress as periodic plain lines: status messages wanted, but stderr is no terminal (a log)."""
+        return not self.quiet and not self.interactive
+
+
+def header(run: Loaded) -> None:
+    """The run header on stderr (not with --quiet): which images are certified, and their split."""
+    from .render import data_header
+
+    if not run.quiet:
+        err_console.print(data_header(run.dataset), highlight=False, markup=False, soft_wrap=True)
 
 
 def load(*, model: str, data: str, start: int, num: Optional[int], input_shape: Optional[str], layout: Optional[str],
@@ -382,7 +396,7 @@ def load(*, model: str, data: str, start: int, num: Optional[int], input_shape: 
         with status("Cross-checking the model against onnxruntime...", interactive):
             max_diff = check_against_onnxruntime(net, loaded.onnx_path, dataset.images)
     net = net.to(device).eval()
-    return Loaded(dataset, image_shape, loaded, net, max_diff, interactive)  # type: ignore[arg-type]
+    return Loaded(dataset, image_shape, loaded, net, max_diff, interactive, quiet)  # type: ignore[arg-type]
 
 
 def run_info(run: Loaded, *, model: str, data: str, start: int, num: Optional[int], item: Optional[ThreatItem],

@@ -117,6 +117,7 @@ def _attack(model: str, threats: "_run.Threats", *, locations_from: Optional[str
     run = _run.load(model=model, data=data, start=start, num=num, input_shape=input_shape, layout=layout, mean=mean,
                     std=std, device=device, check=not no_check, quiet=quiet, threads=threads)
     items = _run.threat_items(threats, run.image_shape)
+    _run.header(run)
     memory = _run.memory(memory, device)  # on a GPU: a share of its free memory, the model on it
     images, labels = run.dataset.images, run.dataset.labels
 

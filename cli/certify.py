@@ -114,6 +114,7 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
     run = _run.load(model=model, data=data, start=start, num=num, input_shape=input_shape, layout=layout, mean=mean,
                     std=std, device=where, check=not no_check, quiet=quiet or not primary, threads=threads)
     items = _run.threat_items(threats, run.image_shape)
+    _run.header(run)
 
     # 3. certify every threat (with several processes, each its share of the images; all results on rank 0)
     with _run.status("Building the bounded model...", run.interactive):

@@ -166,6 +166,14 @@ def warn_below_chance(console: Console, clean_accuracy: Optional[float], num_cla
         console.print(warning, highlight=False, markup=False, soft_wrap=True)
 
 
+def data_header(dataset: Any) -> str:
+    """The run header's line about the images, e.g. ``"data: sample:test images 0-99 (100; MNIST test
+    digits, held out)"``: which split they are, and plainly when they are training images."""
+    notes = {"test": "test split, held out", "train": "training images: not held out"}
+    note = "MNIST test digits, held out" if dataset.name == "sample:test" else notes.get(dataset.split or "")
+    return f"data: {dataset.span()} ({len(dataset)}{'; ' + note if note else ''})"
+
+
 def seconds(value: Optional[float]) -> str:
     """Wall time, e.g. ``"3.2 s"`` or ``"2 min 05 s"``."""
     if value is None:
