@@ -51,6 +51,13 @@ def _parse_pool(value: str) -> tuple[int, ...]:
     return pool
 
 
+def _scaled(preset: Any, epochs: int) -> str:
+    """The header's note on a warm-up scaled to ``--epochs`` (:func:`lirpa_patch.train.plan.scaled_warmup`)."""
+    if preset is None:
+        return ""
+    return f" (scaled from {preset.warmup_start}+{preset.warmup} of {preset.epochs} to --epochs {epochs})"
+
+
 class _Display:
     """The live view: one table row per epoch (printed as it completes) and a progress line."""
 
@@ -164,9 +171,11 @@ class _Display:
               help="Defaults of App. A.1: mnist (lr 5e-4, 100 epochs, 1 natural + 61 warm-up), cifar (lr 1e-3, "
               "200 epochs, 10 natural + 121 warm-up, CIFAR-10 normalization, crop 4 + flip).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, show_default="preset", help="Epochs.")
-@click.option("--warmup", type=click.IntRange(min=0), default=None, show_default="preset",
+@click.option("--warmup", type=click.IntRange(min=0), default=None,
+              show_default="preset; with --epochs below the preset's, scaled to the same fraction of the run",
               help="Epochs over which the patch interval grows linearly (per batch) from [x, x] to the full range.")
-@click.option("--warmup-start", type=click.IntRange(min=0), default=None, show_default="preset",
+@click.option("--warmup-start", type=click.IntRange(min=0), default=None,
+              show_default="preset; scaled like --warmup",
               help="Epochs of natural training before the warm-up.")
 @click.option("--lr", type=float, default=None, show_default="preset", help="Adam learning rate.")
 @click.option("--lr-step", type=click.IntRange(min=0), default=10,
@@ -307,8 +316,9 @@ def train(**opts: Any) -> None:
         f"[bold]train[/] {arch['name']} (width {setup.width}, {arch['num_classes']} classes) | "
         + (f"any {config.sparse} pixels | " if config.sparse else
            f"patch {config.patch} {config.shape} ({len(trainer.locations)} locations) | ")
-        + f"{trainer.strategy.describe()} | {config.epochs} epochs, warm-up {config.warmup_start}+{config.warmup}, "
-        f"lr {config.lr:g}" + (f" | resuming at epoch {trainer.epoch}" if plan.resuming else ""),
+        + f"{trainer.strategy.describe()} | {config.epochs} epochs, warm-up {config.warmup_start}+{config.warmup}"
+        + _scaled(setup.warmup_scaled_from, config.epochs)
+        + f", lr {config.lr:g}" + (f" | resuming at epoch {trainer.epoch}" if plan.resuming else ""),
         highlight=False,
     )
     if group is not None:
