@@ -123,11 +123,11 @@ def _attack(model: str, threats: "_run.Threats", *, locations_from: Optional[str
 
     results = {}
     bounded = None
-    with render.AttackProgress(err_console, enabled=run.interactive) as progress:
+    with render.AttackProgress(err_console, enabled=run.interactive, lines=run.lines) as progress:
         for item in items:
             kwargs = _run.attack_kwargs(item, steps=steps, restarts=restarts, step_size=step_size,
                                         candidates=candidates, loss=loss, chunk=chunk)
-            task = progress.task(item.label)
+            task = progress.task(item.label, what=f"attack {item.label}")
             extra = []
             if item.threat.location_set is None:  # rows that are no places: the threat's attack alone
                 results[item.label] = attack_images(run.net, images, labels, item.threat, device=device,

@@ -122,11 +122,11 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
     memory = _run.memory(memory, where)  # on a GPU: a share of its free memory, the model on it
     pictures_wanted = heatmaps is not None or html is not None
     results = {}
-    with render.CertifyProgress(err_console, enabled=run.interactive) as progress:
+    with render.CertifyProgress(err_console, enabled=run.interactive, lines=run.lines) as progress:
         for item in items:
             label = item.label if len(items) > 1 else "Certifying"
             common = dict(method=method, chunk_size=chunk, max_memory=memory, device=where, indices=run.indices,
-                          bounded=bounded, progress=progress.task(label), exhaustive=exhaustive,
+                          bounded=bounded, progress=progress.task(label, what=f"certify {item.label}"), exhaustive=exhaustive,
                           intermediate=intermediate)
             per_location = pictures_wanted and item.threat.location_set is not None  # heatmaps draw locations
             results[item.label] = distributed.certify(run.net, run.dataset.images, run.dataset.labels, item.threat,

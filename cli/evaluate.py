@@ -86,15 +86,15 @@ def _evaluate(model: str, threats: "_run.Threats", *, html: Optional[str], plots
         bounded = bound_model(run.net, run.image_shape, device)
 
     evaluations = []
-    with render.CertifyProgress(err_console, enabled=run.interactive) as bars, \
-            render.AttackProgress(err_console, enabled=run.interactive) as attack_bars:
+    with render.CertifyProgress(err_console, enabled=run.interactive, lines=run.lines) as bars, \
+            render.AttackProgress(err_console, enabled=run.interactive, lines=run.lines) as attack_bars:
         for item in items:
             kwargs = _run.attack_kwargs(item, steps=steps, restarts=restarts, step_size=step_size,
                                         candidates=candidates, loss=loss, chunk=None)
             common = dict(method=method, chunk_size=chunk, max_memory=memory, device=device, indices=run.indices,
-                          bounded=bounded,
-                          seed=seed, attack_options=kwargs, certify_progress=bars.task(f"{item.label}: certify"),
-                          attack_progress=attack_bars.task(item.label))
+                          bounded=bounded, seed=seed, attack_options=kwargs,
+                          certify_progress=bars.task(f"{item.label}: certify", what=f"evaluate {item.label}: certify"),
+                          attack_progress=attack_bars.task(item.label, what=f"evaluate {item.label}: attack"))
             evaluations.append(evaluate_images(run.net, images, labels, item.threat, worst_locations=worst, **common))
 
     doc = evaluation_report(evaluations, _run.run_info(

@@ -17,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import click
 
 from . import _choices as choices
 from ._console import InputError, console, err_console, library_warnings_silenced, param_as, parse_floats
+from ._progress import ProgressLines, clock, remaining
 from .launch import NPROC_HELP, is_primary, launch_or_none
 
 _STRATEGY_HELP = (
@@ -59,14 +60,17 @@ def _scaled(preset: Any, epochs: int) -> str:
 
 
 class _Display:
-    """The live view: one table row per epoch (printed as it completes) and a progress line."""
+    """The live view: one table row per epoch (printed as it completes) and a progress line with
+    the batches done and the ETA of the epoch and of the run; when stderr is no terminal
+    (``lines``), a plain progress line on it now and then instead
+    (:class:`~lirpa_patch_cli._progress.ProgressLines`)."""
 
     _COLUMNS = [
         ("epoch", 7), ("str.", 4), ("lr", 7), ("loss", 6), ("nat", 6), ("U-net", 6),
         ("acc", 6), ("cert*", 6), ("val acc", 7), ("val cert", 8), ("time", 5),
     ]
 
-    def __init__(self, enabled: bool, epochs: int, strategy: str) -> None:
+    def __init__(self, enabled: bool, epochs: int, strategy: str, *, lines: bool = False) -> None:
         from rich.live import Live
         from rich.text import Text
 
@@ -76,6 +80,18 @@ class _Display:
         self._text = Text("")
         self._live = Live(self._text, console=console, transient=True, refresh_per_second=4) if enabled else None
         self._last = 0.0
+        self._lines = ProgressLines(err_console, enabled=lines)
+        self._first_epoch: Optional[int] = None  # the epoch the run starts at (a resumed run: after 1)
+        self._epoch_started = time.monotonic()
+
+    def _etas(self, event) -> tuple[str, str]:
+        """The ETA of the epoch and of the run, at the rate so far (``"-"`` before the first batch)."""
+        now = time.monotonic()
+        epoch = remaining(now - self._epoch_started, event.batch, event.num_batches)
+        first = self._first_epoch or 0
+        done = (event.epoch - 1 - first) * event.num_batches + event.batch
+        run = remaining(now - self._lines.started, done, (event.epochs - first) * event.num_batches)
+        return tuple("-" if eta is None else clock(eta) for eta in (epoch, run))  # type: ignore[return-value]
 
     def _table(self, rows: list[list[str]], header: bool):
         from rich import box
@@ -89,6 +105,8 @@ class _Display:
         return table
 
     def __enter__(self) -> "_Display":
+        self._lines.restart()
+        self._epoch_started = time.monotonic()
         if self._live is not None:
             self._live.__enter__()
             self._live.console.print(self._table([], header=True))
@@ -104,6 +122,19 @@ class _Display:
             )
 
     def event(self, event) -> None:
+        if event.kind == "epoch":
+            self._epoch_started = time.monotonic()
+        else:
+            if self._first_epoch is None:
+                self._first_epoch = event.epoch - 1
+            last = event.epoch == event.epochs and event.batch == event.num_batches
+            if self._lines.due(finished=last):
+                epoch_eta, run_eta = self._etas(event)
+                self._lines.print(
+                    f"train epoch {event.epoch}/{event.epochs}: {event.batch}/{event.num_batches} batches, "
+                    f"{100.0 * event.batch / max(1, event.num_batches):.0f}%, strength {event.strength:.3f}, "
+                    f"loss {event.loss:.4f}, {clock(self._lines.elapsed)} elapsed, epoch ETA {epoch_eta}, "
+                    f"run ETA {run_eta}", finished=last)
         if not self.enabled:
             return
         if event.kind == "batch":
@@ -111,9 +142,10 @@ class _Display:
             if now - self._last < 0.2 and event.batch != event.num_batches:
                 return
             self._last = now
+            epoch_eta, run_eta = self._etas(event)
             self._text.plain = (
                 f"epoch {event.epoch}/{event.epochs} [{self.strategy}]  batch {event.batch}/{event.num_batches}  "
-                f"strength {event.strength:.3f}  loss {event.loss:.4f}"
+                f"strength {event.strength:.3f}  loss {event.loss:.4f}  epoch ETA {epoch_eta}  run ETA {run_eta}"
             )
             self._live.refresh()
             return
@@ -324,7 +356,8 @@ def train(**opts: Any) -> None:
     if group is not None:
         err_console.print(f"{group.world_size} processes ({group.backend}): each batch of {config.batch_size} "
                           "images is split between them", highlight=False)
-    display = _Display(not opts["quiet"] and primary, config.epochs, trainer.strategy.describe())
+    display = _Display(not opts["quiet"] and primary, config.epochs, trainer.strategy.describe(),
+                       lines=not opts["quiet"] and primary and not err_console.is_terminal)
 
     # 4. train (checkpoint after every epoch, by rank 0), evaluate, export
     if primary:
