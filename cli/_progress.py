@@ -44,6 +44,20 @@ def counts(what: str, done: int, total: int, unit: str, elapsed: float) -> str:
     return text
 
 
+class Once:
+    """A line printed once, when the work starts (the first progress update): a run header
+    that must not come before an option error found on the way there. None prints nothing."""
+
+    def __init__(self, console: Console, text: Optional[str]) -> None:
+        self._console = console
+        self._text = text
+
+    def __call__(self) -> None:
+        if self._text is not None:
+            self._console.print(self._text, highlight=False, markup=False, soft_wrap=True)
+            self._text = None
+
+
 class ProgressLines:
     """Plain one-line progress messages on ``console``, at most one every :data:`LINE_INTERVAL`
     seconds, and a last one when the work is done (if any came before it).

@@ -20,6 +20,7 @@ from rich.markup import escape
 
 from . import _choices as choices
 from ._console import InputError, err_console, parse_bytes, parse_floats, parse_shape
+from ._progress import Once
 from .launch import NPROC_HELP, world_from_env
 
 SHAPE_HELP = (
@@ -353,12 +354,12 @@ class Loaded:
         return not self.quiet and not self.interactive
 
 
-def header(run: Loaded) -> None:
-    """The run header on stderr (not with --quiet): which images are certified, and their split."""
+def header(run: Loaded) -> Once:
+    """The run header for stderr (nothing with --quiet): which images are certified, and their split;
+    printed by the progress displays when the work starts, or by calling it."""
     from .render import data_header
 
-    if not run.quiet:
-        err_console.print(data_header(run.dataset), highlight=False, markup=False, soft_wrap=True)
+    return Once(err_console, None if run.quiet else data_header(run.dataset))
 
 
 def load(*, model: str, data: str, start: int, num: Optional[int], input_shape: Optional[str], layout: Optional[str],

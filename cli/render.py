@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ._progress import ProgressLines
+from ._progress import Once, ProgressLines
 
 ProgressFn = Callable[[int, int], None]
 
@@ -42,12 +42,15 @@ class CertifyProgress:
     :func:`lirpa_patch.engine.certify` (a :class:`ProgressTask`). When ``enabled`` is
     False (``--quiet``, or stderr is not a terminal) no bar is shown; ``lines``: instead,
     a plain progress line now and then (:class:`~lirpa_patch_cli._progress.ProgressLines`).
+    ``header``: printed before the first update (the run header).
     """
 
-    def __init__(self, console: Console, *, enabled: bool = True, lines: bool = False) -> None:
+    def __init__(self, console: Console, *, enabled: bool = True, lines: bool = False,
+                 header: Optional[Callable[[], None]] = None) -> None:
         self.enabled = enabled
         self._console = console
         self._lines = lines
+        self._header = header or Once(console, None)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -80,7 +83,7 @@ class CertifyProgress:
         begins its progress lines (default: ``description``), e.g. ``"certify 2x2 square"``."""
         task_id: TaskID = self._progress.add_task(description, total=images, rate="")
         lines = ProgressLines(self._console, enabled=self._lines)
-        return ProgressTask(self._progress, task_id, lines, what or description)
+        return ProgressTask(self._progress, task_id, lines, what or description, self._header)
 
 
 class ProgressTask:
@@ -91,7 +94,8 @@ class ProgressTask:
     """
 
     def __init__(self, progress: Progress, task_id: TaskID, lines: Optional[ProgressLines] = None,
-                 what: str = "") -> None:
+                 what: str = "", header: Optional[Callable[[], None]] = None) -> None:
+        self._header = header
         self._progress = progress
         self._task_id = task_id
         self._started = time.perf_counter()
@@ -107,6 +111,8 @@ class ProgressTask:
             self._lines.restart()
 
     def __call__(self, images_done: int, locations_done: int) -> None:
+        if self._header is not None:
+            self._header()
         elapsed = time.perf_counter() - self._started
         rate = f"{locations_done / elapsed:,.0f} loc/s" if elapsed > 0 else ""
         self._progress.update(self._task_id, completed=images_done, rate=rate)
@@ -120,11 +126,14 @@ class AttackProgress:
 
     Use as a context manager; :meth:`task` returns the attack's ``progress(stage, done, total)``.
     ``lines``: no bars (stderr is no terminal), a plain progress line now and then instead.
+    ``header``: printed before the first update (the run header).
     """
 
-    def __init__(self, console: Console, *, enabled: bool = True, lines: bool = False) -> None:
+    def __init__(self, console: Console, *, enabled: bool = True, lines: bool = False,
+                 header: Optional[Callable[[], None]] = None) -> None:
         self._console = console
         self._lines = lines
+        self._header = header or Once(console, None)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -150,6 +159,7 @@ class AttackProgress:
         lines: dict[str, ProgressLines] = {}
 
         def update(stage: str, done: int, total: int) -> None:
+            self._header()
             if stage not in bars:
                 bars[stage] = self._progress.add_task(f"{label}: {stage}", total=max(total, 1))
                 lines[stage] = ProgressLines(self._console, enabled=self._lines)

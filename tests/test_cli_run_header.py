@@ -71,3 +71,8 @@ def test_attack_and_evaluate_print_the_same_header(command):
 
 def test_quiet_prints_no_header():
     assert "data:" not in certify("--num", 1, "--quiet").stderr
+
+
+def test_an_option_error_found_before_the_work_starts_comes_without_the_header():
+    result = CliRunner().invoke(app, ["certify", str(MODEL), "--no-check", "--num", "1", "--groups", "3"])
+    assert result.exit_code == 2 and "data:" not in result.stderr
