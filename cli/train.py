@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import click
 
@@ -25,6 +25,9 @@ from . import _choices as choices
 from ._console import InputError, console, err_console, library_warnings_silenced, param_as, parse_floats
 from ._progress import ProgressLines, clock, remaining
 from .launch import NPROC_HELP, is_primary, launch_or_none
+
+if TYPE_CHECKING:  # --help imports no torch
+    from lirpa_patch.train.plan import Warmup
 
 _STRATEGY_HELP = (
     "Which locations the loss bounds: 'all' (every location, eq. 11-12), 'random' (--patches "
@@ -52,7 +55,7 @@ def _parse_pool(value: str) -> tuple[int, ...]:
     return pool
 
 
-def _scaled(preset: Any, epochs: int) -> str:
+def _scaled(preset: Optional["Warmup"], epochs: int) -> str:
     """The header's note on a warm-up scaled to ``--epochs`` (:func:`lirpa_patch.train.plan.scaled_warmup`)."""
     if preset is None:
         return ""

@@ -233,7 +233,8 @@ def plan_from_options(
             missing or None: :func:`train_val_split`'s defaults).
         architecture, width, preset, mean, std: see :class:`TrainPlan`.
         config: :class:`TrainConfig` fields; a field given as None takes the preset's value
-            (``epochs``, ``lr``, ...) or the default.
+            (``epochs``, ``lr``, ...) or the default. ``epochs`` given without ``warmup`` and
+            ``warmup_start`` scales the preset's warm-up to it (:func:`scaled_warmup`).
 
     Raises:
         UsageError: an unknown :class:`TrainConfig` field (``param`` names it), or a patch
