@@ -126,8 +126,8 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
         for item in items:
             label = item.label if len(items) > 1 else "Certifying"
             common = dict(method=method, chunk_size=chunk, max_memory=memory, device=where, indices=run.indices,
-                          bounded=bounded, progress=progress.task(label, what=f"certify {item.label}"), exhaustive=exhaustive,
-                          intermediate=intermediate)
+                          bounded=bounded, progress=progress.task(label, what=f"certify {item.label}"),
+                          exhaustive=exhaustive, intermediate=intermediate)
             per_location = pictures_wanted and item.threat.location_set is not None  # heatmaps draw locations
             results[item.label] = distributed.certify(run.net, run.dataset.images, run.dataset.labels, item.threat,
                                                       keep_location_margins=per_location, groups=groups, **common)
