@@ -5,14 +5,49 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import click
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
+
+PIPED_WIDTH = 1000
+"""Columns of a console that is no terminal (piped or redirected, ``COLUMNS`` unset): wide enough that
+tables keep their full column names and cells instead of being cut at 80 columns."""
+
+
+class _Console(Console):
+    """A rich console that does not wrap or truncate at 80 columns when it writes to a pipe or a file:
+    there, its width is ``COLUMNS`` when set (looked up at every print), else :data:`PIPED_WIDTH`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._given_width: Optional[int] = kwargs.get("width")
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._given_width is None and not self.is_terminal:
+            columns = self._environ.get("COLUMNS", "")
+            return ConsoleDimensions(int(columns) if columns.isdigit() else PIPED_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+        self._given_width = new_size[0]
+
+    @property
+    def width(self) -> int:
+        return self.size.width
+
+    @width.setter
+    def width(self, width: int) -> None:
+        self._width = self._given_width = width
+
 
 # No emoji codes: a dataset named "mnist:train" must not print as "mnist🚋".
-console = Console(emoji=False)
-err_console = Console(stderr=True, emoji=False)
+console = _Console(emoji=False)
+err_console = _Console(stderr=True, emoji=False)
 
 
 class InputError(click.ClickException):

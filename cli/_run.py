@@ -20,6 +20,7 @@ from rich.markup import escape
 
 from . import _choices as choices
 from ._console import InputError, err_console, parse_bytes, parse_floats, parse_shape
+from ._progress import Once
 from .launch import NPROC_HELP, world_from_env
 
 SHAPE_HELP = (
@@ -341,10 +342,24 @@ class Loaded:
     net: Any  # ImageModel on the device, eval mode
     max_diff: Optional[float]
     interactive: bool
+    quiet: bool = False
 
     @property
     def indices(self) -> list[int]:
         return self.dataset.indices.tolist()
+
+    @property
+    def lines(self) -> bool:
+        """Progress as periodic plain lines: status messages wanted, but stderr is no terminal (a log)."""
+        return not self.quiet and not self.interactive
+
+
+def header(run: Loaded) -> Once:
+    """The run header for stderr (nothing with --quiet): which images are certified, and their split;
+    printed by the progress displays when the work starts, or by calling it."""
+    from .render import data_header
+
+    return Once(err_console, None if run.quiet else data_header(run.dataset))
 
 
 def load(*, model: str, data: str, start: int, num: Optional[int], input_shape: Optional[str], layout: Optional[str],
@@ -382,7 +397,7 @@ def load(*, model: str, data: str, start: int, num: Optional[int], input_shape: 
         with status("Cross-checking the model against onnxruntime...", interactive):
             max_diff = check_against_onnxruntime(net, loaded.onnx_path, dataset.images)
     net = net.to(device).eval()
-    return Loaded(dataset, image_shape, loaded, net, max_diff, interactive)  # type: ignore[arg-type]
+    return Loaded(dataset, image_shape, loaded, net, max_diff, interactive, quiet)  # type: ignore[arg-type]
 
 
 def run_info(run: Loaded, *, model: str, data: str, start: int, num: Optional[int], item: Optional[ThreatItem],

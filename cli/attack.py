@@ -117,16 +117,17 @@ def _attack(model: str, threats: "_run.Threats", *, locations_from: Optional[str
     run = _run.load(model=model, data=data, start=start, num=num, input_shape=input_shape, layout=layout, mean=mean,
                     std=std, device=device, check=not no_check, quiet=quiet, threads=threads)
     items = _run.threat_items(threats, run.image_shape)
+    header = _run.header(run)
     memory = _run.memory(memory, device)  # on a GPU: a share of its free memory, the model on it
     images, labels = run.dataset.images, run.dataset.labels
 
     results = {}
     bounded = None
-    with render.AttackProgress(err_console, enabled=run.interactive) as progress:
+    with render.AttackProgress(err_console, enabled=run.interactive, lines=run.lines, header=header) as progress:
         for item in items:
             kwargs = _run.attack_kwargs(item, steps=steps, restarts=restarts, step_size=step_size,
                                         candidates=candidates, loss=loss, chunk=chunk)
-            task = progress.task(item.label)
+            task = progress.task(item.label, what=f"attack {item.label}")
             extra = []
             if item.threat.location_set is None:  # rows that are no places: the threat's attack alone
                 results[item.label] = attack_images(run.net, images, labels, item.threat, device=device,
@@ -146,6 +147,7 @@ def _attack(model: str, threats: "_run.Threats", *, locations_from: Optional[str
             results[item.label] = attack_images(run.net, images, labels, item.threat, location_index=location_index,
                                                 device=device, indices=run.indices, seed=seed, progress=task, **kwargs)
 
+    header()  # when nothing reported progress
     doc = attack_report(results, _run.run_info(run, model=model, data=data, start=start, num=num,
                                                item=items[0] if len(items) == 1 else None, method=method,
                                                chunk=next(iter(results.values())).chunk_size, device=device,

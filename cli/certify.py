@@ -119,6 +119,7 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
     run = _run.load(model=model, data=data, start=start, num=num, input_shape=input_shape, layout=layout, mean=mean,
                     std=std, device=where, check=not no_check, quiet=quiet or not primary, threads=threads)
     items = _run.threat_items(threats, run.image_shape)
+    header = _run.header(run)
 
     # 3. certify every threat (with several processes, each its share of the images; all results on rank 0)
     with _run.status("Building the bounded model...", run.interactive):
@@ -126,15 +127,16 @@ def _certify(model: str, threats: "_run.Threats", *, heatmaps: Optional[str], ht
     memory = _run.memory(memory, where)  # on a GPU: a share of its free memory, the model on it
     pictures_wanted = heatmaps is not None or html is not None
     results = {}
-    with render.CertifyProgress(err_console, enabled=run.interactive) as progress:
+    with render.CertifyProgress(err_console, enabled=run.interactive, lines=run.lines, header=header) as progress:
         for item in items:
             label = item.label if len(items) > 1 else "Certifying"
             common = dict(method=method, chunk_size=chunk, max_memory=memory, device=where, indices=run.indices,
-                          bounded=bounded, progress=progress.task(label), exhaustive=exhaustive,
-                          intermediate=intermediate)
+                          bounded=bounded, progress=progress.task(label, what=f"certify {item.label}"),
+                          exhaustive=exhaustive, intermediate=intermediate)
             per_location = pictures_wanted and item.threat.location_set is not None  # heatmaps draw locations
             results[item.label] = distributed.certify(run.net, run.dataset.images, run.dataset.labels, item.threat,
                                                       keep_location_margins=per_location, groups=groups, **common)
+    header()  # when no image needed bounding
     distributed.shutdown()
     if not primary:
         return

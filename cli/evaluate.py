@@ -85,23 +85,25 @@ def _evaluate(model: str, threats: "_run.Threats", *, html: Optional[str], table
     run = _run.load(model=model, data=data, start=start, num=num, input_shape=input_shape, layout=layout, mean=mean,
                     std=std, device=device, check=not no_check, quiet=quiet, threads=threads)
     items = _run.threat_items(threats, run.image_shape)
+    header = _run.header(run)
     memory = _run.memory(memory, device)  # on a GPU: a share of its free memory, the model on it
     images, labels = run.dataset.images, run.dataset.labels
     with _run.status("Building the bounded model...", run.interactive):
         bounded = bound_model(run.net, run.image_shape, device)
 
     evaluations = []
-    with render.CertifyProgress(err_console, enabled=run.interactive) as bars, \
-            render.AttackProgress(err_console, enabled=run.interactive) as attack_bars:
+    with render.CertifyProgress(err_console, enabled=run.interactive, lines=run.lines, header=header) as bars, \
+            render.AttackProgress(err_console, enabled=run.interactive, lines=run.lines, header=header) as attack_bars:
         for item in items:
             kwargs = _run.attack_kwargs(item, steps=steps, restarts=restarts, step_size=step_size,
                                         candidates=candidates, loss=loss, chunk=None)
             common = dict(method=method, chunk_size=chunk, max_memory=memory, device=device, indices=run.indices,
-                          bounded=bounded,
-                          seed=seed, attack_options=kwargs, certify_progress=bars.task(f"{item.label}: certify"),
-                          attack_progress=attack_bars.task(item.label))
+                          bounded=bounded, seed=seed, attack_options=kwargs,
+                          certify_progress=bars.task(f"{item.label}: certify", what=f"evaluate {item.label}: certify"),
+                          attack_progress=attack_bars.task(item.label, what=f"evaluate {item.label}: attack"))
             evaluations.append(evaluate_images(run.net, images, labels, item.threat, worst_locations=worst, **common))
 
+    header()  # when nothing reported progress
     doc = evaluation_report(evaluations, _run.run_info(
         run, model=model, data=data, start=start, num=num, item=items[0] if len(items) == 1 else None, method=method,
         chunk=evaluations[0].certified.chunk_size, device=device, seed=seed, mask_file=threats.mask_file))

@@ -25,6 +25,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ._progress import Once, ProgressLines
+
 ProgressFn = Callable[[int, int], None]
 
 _ON, _OFF = "#", "."
@@ -38,11 +40,17 @@ class CertifyProgress:
 
     Use as a context manager; :meth:`task` returns the ``progress`` callback of
     :func:`lirpa_patch.engine.certify` (a :class:`ProgressTask`). When ``enabled`` is
-    False (``--quiet``, or stderr is not a terminal) nothing is shown.
+    False (``--quiet``, or stderr is not a terminal) no bar is shown; ``lines``: instead,
+    a plain progress line now and then (:class:`~lirpa_patch_cli._progress.ProgressLines`).
+    ``header``: printed before the first update (the run header).
     """
 
-    def __init__(self, console: Console, *, enabled: bool = True) -> None:
+    def __init__(self, console: Console, *, enabled: bool = True, lines: bool = False,
+                 header: Optional[Callable[[], None]] = None) -> None:
         self.enabled = enabled
+        self._console = console
+        self._lines = lines
+        self._header = header or Once(console, None)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -69,11 +77,13 @@ class CertifyProgress:
     ) -> None:
         self._progress.__exit__(exc_type, exc, tb)
 
-    def task(self, description: str, images: Optional[int] = None) -> "ProgressTask":
+    def task(self, description: str, images: Optional[int] = None, *, what: Optional[str] = None) -> "ProgressTask":
         """Add a bar; return its engine callback. Its total is ``images``, or what the engine
-        announces through :meth:`ProgressTask.start` (the images it will bound)."""
+        announces through :meth:`ProgressTask.start` (the images it will bound). ``what``
+        begins its progress lines (default: ``description``), e.g. ``"certify 2x2 square"``."""
         task_id: TaskID = self._progress.add_task(description, total=images, rate="")
-        return ProgressTask(self._progress, task_id)
+        lines = ProgressLines(self._console, enabled=self._lines)
+        return ProgressTask(self._progress, task_id, lines, what or description, self._header)
 
 
 class ProgressTask:
@@ -83,19 +93,31 @@ class ProgressTask:
     with ``(images_done, locations_done)`` after every chunk.
     """
 
-    def __init__(self, progress: Progress, task_id: TaskID) -> None:
+    def __init__(self, progress: Progress, task_id: TaskID, lines: Optional[ProgressLines] = None,
+                 what: str = "", header: Optional[Callable[[], None]] = None) -> None:
+        self._header = header
         self._progress = progress
         self._task_id = task_id
         self._started = time.perf_counter()
+        self._lines = lines
+        self._what = what
+        self._total = 0
 
     def start(self, images: int, locations: int) -> None:
         self._started = time.perf_counter()
-        self._progress.update(self._task_id, total=max(images, 0), completed=0)
+        self._total = max(images, 0)
+        self._progress.update(self._task_id, total=self._total, completed=0)
+        if self._lines is not None:
+            self._lines.restart()
 
     def __call__(self, images_done: int, locations_done: int) -> None:
+        if self._header is not None:
+            self._header()
         elapsed = time.perf_counter() - self._started
         rate = f"{locations_done / elapsed:,.0f} loc/s" if elapsed > 0 else ""
         self._progress.update(self._task_id, completed=images_done, rate=rate)
+        if self._lines is not None:
+            self._lines.update(self._what, images_done, self._total, "images")
 
 
 class AttackProgress:
@@ -103,9 +125,15 @@ class AttackProgress:
     :func:`~lirpa_patch.attacks.attack_sparse`: one bar per stage (sweep, restarts), rows done.
 
     Use as a context manager; :meth:`task` returns the attack's ``progress(stage, done, total)``.
+    ``lines``: no bars (stderr is no terminal), a plain progress line now and then instead.
+    ``header``: printed before the first update (the run header).
     """
 
-    def __init__(self, console: Console, *, enabled: bool = True) -> None:
+    def __init__(self, console: Console, *, enabled: bool = True, lines: bool = False,
+                 header: Optional[Callable[[], None]] = None) -> None:
+        self._console = console
+        self._lines = lines
+        self._header = header or Once(console, None)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -124,13 +152,19 @@ class AttackProgress:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._progress.__exit__(exc_type, exc, tb)
 
-    def task(self, label: str) -> Callable[[str, int, int], None]:
+    def task(self, label: str, *, what: Optional[str] = None) -> Callable[[str, int, int], None]:
+        """The attack's callback for threat ``label``; ``what`` begins its progress lines (default
+        ``label``), e.g. ``"attack 2x2 square"``."""
         bars: dict[str, TaskID] = {}
+        lines: dict[str, ProgressLines] = {}
 
         def update(stage: str, done: int, total: int) -> None:
+            self._header()
             if stage not in bars:
                 bars[stage] = self._progress.add_task(f"{label}: {stage}", total=max(total, 1))
+                lines[stage] = ProgressLines(self._console, enabled=self._lines)
             self._progress.update(bars[stage], completed=done, total=max(total, 1))
+            lines[stage].update(f"{what or label}: {stage}", done, total, "rows")
 
         return update
 
@@ -164,6 +198,14 @@ def warn_below_chance(console: Console, clean_accuracy: Optional[float], num_cla
     warning = chance_warning(clean_accuracy, num_classes)
     if warning is not None:
         console.print(warning, highlight=False, markup=False, soft_wrap=True)
+
+
+def data_header(dataset: Any) -> str:
+    """The run header's line about the images, e.g. ``"data: sample:test images 0-99 (100; MNIST test
+    digits, held out)"``: which split they are, and plainly when they are training images."""
+    notes = {"test": "test split, held out", "train": "training images: not held out"}
+    note = "MNIST test digits, held out" if dataset.name == "sample:test" else notes.get(dataset.split or "")
+    return f"data: {dataset.span()} ({len(dataset)}{'; ' + note if note else ''})"
 
 
 def seconds(value: Optional[float]) -> str:

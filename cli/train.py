@@ -17,13 +17,17 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import click
 
 from . import _choices as choices
 from ._console import InputError, console, err_console, library_warnings_silenced, param_as, parse_floats
+from ._progress import ProgressLines, clock, remaining
 from .launch import NPROC_HELP, is_primary, launch_or_none
+
+if TYPE_CHECKING:  # --help imports no torch
+    from lirpa_patch.train.plan import Warmup
 
 _STRATEGY_HELP = (
     "Which locations the loss bounds: 'all' (every location, eq. 11-12), 'random' (--patches "
@@ -51,15 +55,25 @@ def _parse_pool(value: str) -> tuple[int, ...]:
     return pool
 
 
+def _scaled(preset: Optional["Warmup"], epochs: int) -> str:
+    """The header's note on a warm-up scaled to ``--epochs`` (:func:`lirpa_patch.train.plan.scaled_warmup`)."""
+    if preset is None:
+        return ""
+    return f" (scaled from {preset.warmup_start}+{preset.warmup} of {preset.epochs} to --epochs {epochs})"
+
+
 class _Display:
-    """The live view: one table row per epoch (printed as it completes) and a progress line."""
+    """The live view: one table row per epoch (printed as it completes) and a progress line with
+    the batches done and the ETA of the epoch and of the run; when stderr is no terminal
+    (``lines``), a plain progress line on it now and then instead
+    (:class:`~lirpa_patch_cli._progress.ProgressLines`)."""
 
     _COLUMNS = [
         ("epoch", 7), ("str.", 4), ("lr", 7), ("loss", 6), ("nat", 6), ("U-net", 6),
         ("acc", 6), ("cert*", 6), ("val acc", 7), ("val cert", 8), ("time", 5),
     ]
 
-    def __init__(self, enabled: bool, epochs: int, strategy: str) -> None:
+    def __init__(self, enabled: bool, epochs: int, strategy: str, *, lines: bool = False) -> None:
         from rich.live import Live
         from rich.text import Text
 
@@ -69,6 +83,18 @@ class _Display:
         self._text = Text("")
         self._live = Live(self._text, console=console, transient=True, refresh_per_second=4) if enabled else None
         self._last = 0.0
+        self._lines = ProgressLines(err_console, enabled=lines)
+        self._first_epoch: Optional[int] = None  # the epoch the run starts at (a resumed run: after 1)
+        self._epoch_started = time.monotonic()
+
+    def _etas(self, event) -> tuple[str, str]:
+        """The ETA of the epoch and of the run, at the rate so far (``"-"`` before the first batch)."""
+        now = time.monotonic()
+        epoch = remaining(now - self._epoch_started, event.batch, event.num_batches)
+        first = self._first_epoch or 0
+        done = (event.epoch - 1 - first) * event.num_batches + event.batch
+        run = remaining(now - self._lines.started, done, (event.epochs - first) * event.num_batches)
+        return tuple("-" if eta is None else clock(eta) for eta in (epoch, run))  # type: ignore[return-value]
 
     def _table(self, rows: list[list[str]], header: bool):
         from rich import box
@@ -82,6 +108,8 @@ class _Display:
         return table
 
     def __enter__(self) -> "_Display":
+        self._lines.restart()
+        self._epoch_started = time.monotonic()
         if self._live is not None:
             self._live.__enter__()
             self._live.console.print(self._table([], header=True))
@@ -97,6 +125,19 @@ class _Display:
             )
 
     def event(self, event) -> None:
+        if event.kind == "epoch":
+            self._epoch_started = time.monotonic()
+        else:
+            if self._first_epoch is None:
+                self._first_epoch = event.epoch - 1
+            last = event.epoch == event.epochs and event.batch == event.num_batches
+            if self._lines.due(finished=last):
+                epoch_eta, run_eta = self._etas(event)
+                self._lines.print(
+                    f"train epoch {event.epoch}/{event.epochs}: {event.batch}/{event.num_batches} batches, "
+                    f"{100.0 * event.batch / max(1, event.num_batches):.0f}%, strength {event.strength:.3f}, "
+                    f"loss {event.loss:.4f}, {clock(self._lines.elapsed)} elapsed, epoch ETA {epoch_eta}, "
+                    f"run ETA {run_eta}", finished=last)
         if not self.enabled:
             return
         if event.kind == "batch":
@@ -104,9 +145,10 @@ class _Display:
             if now - self._last < 0.2 and event.batch != event.num_batches:
                 return
             self._last = now
+            epoch_eta, run_eta = self._etas(event)
             self._text.plain = (
                 f"epoch {event.epoch}/{event.epochs} [{self.strategy}]  batch {event.batch}/{event.num_batches}  "
-                f"strength {event.strength:.3f}  loss {event.loss:.4f}"
+                f"strength {event.strength:.3f}  loss {event.loss:.4f}  epoch ETA {epoch_eta}  run ETA {run_eta}"
             )
             self._live.refresh()
             return
@@ -164,9 +206,11 @@ class _Display:
               help="Defaults of App. A.1: mnist (lr 5e-4, 100 epochs, 1 natural + 61 warm-up), cifar (lr 1e-3, "
               "200 epochs, 10 natural + 121 warm-up, CIFAR-10 normalization, crop 4 + flip).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, show_default="preset", help="Epochs.")
-@click.option("--warmup", type=click.IntRange(min=0), default=None, show_default="preset",
+@click.option("--warmup", type=click.IntRange(min=0), default=None,
+              show_default="preset; with --epochs below the preset's, scaled to the same fraction of the run",
               help="Epochs over which the patch interval grows linearly (per batch) from [x, x] to the full range.")
-@click.option("--warmup-start", type=click.IntRange(min=0), default=None, show_default="preset",
+@click.option("--warmup-start", type=click.IntRange(min=0), default=None,
+              show_default="preset; scaled like --warmup",
               help="Epochs of natural training before the warm-up.")
 @click.option("--lr", type=float, default=None, show_default="preset", help="Adam learning rate.")
 @click.option("--lr-step", type=click.IntRange(min=0), default=10,
@@ -307,14 +351,16 @@ def train(**opts: Any) -> None:
         f"[bold]train[/] {arch['name']} (width {setup.width}, {arch['num_classes']} classes) | "
         + (f"any {config.sparse} pixels | " if config.sparse else
            f"patch {config.patch} {config.shape} ({len(trainer.locations)} locations) | ")
-        + f"{trainer.strategy.describe()} | {config.epochs} epochs, warm-up {config.warmup_start}+{config.warmup}, "
-        f"lr {config.lr:g}" + (f" | resuming at epoch {trainer.epoch}" if plan.resuming else ""),
+        + f"{trainer.strategy.describe()} | {config.epochs} epochs, warm-up {config.warmup_start}+{config.warmup}"
+        + _scaled(setup.warmup_scaled_from, config.epochs)
+        + f", lr {config.lr:g}" + (f" | resuming at epoch {trainer.epoch}" if plan.resuming else ""),
         highlight=False,
     )
     if group is not None:
         err_console.print(f"{group.world_size} processes ({group.backend}): each batch of {config.batch_size} "
                           "images is split between them", highlight=False)
-    display = _Display(not opts["quiet"] and primary, config.epochs, trainer.strategy.describe())
+    display = _Display(not opts["quiet"] and primary, config.epochs, trainer.strategy.describe(),
+                       lines=not opts["quiet"] and primary and not err_console.is_terminal)
 
     # 4. train (checkpoint after every epoch, by rank 0), evaluate, export
     if primary:

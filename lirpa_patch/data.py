@@ -100,6 +100,9 @@ class Dataset:
         num_classes: the number of classes of the source when the format fixes it
             (10 for the sample, MNIST and CIFAR-10, whose labels are checked to be
             0-9), None for an ``.npz`` file.
+        split: ``"test"`` or ``"train"``: the split of the sample, an MNIST IDX or a
+            CIFAR-10 directory the images come from; None for an ``.npz`` file (a file
+            records no split).
     """
 
     images: torch.Tensor
@@ -107,6 +110,7 @@ class Dataset:
     name: str
     indices: torch.Tensor
     num_classes: Optional[int] = None
+    split: Optional[str] = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -118,6 +122,11 @@ class Dataset:
             f"image_shape={tuple(self.images.shape[1:])}, "
             f"indices={first}..{first + len(self) - 1})"
         )
+
+    def span(self) -> str:
+        """Where the images come from, e.g. ``"sample:test images 0-99"`` or ``"data.npz image 4"``."""
+        first, last = int(self.indices[0]), int(self.indices[-1])
+        return f"{self.name} images {first}-{last}" if len(self) > 1 else f"{self.name} image {first}"
 
 
 def load_dataset(
@@ -150,8 +159,8 @@ def load_dataset(
         x, y = _load_sample(split)
         name, classes = f"{_SAMPLE}:{split}", 10
     else:
-        x, y, name = _load_path(source)
-        if name.startswith(("mnist:", "cifar10:")):
+        x, y, name, split = _load_path(source)
+        if split is not None:  # an MNIST or CIFAR-10 directory
             classes = 10
     x = _to_nchw(x, name)
     _check_labels(y, len(x), name, classes)
@@ -168,6 +177,7 @@ def load_dataset(
         name=name,
         indices=torch.arange(start, stop, dtype=torch.int64),
         num_classes=classes,
+        split=split,
     )
 
 
@@ -261,8 +271,9 @@ def _load_sample(split: str) -> tuple[np.ndarray, np.ndarray]:
         ) from None
 
 
-def _load_path(source: Union[str, os.PathLike]) -> tuple[np.ndarray, np.ndarray, str]:
-    """Dispatch a path (optionally ``dir:train``/``dir:test``) to its reader."""
+def _load_path(source: Union[str, os.PathLike]) -> tuple[np.ndarray, np.ndarray, str, Optional[str]]:
+    """Dispatch a path (optionally ``dir:train``/``dir:test``) to its reader: ``x``, ``y``, the
+    name and the split read (None for a file)."""
     try:
         text = os.fsdecode(source)
     except TypeError:
@@ -289,7 +300,7 @@ def _load_path(source: Union[str, os.PathLike]) -> tuple[np.ndarray, np.ndarray,
             x, y = _read_npz(f, str(path))
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return x, y, path.name
+    return x, y, path.name, None
 
 
 def _read_npz(f: BinaryIO, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -314,8 +325,9 @@ def _read_npz(f: BinaryIO, what: str) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"{what} has a corrupt array ({first_line(exc)})") from None
 
 
-def _load_dir(path: Path, split: Optional[str]) -> tuple[np.ndarray, np.ndarray, str]:
-    """An MNIST IDX or CIFAR-10 directory; ``split`` None prefers test over train."""
+def _load_dir(path: Path, split: Optional[str]) -> tuple[np.ndarray, np.ndarray, str, str]:
+    """An MNIST IDX or CIFAR-10 directory (``x``, ``y``, name, split read); ``split`` None prefers test
+    over train."""
     mnist = {s: _find_mnist(path, s) for s in _SPLITS}
     available = [s for s in _SPLITS if mnist[s] != (None, None)]
     if available:
@@ -334,7 +346,7 @@ def _load_dir(path: Path, split: Optional[str]) -> tuple[np.ndarray, np.ndarray,
             raise DataError(f"{images} should hold (N, H, W) images, got shape {x.shape}")
         if y.ndim != 1:
             raise DataError(f"{labels} should hold (N,) labels, got shape {y.shape}")
-        return x, y, f"mnist:{chosen}"
+        return x, y, f"mnist:{chosen}", chosen
     for sub in _CIFAR_SUBDIRS:
         root = path / sub
         if any((root / b).is_file() for b in ("test_batch",) + _CIFAR_TRAIN):
@@ -389,22 +401,22 @@ def _read_idx(path: Path) -> np.ndarray:
     return data.astype(dtype.newbyteorder("="))  # native byte order, writable copy
 
 
-def _load_cifar(root: Path, split: Optional[str]) -> tuple[np.ndarray, np.ndarray, str]:
-    """CIFAR-10 batches in ``root``: ``x`` (N, 3, 32, 32) uint8, ``y`` (N,)."""
+def _load_cifar(root: Path, split: Optional[str]) -> tuple[np.ndarray, np.ndarray, str, str]:
+    """CIFAR-10 batches in ``root``: ``x`` (N, 3, 32, 32) uint8, ``y`` (N,), the name and the split read."""
     has_test = (root / "test_batch").is_file()
     chosen = split or ("test" if has_test else "train")
     if chosen == "test":
         if not has_test:
             raise DataError(f"{root} has no CIFAR-10 test_batch")
         x, y = _read_cifar_batch(root / "test_batch")
-        return x, y, "cifar10:test_batch"
+        return x, y, "cifar10:test_batch", "test"
     missing = [b for b in _CIFAR_TRAIN if not (root / b).is_file()]
     if missing:
         raise DataError(f"{root} lacks CIFAR-10 training batch(es) {', '.join(missing)}")
     parts = [_read_cifar_batch(root / b) for b in _CIFAR_TRAIN]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
-    return x, y, "cifar10:data_batch_1-5"
+    return x, y, "cifar10:data_batch_1-5", "train"
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

@@ -421,3 +421,33 @@ def test_cifar_batch_without_labels_is_a_data_error(tmp_path):
     (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8)}))
     with pytest.raises(DataError, match="needs keys 'data' and 'labels'"):
         load_dataset(tmp_path)
+
+
+# --- the split a dataset records ---------------------------------------------
+
+
+@pytest.mark.parametrize("source, split", [("sample", "test"), ("sample:test", "test"), ("sample:train", "train")])
+def test_the_sample_records_its_split(source, split):
+    assert load_dataset(source, num=2).split == split
+
+
+def test_a_directory_records_the_split_it_read(tmp_path):
+    x, y = np.zeros((3, 28, 28), np.uint8), np.arange(3)
+    _write_idx(tmp_path, "train", x, y)
+    _write_idx(tmp_path, "t10k", x, y)
+    assert (load_dataset(tmp_path).split, load_dataset(f"{tmp_path}:train").split) == ("test", "train")
+
+
+def test_a_cifar_directory_records_the_split_it_read(tmp_path):
+    x, y = np.zeros((2, 3, 32, 32), np.uint8), np.arange(2)
+    _write_cifar_batch(tmp_path / "test_batch", x, y)
+    assert load_dataset(tmp_path).split == "test"
+
+
+def test_an_npz_file_records_no_split(tmp_path):
+    assert load_dataset(_ok_npz(tmp_path)).split is None
+
+
+def test_span_names_the_source_and_the_image_indices():
+    assert load_dataset("sample", start=4, num=3).span() == "sample:test images 4-6"
+    assert load_dataset("sample:train", start=4, num=1).span() == "sample:train image 4"

@@ -13,6 +13,7 @@ from lirpa_patch.train import (
     plan_from_options,
     train_val_split,
 )
+from lirpa_patch.train.plan import Warmup, scaled_warmup
 from lirpa_patch.train.splits import SELECTION_KEYS
 
 SAMPLE = {"data": "sample", "num": 40, "val_num": 8}
@@ -160,3 +161,50 @@ def test_a_continued_runs_trainer_starts_where_the_checkpoint_stopped():
     state = _checkpoint()
     trainer = _setup(plan_from_checkpoint(state, epochs=2)).trainer()
     assert trainer.epoch == 1 and isinstance(trainer.config, TrainConfig)
+
+
+# --------------------------------------------------------------------------- the warm-up scaled to --epochs
+
+MNIST_WARMUP = Warmup(warmup_start=1, warmup=61, epochs=100)
+
+
+def test_epochs_alone_scale_the_presets_warmup_to_the_same_fraction_of_the_run():
+    setup = _setup(plan_from_options(SAMPLE, epochs=10))
+    assert (setup.config.warmup_start, setup.config.warmup) == (1, 6)
+    assert setup.warmup_scaled_from == MNIST_WARMUP
+
+
+def test_a_warmup_given_is_kept_as_given():
+    setup = _setup(plan_from_options(SAMPLE, epochs=10, warmup=3))
+    assert (setup.config.warmup_start, setup.config.warmup, setup.warmup_scaled_from) == (1, 3, None)
+
+
+def test_a_warmup_start_given_keeps_the_presets_warmup():
+    setup = _setup(plan_from_options(SAMPLE, epochs=10, warmup_start=2))
+    assert (setup.config.warmup_start, setup.config.warmup, setup.warmup_scaled_from) == (2, 61, None)
+
+
+def test_the_presets_own_epochs_keep_its_warmup():
+    setup = _setup(plan_from_options(SAMPLE))
+    assert (setup.config.warmup_start, setup.config.warmup, setup.warmup_scaled_from) == (1, 61, None)
+
+
+@pytest.mark.parametrize("epochs", range(1, 100))
+def test_a_scaled_warmup_reaches_full_strength_before_the_last_epoch(epochs):
+    scaled = scaled_warmup(MNIST_WARMUP, epochs)
+    assert scaled.warmup_start + scaled.warmup <= max(0, epochs - 1)
+
+
+@pytest.mark.parametrize("epochs, expected", [(1, (0, 0)), (2, (0, 1)), (5, (1, 3)), (50, (1, 31))])
+def test_a_short_run_scales_the_natural_epochs_then_the_ramp(epochs, expected):
+    assert tuple(scaled_warmup(MNIST_WARMUP, epochs))[:2] == expected
+
+
+def test_a_run_longer_than_the_presets_keeps_its_warmup():
+    assert scaled_warmup(MNIST_WARMUP, 150) == Warmup(1, 61, 150)
+
+
+def test_a_continued_run_keeps_its_checkpoints_scaled_warmup_for_more_epochs():
+    trainer = _setup(plan_from_options(SAMPLE, architecture="mlp", width=4, epochs=2, eval_every=0)).trainer()
+    setup = _setup(plan_from_checkpoint(trainer.state_dict(), epochs=10))
+    assert (setup.config.warmup_start, setup.config.warmup, setup.warmup_scaled_from) == (0, 1, None)

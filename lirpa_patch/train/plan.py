@@ -13,6 +13,10 @@ A plan is decided in two steps, because the data decides part of it:
    checkpoint keeps, from which :meth:`TrainSetup.trainer` builds the model and its
    :class:`~lirpa_patch.train.trainer.Trainer`.
 
+A new run given ``epochs`` but neither ``warmup`` nor ``warmup_start`` scales the preset's
+warm-up to the same fraction of its epochs (:func:`scaled_warmup`), so that a short run still
+reaches full patch strength; :attr:`TrainSetup.warmup_scaled_from` says so.
+
 A continued run takes everything from its checkpoint (data selection, configuration,
 architecture, normalization) except what does not change its results: the number of
 epochs, the chunk size and the device.
@@ -29,8 +33,9 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -39,13 +44,41 @@ from ..models.adapter import ImageModel
 from ..models.architectures import DEFAULT_WIDTHS, build_architecture
 from ..shapes import check_pixels
 from .config import TrainConfig, config_from_dict
-from .presets import preset_for, preset_normalization
+from .presets import PRESETS, preset_for, preset_normalization
 from .splits import SELECTION_KEYS, TrainSplits, saved_selection
 from .trainer import Trainer
 
 RESUME_OVERRIDES: tuple[str, ...] = ("epochs", "chunk_size", "device")
 """The :class:`TrainConfig` fields a continued run may change: none of them changes its results
 beyond training longer."""
+
+
+class Warmup(NamedTuple):
+    """A warm-up schedule: ``warmup_start`` natural epochs, then a ``warmup``-epoch ramp, in a run
+    of ``epochs`` epochs."""
+
+    warmup_start: int
+    warmup: int
+    epochs: int
+
+
+def scaled_warmup(preset: Warmup, epochs: int) -> Warmup:
+    """The warm-up of ``preset`` scaled to a run of ``epochs`` epochs (the same fraction of the run).
+
+    Each part is rounded half up; a part the preset has keeps at least one epoch, and the
+    natural epochs, then the ramp, shrink until the run ends with at least one epoch at full
+    strength (a one-epoch run: full strength at once). A run at least as long as the
+    preset's keeps its warm-up. The same ``(preset, epochs)`` always gives the same schedule.
+
+    Example: the mnist preset's 1 + 61 of 100 epochs is 1 + 6 of 10, 0 + 1 of 2.
+    """
+    if epochs >= preset.epochs:
+        return Warmup(preset.warmup_start, preset.warmup, epochs)
+    start, ramp = (max(1 if part > 0 else 0, math.floor(part * epochs / preset.epochs + 0.5))
+                   for part in (preset.warmup_start, preset.warmup))
+    excess = max(0, start + ramp - (epochs - 1))
+    start, excess = start - min(start, excess), excess - min(start, excess)
+    return Warmup(start, ramp - excess, epochs)
 
 
 @dataclass(frozen=True)
@@ -93,13 +126,15 @@ class TrainPlan:
                 :class:`TrainConfig` field), an unknown preset (``param="preset"``) or a
                 normalization that does not fit the images (``param="mean"``/``"std"``).
         """
-        if self.checkpoint is not None:
+        scaled_from: Optional[Warmup] = None
+        if self.checkpoint is not None:  # its schedule as it was (never scaled again)
             config = config_from_dict(self.checkpoint["config"], **self.config)
             architecture = dict(self.checkpoint["meta"]["architecture"])
         else:
             channels = int(splits.train.images.shape[1])
             preset = preset_for(channels, self.preset)
-            config = TrainConfig.for_dataset(preset, **self.config)
+            options, scaled_from = self._warmup(preset)
+            config = TrainConfig.for_dataset(preset, **options)
             mean, std = preset_normalization(preset, channels, self.mean, self.std)
             architecture = {
                 "name": self.architecture, "width": self.width, "in_channels": channels,
@@ -109,7 +144,20 @@ class TrainPlan:
             }
         config.validate()
         return TrainSetup(config, architecture, {"architecture": architecture, "data_selection": splits.selection},
-                          splits, self.checkpoint)
+                          splits, self.checkpoint, scaled_from)
+
+    def _warmup(self, preset: str) -> tuple[dict[str, Any], Optional[Warmup]]:
+        """The config options with the preset's warm-up scaled to ``epochs`` when only ``epochs`` is
+        chosen (:func:`scaled_warmup`), and the preset's warm-up when it was scaled (else None)."""
+        chosen = self.config
+        if "epochs" not in chosen or "warmup" in chosen or "warmup_start" in chosen:
+            return dict(chosen), None
+        values = PRESETS[preset]
+        original = Warmup(values["warmup_start"], values["warmup"], values["epochs"])
+        scaled = scaled_warmup(original, chosen["epochs"])
+        if (scaled.warmup_start, scaled.warmup) == (original.warmup_start, original.warmup):
+            return dict(chosen), None
+        return {**chosen, "warmup_start": scaled.warmup_start, "warmup": scaled.warmup}, original
 
 
 @dataclass(frozen=True)
@@ -125,6 +173,9 @@ class TrainSetup:
             and the resolved ``data_selection``.
         splits: the training and validation images.
         checkpoint: the state to continue from, or None.
+        warmup_scaled_from: the preset's warm-up when this run's was scaled to its
+            ``epochs`` (:func:`scaled_warmup`), else None (given, the preset's, or a
+            checkpoint's).
     """
 
     config: TrainConfig
@@ -132,6 +183,7 @@ class TrainSetup:
     meta: dict[str, Any]
     splits: TrainSplits
     checkpoint: Optional[dict] = None
+    warmup_scaled_from: Optional[Warmup] = None
 
     @property
     def width(self) -> int:
@@ -181,7 +233,8 @@ def plan_from_options(
             missing or None: :func:`train_val_split`'s defaults).
         architecture, width, preset, mean, std: see :class:`TrainPlan`.
         config: :class:`TrainConfig` fields; a field given as None takes the preset's value
-            (``epochs``, ``lr``, ...) or the default.
+            (``epochs``, ``lr``, ...) or the default. ``epochs`` given without ``warmup`` and
+            ``warmup_start`` scales the preset's warm-up to it (:func:`scaled_warmup`).
 
     Raises:
         UsageError: an unknown :class:`TrainConfig` field (``param`` names it), or a patch

@@ -72,14 +72,9 @@ class TrainSplits:
             self.val.num_classes if self.val is not None else None)
 
 
-def _span(ds: Dataset) -> str:
-    first, last = int(ds.indices[0]), int(ds.indices[-1])
-    return f"{ds.name} images {first}-{last} ({len(ds)}" if len(ds) > 1 else f"{ds.name} image {first} (1"
-
-
 def _subset(ds: Dataset, part: slice) -> Dataset:
     return Dataset(images=ds.images[part], labels=ds.labels[part], name=ds.name, indices=ds.indices[part],
-                   num_classes=ds.num_classes)
+                   num_classes=ds.num_classes, split=ds.split)
 
 
 def _load(source: Source, start: int, num: Optional[int], names: dict[str, str]) -> Dataset:
@@ -158,8 +153,8 @@ def train_val_split(
         val = _subset(train, slice(len(train) - val_size, None)) if val_size else None
         train = _subset(train, slice(0, len(train) - val_size))
         why = "held out from the training images"
-    description = f"training: {_span(train)})"
-    description += f"; validation: {_span(val)}, {why})" if val is not None else "; no validation"
+    description = f"training: {train.span()} ({len(train)})"
+    description += f"; validation: {val.span()} ({len(val)}, {why})" if val is not None else "; no validation"
     return TrainSplits(train=train, val=val, selection=selection, description=description)
 
 
