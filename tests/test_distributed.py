@@ -308,7 +308,7 @@ def test_a_failing_rank_stops_the_job_with_one_line_naming_it_and_no_report(tmp_
 
 
 TRAIN = ["train", "--data", "sample", "--num", "240", "--val-size", "40", "--batch-size", "60", "--eval-images", "40",
-         "--quiet"]
+         "--warmup-start", "1", "--quiet"]  # the preset's schedule (not scaled to --epochs): epoch 1 natural, 2 robust
 
 
 @pytest.fixture(scope="module")
