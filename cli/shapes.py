@@ -45,7 +45,7 @@ def shape_rows(names: Sequence[str], patch: str, image_size: tuple[int, int]) ->
         rows.append(
             {
                 "shape": name,
-                "variants": [f"{int(v.shape[0])}x{int(v.shape[1])}" for v in shape.variants],
+                "variants": shape.variant_sizes,
                 "pixel_count": shape.pixel_count,
                 "pixel_text": shape.pixel_text(),
                 "exact": shape.exact,

@@ -453,10 +453,7 @@ def _ibp_pass(bounded, threat, images, labels, tracker, todo: list[int], *, num_
     """
     device = images.device
     n_rows = threat.rows_per_image
-    block = _block_size(groups, threat, "ibp")
-    if groups == "auto" and len(todo) < 2:
-        block = 0  # "auto" decides on half the images: with one image, every location
-    levels = threat.block_levels(block) if block else None
+    block, levels = _block_levels(groups, threat, "ibp", len(todo))
     row_chunk = min(n_rows, chunk_size)
     img_chunk = max(1, chunk_size // row_chunk)
     done_images, done_rows, bounded_rows, grouped_images, grouped_rows = 0, 0, 0, 0, 0
@@ -495,17 +492,21 @@ def _ibp_pass(bounded, threat, images, labels, tracker, todo: list[int], *, num_
     return block if grouped_images else 0, grouped_images, bounded_rows
 
 
-def _block_size(groups, threat: Threat, method: str) -> int:
-    """The location-group block size to use (0: none, also for a threat without groups)."""
+def _block_levels(groups, threat: Threat, method: str, n_images: int) -> tuple[int, Optional[list]]:
+    """The location-group block size to use and its levels (``(0, None)``: none, also for a threat
+    without groups); ``n_images`` the images to bound."""
     if groups in (None, False, 0):
-        return 0
+        return 0, None
     if groups == "auto":
-        block = 2 if method == "ibp" and threat.rows_per_image >= 16 else 0
+        if method != "ibp" or threat.rows_per_image < 16 or n_images < 2:
+            return 0, None  # "auto" decides on half the images: with one image, every location
+        block = 2
     elif isinstance(groups, bool) or not isinstance(groups, int) or groups < 2 or groups & (groups - 1):
         raise UsageError(f"groups must be 'auto', None or a power of two >= 2, got {groups!r}", param="groups")
     else:
         block = groups
-    return block if block and threat.block_levels(block) is not None else 0
+    levels = threat.block_levels(block)
+    return (block, levels) if levels is not None else (0, None)
 
 
 SPARSE_CHUNK = 256

@@ -210,10 +210,10 @@ def evaluate_sparse(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 # --------------------------------------------------------------------------- reports
 
 
-def _threat_fields(threat: Optional[Threat], keys: Sequence[str]) -> dict[str, Any]:
+def _threat_fields(threat: Threat, keys: Sequence[str]) -> dict[str, Any]:
     """``keys`` of the threat's report fields (None where it has none), plus any field of its own
     that ``keys`` does not know (a threat of another kind)."""
-    fields = threat.report_fields() if threat is not None else {}
+    fields = threat.report_fields()
     known = {"patch", "shape", "sparse_k", "shape_variants", "pixel_count", "pixel_counts", "requested_pixel_count",
              "num_locations", "sparse_fallback"}
     return {**{key: fields.get(key) for key in keys}, **{k: v for k, v in fields.items() if k not in known}}

@@ -337,7 +337,7 @@ def shape_summary(result: CertifyResult) -> dict[str, Any]:
     shape = result.shape
     return {
         "shape": shape.name,
-        "shape_variants": [f"{int(v.shape[0])}x{int(v.shape[1])}" for v in shape.variants],
+        "shape_variants": shape.variant_sizes,
         "pixel_count": shape.pixel_count,
         "pixel_counts": list(shape.pixel_counts),
         "requested_pixel_count": int(shape.requested_pixels),

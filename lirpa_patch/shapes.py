@@ -96,6 +96,11 @@ class PatchShape:
         """Whether every variant has exactly the requested pixel count."""
         return all(c == self.requested_pixels for c in self.pixel_counts)
 
+    @property
+    def variant_sizes(self) -> list[str]:
+        """``"hxw"`` of each variant, e.g. ``["1x4", "4x1"]``."""
+        return [f"{int(v.shape[0])}x{int(v.shape[1])}" for v in self.variants]
+
     def pixel_text(self) -> str:
         """``"4"`` or, for variants of different sizes, ``"26-28"``."""
         low, high = min(self.pixel_counts), max(self.pixel_counts)
@@ -103,8 +108,7 @@ class PatchShape:
 
     def describe(self) -> str:
         """Human-readable summary, e.g. ``"line 1x4, 4x1 (4 px)"``."""
-        dims = ", ".join(f"{v.shape[0]}x{v.shape[1]}" for v in self.variants)
-        return f"{self.name} {dims} ({self.pixel_text()} px)"
+        return f"{self.name} {', '.join(self.variant_sizes)} ({self.pixel_text()} px)"
 
 
 MAX_PATCH_PIXELS = 1 << 24

@@ -837,7 +837,12 @@ class PatchThreat(Threat):
     def value(self) -> str:
         if self.size is None or self.shape.name == "custom":
             return f"{self.shape.pixel_count} px"
-        return f"{self.size[0]}x{self.size[1]}"
+        return self._size_text
+
+    @property
+    def _size_text(self) -> Optional[str]:
+        """``size`` as ``"HxW"`` (None when not given)."""
+        return None if self.size is None else f"{self.size[0]}x{self.size[1]}"
 
     @property
     def location_set(self) -> Optional[Locations]:
@@ -873,7 +878,7 @@ class PatchThreat(Threat):
     def describe(self) -> dict:
         out = {"threat": "patch", "shape": self.shape.name}
         if self.size is not None:
-            out["size"] = f"{self.size[0]}x{self.size[1]}"
+            out["size"] = self._size_text
         if self.locations is not None:
             out["num_locations"] = len(self.locations)
         return out
@@ -888,9 +893,9 @@ class PatchThreat(Threat):
     def report_fields(self, extra: Optional[dict] = None) -> dict:
         shape = self.shape
         return {
-            "patch": f"{self.size[0]}x{self.size[1]}" if self.size is not None else None,
+            "patch": self._size_text,
             "shape": shape.name,
-            "shape_variants": [f"{int(v.shape[0])}x{int(v.shape[1])}" for v in shape.variants],
+            "shape_variants": shape.variant_sizes,
             "pixel_count": shape.pixel_count,
             "pixel_counts": list(shape.pixel_counts),
             "requested_pixel_count": int(shape.requested_pixels),
