@@ -38,3 +38,21 @@ def test_results_hold_a_row_with_every_field_for_every_run():
         assert FIELDS <= set(row), row["id"]
         if row["status"] == "done":
             assert row["num_test"] == 10000 and 0 <= row["certified"] <= row["empirical"] <= row["clean"] <= 1
+
+
+@pytest.mark.parametrize("run", manifest.RUNS, ids=lambda r: r.id)
+def test_a_resumed_run_keeps_its_thread_count(run):
+    import run as runner  # benchmarks/paper/run.py
+
+    cmd = runner.resume_command(run, "MNIST")
+    assert cmd[cmd.index("--threads") + 1] == run.train[run.train.index("--threads") + 1] == "1"
+    assert cmd[cmd.index("--resume") + 1].endswith(f"{run.id}/ckpt.pt")
+
+
+@pytest.mark.parametrize("run", manifest.RUNS[:3], ids=lambda r: r.id)
+def test_a_resume_command_is_one_the_cli_accepts(run):
+    import run as runner
+    from cli.train import train
+
+    context = train.make_context("train", runner.resume_command(run, "MNIST")[2:])
+    assert context.params["threads"] == 1 and context.params["resume"].endswith("ckpt.pt")

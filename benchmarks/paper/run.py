@@ -63,6 +63,18 @@ def train_command(run: Run, mnist: str) -> list[str]:
             "--checkpoint", str(folder / "ckpt.pt"), "--metrics", str(folder / "metrics.jsonl"), "--quiet"]
 
 
+RESUME_OPTIONS = ("--threads", "--chunk", "--device")
+"""Options of a run that ``train --resume`` takes from the command line, not from the checkpoint."""
+
+
+def resume_command(run: Run, mnist: str) -> list[str]:
+    """The command that continues ``run`` from its checkpoint: the outputs, and the run's
+    :data:`RESUME_OPTIONS` (without ``--threads 1`` a resumed run would use every core)."""
+    cmd = train_command(run, mnist)
+    kept = [a for i, opt in enumerate(run.train) if opt in RESUME_OPTIONS for a in run.train[i:i + 2]]
+    return [*cmd[:2], "--resume", str(RUNS_DIR / run.id / "ckpt.pt"), *kept, *cmd[cmd.index("--out"):]]
+
+
 def train(run: Run, mnist: str) -> None:
     folder = RUNS_DIR / run.id
     if (folder / "model.onnx").exists():
@@ -72,7 +84,7 @@ def train(run: Run, mnist: str) -> None:
     exe = [str(ROOT / ".venv" / "bin" / "lirpa-patch")] if (ROOT / ".venv" / "bin" / "lirpa-patch").exists() else \
         [sys.executable, "-m", "lirpa_patch_cli"]
     if (folder / "ckpt.pt").exists():
-        cmd = [*cmd[:2], "--resume", str(folder / "ckpt.pt"), *cmd[cmd.index("--out"):]]
+        cmd = resume_command(run, mnist)
     with open(folder / "lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # one process per run folder
@@ -85,6 +97,12 @@ def train(run: Run, mnist: str) -> None:
 
 def _test_setup(run: Run, mnist: str, num: int):
     """``(model, test digits, threat keywords)`` of a trained run, one torch thread, freed memory kept."""
+    return load_for_test(RUNS_DIR / run.id / "model.onnx", run.threat, f"{mnist}:test", num=num)
+
+
+def load_for_test(path: Path, threat: str, source: str, start: int = 0, num: Optional[int] = NUM_TEST):
+    """``(model, digits, threat keywords)``: the ONNX model at ``path``, digits ``start..`` of ``source``
+    (e.g. ``DIR:test``), and ``threat`` (``"2x2"``, ``"k=4"``) as ``certify`` keywords; one torch thread."""
     import torch
 
     from lirpa_patch.data import load_dataset
@@ -93,19 +111,25 @@ def _test_setup(run: Run, mnist: str, num: int):
 
     keep_freed_memory()
     torch.set_num_threads(1)
-    data = load_dataset(f"{mnist}:test", num=num)
-    model = image_model(load_model(RUNS_DIR / run.id / "model.onnx"), image_shape=(1, 28, 28))
-    threat = {"k": int(run.threat[2:])} if run.threat.startswith("k=") else {"size": run.threat}
-    return model, data, threat
+    data = load_dataset(source, start=start, num=num)
+    model = image_model(load_model(path), image_shape=(1, 28, 28))
+    keywords = {"k": int(threat[2:])} if threat.startswith("k=") else {"size": threat}
+    return model, data, keywords
 
 
 def evaluate(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
     """Certify every test digit, attack the correct uncertified ones; write ``eval.json``."""
-    folder = RUNS_DIR / run.id
-    out = folder / "eval.json"
+    out = RUNS_DIR / run.id / "eval.json"
     if out.exists():
         return json.loads(out.read_text())
-    model, data, threat = _test_setup(run, mnist, num)
+    summary = evaluate_model(*_test_setup(run, mnist, num))
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def evaluate_model(model, data, threat: dict) -> dict:
+    """Clean, certified (IBP) and empirical accuracy of ``model`` on ``data``: every image is
+    certified, and the correct uncertified ones are attacked (``threat``: ``certify`` keywords)."""
     import torch
 
     from lirpa_patch import certify
@@ -125,14 +149,12 @@ def evaluate(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
         broken = sum(1 for r in result.images if r.correct and r.success)
     attack_seconds = time.process_time() - start
     n = len(cert.images)
-    summary = {
+    return {
         "num_test": n, "clean": int(correct.sum()) / n, "certified": int(certified.sum()) / n,
         "empirical": (int(correct.sum()) - broken) / n, "attacked": len(todo), "broken": broken,
         "certify_cpu_seconds": certify_seconds, "attack_cpu_seconds": attack_seconds,
         "method": "ibp", "device": f"cpu: {_cpu()} (1 thread)",
     }
-    out.write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
 
 
 def tighter(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
