@@ -36,6 +36,7 @@ _choices = _load()
 ARCHITECTURES: tuple[str, ...] = _choices.ARCHITECTURES
 STRATEGIES: tuple[str, ...] = _choices.STRATEGIES
 PRESETS: tuple[str, ...] = _choices.PRESETS
+INITS: tuple[str, ...] = _choices.INITS
 METHODS: tuple[str, ...] = _choices.METHODS
 INTERMEDIATE: tuple[str, ...] = _choices.INTERMEDIATE
 LAYOUTS: tuple[str, ...] = _choices.LAYOUTS

@@ -223,6 +223,10 @@ class _Display:
               help="Normalization mean, folded into the exported model (cifar preset: CIFAR-10's); give --std too.")
 @click.option("--std", default=None, metavar="S[,S,S]", show_default="preset",
               help="Normalization std; give --mean too.")
+@click.option("--init", type=click.Choice(choices.INITS), default="keep", show_default=True,
+              help="Weights before training: 'keep' the architecture's own initialisation, or 'ibp' "
+                   "(Shi et al. 2021: N(0, 2*pi/fan_in^2), biases 0; interval bounds neither grow nor "
+                   "shrink with depth at the start, for a short --warmup).")
 @click.option("--crop", type=click.IntRange(min=0), default=None, show_default="preset: mnist 0, cifar 4",
               help="Random crop after zero padding by N pixels (random shifts of up to N pixels); 0: off.")
 @click.option("--flip/--no-flip", default=None, show_default="preset: cifar flips", help="Random horizontal flip.")
@@ -316,6 +320,7 @@ def train(**opts: Any) -> None:
             epochs=opts["epochs"], warmup=opts["warmup"], warmup_start=opts["warmup_start"], lr=opts["lr"],
             lr_step=opts["lr_step"], lr_decay=opts["lr_decay"], batch_size=opts["batch_size"],
             natural_weight=opts["natural_weight"], crop=opts["crop"], flip=opts["flip"], chunk_size=opts["chunk"],
+            init=opts["init"],
             eval_every=opts["eval_every"], eval_images=opts["eval_images"], seed=opts["seed"],
             device=opts["device"], sparse=opts["sparse"] or 0,
         )
@@ -353,7 +358,8 @@ def train(**opts: Any) -> None:
            f"patch {config.patch} {config.shape} ({len(trainer.locations)} locations) | ")
         + f"{trainer.strategy.describe()} | {config.epochs} epochs, warm-up {config.warmup_start}+{config.warmup}"
         + _scaled(setup.warmup_scaled_from, config.epochs)
-        + f", lr {config.lr:g}" + (f" | resuming at epoch {trainer.epoch}" if plan.resuming else ""),
+        + f", lr {config.lr:g}" + (f", {config.init} init" if config.init != "keep" else "")
+        + (f" | resuming at epoch {trainer.epoch}" if plan.resuming else ""),
         highlight=False,
     )
     if group is not None:

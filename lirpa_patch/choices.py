@@ -13,6 +13,9 @@ ARCHITECTURES: tuple[str, ...] = ("mlp", "cnn2", "cnn4", "cnn4conv11", "cnn4conv
 STRATEGIES: tuple[str, ...] = ("all", "random", "guided", "pool", "guided-per-label")
 """Training strategies (:func:`lirpa_patch.train.strategies.make_strategy`)."""
 
+INITS: tuple[str, ...] = ("keep", "ibp")
+"""Weight initialisations of a training run (:data:`lirpa_patch.train.init.INITIALISERS`)."""
+
 PRESETS: tuple[str, ...] = ("auto", "mnist", "cifar")
 """Training presets (:func:`lirpa_patch.train.presets.preset_for`; ``auto`` picks by channels)."""
 

@@ -29,6 +29,7 @@ REGISTRY_OF_OPTION = {
     "layout": choices.LAYOUTS,
     "loss": choices.LOSSES,
     "device": choices.DEVICES,
+    "init": choices.INITS,
 }
 """Which library registry each command-line option with a fixed set of choices offers."""
 
@@ -68,6 +69,12 @@ def test_every_architecture_builds(name):
 
 def test_the_strategies_are_those_make_strategy_accepts():
     assert choices.STRATEGIES == STRATEGY_NAMES
+
+
+def test_the_initialisations_are_those_the_trainer_applies():
+    from lirpa_patch.train.init import INITIALISERS
+
+    assert tuple(INITIALISERS) == choices.INITS
 
 
 def test_the_presets_are_auto_and_every_preset():

@@ -286,6 +286,13 @@ def test_warmup_start_is_natural_training(toy):
     assert m.robust_loss is None and m.rows == 0 and m.loss == pytest.approx(m.natural_loss)
 
 
+def test_an_epoch_records_its_wall_and_cpu_seconds(toy):
+    xtr, ytr, _, _ = toy
+    m = Trainer(_mlp(), _config(epochs=1), xtr, ytr).fit()[0]
+    assert m.epoch_seconds > 0 and m.epoch_cpu_seconds > 0
+    assert m.to_dict()["epoch_cpu_seconds"] == m.epoch_cpu_seconds
+
+
 # --------------------------------------------------------------------------- resume, seeds, evaluation
 
 

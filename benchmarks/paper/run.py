@@ -44,6 +44,13 @@ from manifest import BY_ID, RUNS, TRANSFER_SHAPES, Run  # noqa: E402
 
 RUNS_DIR = HERE / "runs"
 NUM_TEST = 10000
+NUM_TRAIN = 55000
+EPOCHS = 100
+"""Epochs of every run (the MNIST preset)."""
+"""Training digits per epoch (60,000 minus the 5,000 held out)."""
+PROJECTIONS = HERE / "projections.json"
+PROJECT_IMAGES = 1024
+"""Training digits of the one-epoch run that measures a run's cost (``--project``)."""
 
 
 def _cpu() -> str:
@@ -101,20 +108,26 @@ def _test_setup(run: Run, mnist: str, num: int):
 
 
 def load_for_test(path: Path, threat: str, source: str, start: int = 0, num: Optional[int] = NUM_TEST):
-    """``(model, digits, threat keywords)``: the ONNX model at ``path``, digits ``start..`` of ``source``
-    (e.g. ``DIR:test``), and ``threat`` (``"2x2"``, ``"k=4"``) as ``certify`` keywords; one torch thread."""
+    """``(model, digits, threat keywords)``: :func:`load_run_model` and digits ``start..`` of ``source``
+    (e.g. ``DIR:test``)."""
+    from lirpa_patch.data import load_dataset
+
+    model, keywords = load_run_model(path, threat)
+    return model, load_dataset(source, start=start, num=num), keywords
+
+
+def load_run_model(path: Path, threat: str):
+    """``(model, threat keywords)``: the ONNX model at ``path`` as an image model, and ``threat``
+    (``"2x2"``, ``"k=4"``) as ``certify`` keywords; one torch thread, freed memory kept."""
     import torch
 
-    from lirpa_patch.data import load_dataset
     from lirpa_patch.devices import keep_freed_memory
     from lirpa_patch.models import image_model, load_model
 
     keep_freed_memory()
     torch.set_num_threads(1)
-    data = load_dataset(source, start=start, num=num)
     model = image_model(load_model(path), image_shape=(1, 28, 28))
-    keywords = {"k": int(threat[2:])} if threat.startswith("k=") else {"size": threat}
-    return model, data, keywords
+    return model, ({"k": int(threat[2:])} if threat.startswith("k=") else {"size": threat})
 
 
 def evaluate(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
@@ -178,6 +191,31 @@ def tighter(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
     return summary
 
 
+def project(run: Run, mnist: str) -> dict:
+    """Measure one epoch of ``run`` on ``PROJECT_IMAGES`` digits at full patch strength (one thread):
+    the CPU seconds the trainer records for it (``epoch_cpu_seconds``), scaled to ``NUM_TRAIN``."""
+    import tempfile
+
+    exe = [str(ROOT / ".venv" / "bin" / "lirpa-patch")] if (ROOT / ".venv" / "bin" / "lirpa-patch").exists() else \
+        [sys.executable, "-m", "lirpa_patch_cli"]
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = Path(tmp) / "metrics.jsonl"
+        cmd = [*exe, "train", "--data", mnist, *run.train, "--num", str(PROJECT_IMAGES), "--val-size", "0",
+               "--epochs", "1", "--warmup-start", "0", "--warmup", "0", "--out", str(Path(tmp) / "m.onnx"),
+               "--metrics", str(metrics), "--quiet"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"[{run.id}] {' '.join(cmd)} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+        epoch = next(r for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "epoch")
+    seconds = epoch["epoch_cpu_seconds"]
+    return {"epoch_cpu_seconds": round(seconds * NUM_TRAIN / PROJECT_IMAGES, 1), "images": PROJECT_IMAGES,
+            "measured_cpu_seconds": round(seconds, 2), "device": f"cpu: {_cpu()} (1 thread)"}
+
+
+def projections() -> dict:
+    return json.loads(PROJECTIONS.read_text()) if PROJECTIONS.exists() else {}
+
+
 def best_square(rows: list[dict], size: str) -> Optional[dict]:
     """The finished square-trained MLP row of ``size`` with the best *validation* certified accuracy."""
     done = [r for r in rows if r["status"] == "done" and r["threat"] == size and r["arch"] == "mlp"
@@ -206,11 +244,11 @@ def transfer(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
     return summary
 
 
-def _metrics(run: Run) -> tuple[Optional[float], Optional[dict]]:
-    """Training seconds (epochs + their validation) and the final validation record."""
+def _metrics(run: Run) -> tuple[Optional[float], Optional[dict], int]:
+    """Training seconds (epochs + their validation), the final validation record and the epochs done."""
     path = RUNS_DIR / run.id / "metrics.jsonl"
     if not path.exists():
-        return None, None
+        return None, None, 0
     final = None
     epochs: dict[int, dict] = {}
     for line in path.read_text().splitlines():
@@ -220,14 +258,14 @@ def _metrics(run: Run) -> tuple[Optional[float], Optional[dict]]:
         elif record.get("kind") == "final":
             final = record
     seconds = sum(r.get("epoch_seconds", 0) + (r.get("eval_seconds") or 0) for r in epochs.values())
-    return seconds, final
+    return seconds, final, len(epochs)
 
 
 def row(run: Run, mnist: str) -> dict:
     """One row of ``results.json``."""
     folder = RUNS_DIR / run.id
     evaluation = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
-    seconds, final = _metrics(run)
+    seconds, final, epochs_done = _metrics(run)
     cmd = " ".join(shlex.quote(a) for a in train_command(run, mnist)[:-1]).replace(str(ROOT) + "/", "")
     tight = json.loads((folder / "tighter.json").read_text())["methods"] if (folder / "tighter.json").exists() else {}
     fields = {
@@ -244,7 +282,12 @@ def row(run: Run, mnist: str) -> dict:
         "device": evaluation.get("device", f"cpu: {_cpu()} (1 thread)"),
         "command": cmd, "paper_source": run.source, "note": run.note,
         "status": "done" if evaluation else ("training" if (folder / "ckpt.pt").exists() else "not started"),
+        "required": run.required, "epochs_done": epochs_done,
     }
+    projected = projections().get(run.id)
+    if projected is not None and not evaluation:
+        fields["epoch_cpu_seconds"] = projected["epoch_cpu_seconds"]
+        fields["projected_seconds"] = round(EPOCHS * projected["epoch_cpu_seconds"], 1)
     if run.strategy is not None:
         fields["strategy"] = run.strategy
     return fields
@@ -270,29 +313,49 @@ def _transfer_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _hours_cell(r: dict) -> str:
+    """Training time: measured (done, or so far), and what an unfinished run's measured epoch projects."""
+    spent = "–" if not r["train_seconds"] else f"{r['train_seconds'] / 3600:.1f} h"
+    if r.get("projected_seconds") is None:
+        return spent
+    per_epoch = f"{r['epoch_cpu_seconds']:.0f} s/epoch"
+    if spent == "–":
+        return f"~{r['projected_seconds'] / 3600:.1f} h projected ({per_epoch})"
+    left = r["projected_seconds"] * (EPOCHS - r["epochs_done"]) / EPOCHS
+    return f"{spent} so far, ~{left / 3600:.1f} h left ({per_epoch})"
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown table of ``rows``, paper beside ours."""
+    lines = ["| run | table | model | threat | strategy | paper clean | paper certified | clean | empirical | certified "
+             "| CROWN / α-CROWN | training | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        threat = r["threat"] + (f" {r['shape']}" if "shape" in r else "")
+        tight = "–" if r.get("certified_crown") is None or "shape" in r else \
+            f"{_pct(r['certified_crown'])} / {_pct(r['certified_alpha_crown'])}"
+        lines.append(f"| {r['id']} | {r['table']} | {r['arch']} | {threat} | {r.get('strategy', '–')} | "
+                     f"{_pct(r['paper_clean'])} | {_pct(r['paper_certified'])} | {_pct(r['clean'])} | "
+                     f"{_pct(r['empirical'])} | {_pct(r['certified'])} | {tight} | {_hours_cell(r)} | {r['status']} |")
+    return "\n".join(lines) + "\n"
+
+
 def collect(mnist: str, readme: bool = False) -> list[dict]:
     rows = [row(run, mnist) for run in RUNS]
     rows += _transfer_rows(rows)
     (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["| table | model | threat | strategy | paper clean | paper certified | clean | empirical | certified "
-             "| CROWN / α-CROWN | training | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        hours = "–" if r["train_seconds"] is None else f"{r['train_seconds'] / 3600:.1f} h"
-        threat = r["threat"] + (f" {r['shape']}" if "shape" in r else "")
-        tight = "–" if r.get("certified_crown") is None or "shape" in r else \
-            f"{_pct(r['certified_crown'])} / {_pct(r['certified_alpha_crown'])}"
-        lines.append(f"| {r['table']} | {r['arch']} | {threat} | {r.get('strategy', '–')} | "
-                     f"{_pct(r['paper_clean'])} | {_pct(r['paper_certified'])} | {_pct(r['clean'])} | "
-                     f"{_pct(r['empirical'])} | {_pct(r['certified'])} | {tight} | {hours} | {r['status']} |")
-    table = "\n".join(lines) + "\n"
-    (HERE / "results.md").write_text(table)
+    (HERE / "results.md").write_text(table(rows))
     if readme:  # only when asked: a background run must not rewrite a README being edited
+        shown = [r for r in rows if r.get("required", True) or r["status"] != "not started"]
+        rest = len(rows) - len(shown)
+        text = table(shown) + (f"\n{rest} more rows, not started (the CNNs and bound pooling, as far as the compute "
+                               f"allows), with their projected training time: `benchmarks/paper/results.md`.\n"
+                               if rest else "")
         path = ROOT / "README.md"
-        text = path.read_text()
+        readme_text = path.read_text()
         start, end = "<!-- paper-results:start -->\n", "<!-- paper-results:end -->"
-        if start in text and end in text:
-            head, rest = text.split(start, 1)
-            path.write_text(head + start + table + end + rest.split(end, 1)[1])
+        if start in readme_text and end in readme_text:
+            head, tail = readme_text.split(start, 1)
+            path.write_text(head + start + text + end + tail.split(end, 1)[1])
     return rows
 
 
@@ -307,6 +370,9 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true", help="evaluate runs whose model exists, train none")
     parser.add_argument("--tighter", action="store_true",
                         help="also certify the given runs' models with --method crown and alpha-crown")
+    parser.add_argument("--project", action="store_true",
+                        help="measure one epoch of the given runs (default: every unfinished one without a "
+                             "measurement) and project their 100 epochs into projections.json")
     parser.add_argument("--transfer", action="store_true",
                         help="Table 5: certify the best finished square-trained 2x2 and 5x5 models on every shape")
     args = parser.parse_args()
@@ -317,6 +383,16 @@ def main() -> None:
     if args.list:
         for r in collect(args.mnist):
             print(f"{r['id']:<22} {r['status']:<12} certified {_pct(r['certified'])}  {r['command']}")
+        return
+    if args.project:
+        found = projections()
+        rows = {r["id"]: r for r in collect(args.mnist)}
+        ids = args.ids or [i for i, r in rows.items() if r["status"] != "done" and i not in found]
+        for run_id in ids:
+            found[run_id] = project(BY_ID[run_id], mnist)
+            print(f"[{run_id}] {found[run_id]['epoch_cpu_seconds']:.0f} CPU s per epoch", flush=True)
+            PROJECTIONS.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
+        collect(args.mnist)
         return
     if args.transfer:
         rows = collect(args.mnist)

@@ -12,6 +12,7 @@ import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Optional
 
+from ..choices import INITS
 from ..errors import UsageError
 from ..shapes import parse_size
 from ..threats.base import Threat
@@ -50,6 +51,9 @@ class TrainConfig:
         crop: random crop after zero padding by this many pixels, i.e. random shifts of up
             to ``crop`` pixels, per image (0: off; the CIFAR preset uses 4).
         flip: random horizontal flip, per image (the CIFAR preset flips).
+        init: ``"keep"`` trains the model as given; ``"ibp"`` first re-initialises its linear and
+            convolution layers for interval bounds (Shi et al. 2021; :mod:`lirpa_patch.train.init`),
+            seeded by ``seed``.
         chunk_size: most (image, location) rows per ``compute_bounds`` call, and
             most rows with gradients per micro-batch. None (the default): sized from the
             model's widest layer, about :data:`~lirpa_patch.train.trainer.CHUNK_BYTES` per bound tensor, between
@@ -82,6 +86,7 @@ class TrainConfig:
     natural_weight: float = 0.0
     crop: int = 0
     flip: bool = False
+    init: str = "keep"
     chunk_size: Optional[int] = None
     eval_every: int = 1
     eval_images: int = 200
@@ -127,6 +132,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise UsageError(f"{name} must be a finite number, got {value!r}", param=name)
+        if self.init not in INITS:
+            raise UsageError(f"init must be one of {', '.join(INITS)}, got {self.init!r}", param="init")
         h, w = parse_size(self.patch)
         self.patch = f"{h}x{w}"
         try:

@@ -24,6 +24,8 @@ class EpochMetrics:
     is the fraction whose worst margin at the strategy's locations (and the
     batch's strength) is >= 0. Validation values come from :func:`certify` with
     IBP over every location (None when not evaluated this epoch).
+    ``epoch_seconds`` is the epoch's wall time, ``epoch_cpu_seconds`` the CPU time of this
+    process (all its threads) over it: on a busy machine the second is the cost.
     """
 
     kind: str = "epoch"
@@ -41,6 +43,7 @@ class EpochMetrics:
     val_certified_accuracy: Optional[float] = None
     rows: int = 0
     epoch_seconds: Optional[float] = None
+    epoch_cpu_seconds: Optional[float] = None
     eval_seconds: Optional[float] = None
 
     def to_dict(self) -> dict:

@@ -71,6 +71,7 @@ from ..provenance import changes_since_built
 from ..spec import certifies, check_labels, other_classes
 from .checkpoints import CHECKPOINT_VERSION, load_checkpoint, restore, save_checkpoint, trainer_state
 from .config import TrainConfig, config_from_dict
+from .init import INITIALISERS
 from .metrics import Callback, EpochMetrics, MetricsLog, TrainEvent
 from .schedules import StepDecay, WarmupSchedule
 from .strategies import BoundContext, Strategy, strategy_for
@@ -214,6 +215,7 @@ class Trainer:
             self.val_labels = val_labels.to(self.device, torch.long)
         self.image_shape = tuple(int(v) for v in train_images.shape[1:])
         self.model = model.to(self.device)
+        INITIALISERS[config.init](self.model, torch.Generator().manual_seed(config.seed))
         self.model.train()
         if num_classes is None:
             with torch.no_grad():
@@ -290,7 +292,7 @@ class Trainer:
     def train_epoch(self, callback: Optional[Callback] = None) -> EpochMetrics:
         """Run one epoch (epoch number :attr:`epoch` + 1) and append its metrics to :attr:`history`."""
         cfg = self.config
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         epoch = self.epoch
         group = distributed.current()
         if group is not None:  # this rank's draws (locations): its own generator, reseeded every epoch
@@ -341,6 +343,7 @@ class Trainer:
             train_certified=sums["certified"] / robust_images if robust_images else None,
             rows=rows,
             epoch_seconds=time.perf_counter() - start,
+            epoch_cpu_seconds=time.process_time() - cpu_start,
         )
         self.history.append(metrics)
         return metrics
