@@ -538,18 +538,22 @@ def _sparse_case(seed: int, *, cols: int = 1, width: int = 300, outs: int = 40, 
 @pytest.mark.parametrize("k", [1, 2, 4, 10])
 @pytest.mark.parametrize("case", [dict(), dict(cols=3), dict(reach=4.0), dict(ties=True), dict(width=90)])
 def test_top_k_from_candidates_is_exactly_the_top_k_over_every_pixel(monkeypatch, k, case):
+    case = {"width": 2 * topk._candidates(k) + 60, **case}  # wide enough to prune, unless the case says
     coef, m_lo, m_hi, src, pix = _sparse_case(k, **case)
     monkeypatch.setattr(topk, "_PRUNE", False)
     want = topk.sparse_gains(coef, m_lo, m_hi, src, pix, k)
     monkeypatch.setattr(topk, "_PRUNE", True)
+    pruned = []
+    monkeypatch.setattr(topk, "_pruned_topk", lambda *a, run=topk._pruned_topk: pruned.append(1) or run(*a))
     got = topk.sparse_gains(coef, m_lo, m_hi, src, pix, k)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert bool(pruned) == (case["width"] > 2 * topk._candidates(k))  # the candidates path ran where it applies
 
 
 def test_top_k_from_candidates_recomputes_the_rows_its_check_rejects(monkeypatch):
     # one heavy element per output outside the candidates' reach: only the full pass finds it
     coef, m_lo, m_hi, src, pix = _sparse_case(0, width=200)
-    coef[0, :, :150] = 1.0  # 150 equal bounds: the candidates (32) cannot prove their 4th best is the 4th overall
+    coef[0, :, :150] = 1.0  # 150 equal bounds: the candidates (64) cannot prove their 4th best is the 4th overall
     calls = []
     full = torch.Tensor.topk
 

@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -244,11 +245,12 @@ def transfer(run: Run, mnist: str, num: int = NUM_TEST) -> dict:
     return summary
 
 
-def _metrics(run: Run) -> tuple[Optional[float], Optional[dict], int]:
-    """Training seconds (epochs + their validation), the final validation record and the epochs done."""
+def _metrics(run: Run) -> tuple[Optional[float], Optional[dict], dict[int, dict]]:
+    """Training seconds (epochs + their validation), the final validation record, and the record of
+    every epoch done."""
     path = RUNS_DIR / run.id / "metrics.jsonl"
     if not path.exists():
-        return None, None, 0
+        return None, None, {}
     final = None
     epochs: dict[int, dict] = {}
     for line in path.read_text().splitlines():
@@ -258,14 +260,14 @@ def _metrics(run: Run) -> tuple[Optional[float], Optional[dict], int]:
         elif record.get("kind") == "final":
             final = record
     seconds = sum(r.get("epoch_seconds", 0) + (r.get("eval_seconds") or 0) for r in epochs.values())
-    return seconds, final, len(epochs)
+    return seconds, final, epochs
 
 
 def row(run: Run, mnist: str) -> dict:
     """One row of ``results.json``."""
     folder = RUNS_DIR / run.id
     evaluation = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
-    seconds, final, epochs_done = _metrics(run)
+    seconds, final, epochs = _metrics(run)
     cmd = " ".join(shlex.quote(a) for a in train_command(run, mnist)[:-1]).replace(str(ROOT) + "/", "")
     tight = json.loads((folder / "tighter.json").read_text())["methods"] if (folder / "tighter.json").exists() else {}
     fields = {
@@ -282,12 +284,17 @@ def row(run: Run, mnist: str) -> dict:
         "device": evaluation.get("device", f"cpu: {_cpu()} (1 thread)"),
         "command": cmd, "paper_source": run.source, "note": run.note,
         "status": "done" if evaluation else ("training" if (folder / "ckpt.pt").exists() else "not started"),
-        "required": run.required, "epochs_done": epochs_done,
+        "required": run.required, "epochs_done": len(epochs),
     }
+    recent = [r.get("epoch_cpu_seconds") or r["epoch_seconds"] for _, r in sorted(epochs.items())[-5:]
+              if r.get("strength") == 1.0 and r.get("epoch_seconds")]
     projected = projections().get(run.id)
-    if projected is not None and not evaluation:
-        fields["epoch_cpu_seconds"] = projected["epoch_cpu_seconds"]
-        fields["projected_seconds"] = round(EPOCHS * projected["epoch_cpu_seconds"], 1)
+    if not evaluation and (recent or projected is not None):
+        # a run at full strength: its own last epochs (what a trained model costs); else the measured epoch
+        per_epoch = statistics.median(recent) if recent else projected["epoch_cpu_seconds"]
+        fields["epoch_cpu_seconds"] = round(per_epoch, 1)
+        fields["epoch_source"] = "its last epochs" if recent else "run.py --project"
+        fields["projected_seconds"] = round(EPOCHS * per_epoch, 1)
     if run.strategy is not None:
         fields["strategy"] = run.strategy
     return fields
@@ -322,7 +329,7 @@ def _hours_cell(r: dict) -> str:
     if spent == "–":
         return f"~{r['projected_seconds'] / 3600:.1f} h projected ({per_epoch})"
     left = r["projected_seconds"] * (EPOCHS - r["epochs_done"]) / EPOCHS
-    return f"{spent} so far, ~{left / 3600:.1f} h left ({per_epoch})"
+    return f"{spent} so far, ~{left / 3600:.1f} h left ({per_epoch}, {r['epoch_source']})"
 
 
 def table(rows: list[dict]) -> str:
