@@ -83,14 +83,19 @@ def resume_command(run: Run, mnist: str) -> list[str]:
     return [*cmd[:2], "--resume", str(RUNS_DIR / run.id / "ckpt.pt"), *kept, *cmd[cmd.index("--out"):]]
 
 
+def _cli() -> list[str]:
+    """How to run ``lirpa-patch``: the checkout's virtual environment, else this Python's module."""
+    exe = ROOT / ".venv" / "bin" / "lirpa-patch"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "lirpa_patch_cli"]
+
+
 def train(run: Run, mnist: str) -> None:
     folder = RUNS_DIR / run.id
     if (folder / "model.onnx").exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
     cmd = train_command(run, mnist)
-    exe = [str(ROOT / ".venv" / "bin" / "lirpa-patch")] if (ROOT / ".venv" / "bin" / "lirpa-patch").exists() else \
-        [sys.executable, "-m", "lirpa_patch_cli"]
+    exe = _cli()
     if (folder / "ckpt.pt").exists():
         cmd = resume_command(run, mnist)
     with open(folder / "lock", "w") as lock:
@@ -197,8 +202,7 @@ def project(run: Run, mnist: str) -> dict:
     the CPU seconds the trainer records for it (``epoch_cpu_seconds``), scaled to ``NUM_TRAIN``."""
     import tempfile
 
-    exe = [str(ROOT / ".venv" / "bin" / "lirpa-patch")] if (ROOT / ".venv" / "bin" / "lirpa-patch").exists() else \
-        [sys.executable, "-m", "lirpa_patch_cli"]
+    exe = _cli()
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "metrics.jsonl"
         cmd = [*exe, "train", "--data", mnist, *run.train, "--num", str(PROJECT_IMAGES), "--val-size", "0",
@@ -263,8 +267,8 @@ def _metrics(run: Run) -> tuple[Optional[float], Optional[dict], dict[int, dict]
     return seconds, final, epochs
 
 
-def row(run: Run, mnist: str) -> dict:
-    """One row of ``results.json``."""
+def row(run: Run, mnist: str, measured: Optional[dict] = None) -> dict:
+    """One row of ``results.json`` (``measured``: :func:`projections`, read here when not given)."""
     folder = RUNS_DIR / run.id
     evaluation = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
     seconds, final, epochs = _metrics(run)
@@ -288,7 +292,7 @@ def row(run: Run, mnist: str) -> dict:
     }
     recent = [r.get("epoch_cpu_seconds") or r["epoch_seconds"] for _, r in sorted(epochs.items())[-5:]
               if r.get("strength") == 1.0 and r.get("epoch_seconds")]
-    projected = projections().get(run.id)
+    projected = (projections() if measured is None else measured).get(run.id)
     if not evaluation and (recent or projected is not None):
         # a run at full strength: its own last epochs (what a trained model costs); else the measured epoch
         per_epoch = statistics.median(recent) if recent else projected["epoch_cpu_seconds"]
@@ -347,7 +351,8 @@ def table(rows: list[dict]) -> str:
 
 
 def collect(mnist: str, readme: bool = False) -> list[dict]:
-    rows = [row(run, mnist) for run in RUNS]
+    measured = projections()
+    rows = [row(run, mnist, measured) for run in RUNS]
     rows += _transfer_rows(rows)
     (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     (HERE / "results.md").write_text(table(rows))

@@ -99,7 +99,8 @@ def validation_figures(path: Path, threat: str, mnist: str) -> dict:
 def ship(mnist: str, dry_run: bool = False) -> list[str]:
     """Choose, copy and measure as the module docstring says; returns what was done, a line each."""
     entries = {e["file"]: e for e in json.loads(MODELS_JSON.read_text())}
-    rows = [runner.row(run, mnist) for run in RUNS]
+    measured = runner.projections()
+    rows = [runner.row(run, mnist, measured) for run in RUNS]
     done = []
     for slot in SLOTS:
         entry = entries[slot.file]
@@ -112,8 +113,8 @@ def ship(mnist: str, dry_run: bool = False) -> list[str]:
         best = choose(slot.threat, rows, current)
         if best is None:
             continue
-        done.append(f"{slot.file}: {best['id']} (validation certified {runner._pct(best['val_certified'])}"
-                    f" > {runner._pct(current)})")
+        done.append(f"{slot.file}: {best['id']} (validation certified {_pct(best['val_certified'])}"
+                    f" > {_pct(current)})")
         if dry_run:
             continue
         folder = runner.RUNS_DIR / best["id"]
